@@ -1,0 +1,444 @@
+//! The answer cache: bounded, with a TTL floor and ceiling, negative
+//! caching (RFC 2308), serve-stale (RFC 8767) and request coalescing.
+//!
+//! Entries hold the upstream answer as bytes with the TTLs already floored
+//! and capped, plus the offset of every TTL, so serving a hit is one copy
+//! and a few stores: the client's ID, the client's question bytes (its 0x20
+//! case), and each TTL counted down by the entry's age.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use moka::sync::Cache as Moka;
+use moka::Expiry;
+use tokio::sync::OnceCell;
+
+use crate::dns::{self, AnswerInfo, Key, RCODE_NOERROR, RCODE_NXDOMAIN};
+
+/// TTL of an answer served stale, as RFC 8767 recommends.
+pub const STALE_TTL: u32 = 30;
+
+/// How TTLs are floored, capped and how long entries live.
+#[derive(Debug, Clone, Copy)]
+pub struct TtlPolicy {
+    pub min_ttl: u32,
+    pub max_ttl: u32,
+    pub err_ttl: u32,
+    pub stale_secs: u32,
+}
+
+impl TtlPolicy {
+    fn clamp(&self, ttl: u32) -> u32 {
+        ttl.clamp(self.min_ttl, self.max_ttl)
+    }
+}
+
+/// One cached answer.
+#[derive(Debug)]
+pub struct Entry {
+    wire: Box<[u8]>,
+    ttl_offsets: Box<[u16]>,
+    created: Instant,
+    /// Seconds the entry is fresh.
+    lifetime: u32,
+    /// Seconds past `lifetime` it may be served stale (0 for failures).
+    stale_secs: u32,
+    /// SERVFAIL, REFUSED and the like, or a synthesized failure.
+    is_error: bool,
+    /// Milliseconds after `created` before which no new refresh may start.
+    next_refresh_ms: AtomicU64,
+    hits: AtomicU32,
+}
+
+/// Whether an entry is within its TTL or past it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Freshness {
+    Fresh,
+    Stale,
+}
+
+impl Entry {
+    /// Builds an entry from an accepted upstream answer, flooring and
+    /// capping every TTL.
+    pub fn from_answer(mut wire: Vec<u8>, info: &AnswerInfo, policy: &TtlPolicy) -> Entry {
+        let is_error = !matches!(info.rcode, RCODE_NOERROR | RCODE_NXDOMAIN);
+        let ceiling = if is_error {
+            Some(policy.err_ttl)
+        } else if info.is_negative() {
+            Some(policy.clamp(info.negative_ttl.unwrap_or(policy.err_ttl)))
+        } else {
+            None
+        };
+        let mut min = u32::MAX;
+        for &off in &info.ttl_offsets {
+            let at = off as usize;
+            let mut ttl = policy.clamp(dns::read_ttl(&wire, at));
+            if let Some(c) = ceiling {
+                ttl = ttl.min(c);
+            }
+            dns::write_ttl(&mut wire, at, ttl);
+            min = min.min(ttl);
+        }
+        let lifetime = match ceiling {
+            Some(c) => c,
+            None if min == u32::MAX => policy.clamp(0),
+            None => min,
+        };
+        Entry {
+            wire: wire.into(),
+            ttl_offsets: info.ttl_offsets.clone().into(),
+            created: Instant::now(),
+            lifetime,
+            stale_secs: if is_error { 0 } else { policy.stale_secs },
+            is_error,
+            next_refresh_ms: AtomicU64::new(0),
+            hits: AtomicU32::new(0),
+        }
+    }
+
+    /// A synthesized SERVFAIL for an upstream that did not answer.
+    pub fn failure(key: &Key, policy: &TtlPolicy) -> Entry {
+        let wire = dns::servfail(key);
+        let info = AnswerInfo {
+            rcode: dns::RCODE_SERVFAIL,
+            truncated: false,
+            answers: 0,
+            ttl_offsets: Vec::new(),
+            negative_ttl: None,
+        };
+        Entry::from_answer(wire, &info, policy)
+    }
+
+    pub fn is_error(&self) -> bool {
+        self.is_error
+    }
+
+    pub fn rcode(&self) -> u8 {
+        dns::rcode(&self.wire)
+    }
+
+    pub fn age(&self) -> Duration {
+        self.created.elapsed()
+    }
+
+    pub fn lifetime(&self) -> u32 {
+        self.lifetime
+    }
+
+    fn freshness(&self, now: Instant) -> Option<Freshness> {
+        let age = now.saturating_duration_since(self.created);
+        let life = Duration::from_secs(self.lifetime.into());
+        if age < life {
+            Some(Freshness::Fresh)
+        } else if age < life + Duration::from_secs(self.stale_secs.into()) {
+            Some(Freshness::Stale)
+        } else {
+            None
+        }
+    }
+
+    fn total_life(&self) -> Duration {
+        Duration::from_secs(u64::from(self.lifetime) + u64::from(self.stale_secs))
+    }
+
+    /// Claims the right to refresh this entry now; at most one claim
+    /// succeeds per `every`. Returns false if someone else holds it.
+    pub fn claim_refresh(&self, every: Duration) -> bool {
+        let now = self.created.elapsed().as_millis() as u64;
+        let next = self.next_refresh_ms.load(Ordering::Relaxed);
+        now >= next
+            && self
+                .next_refresh_ms
+                .compare_exchange(
+                    next,
+                    now + every.as_millis() as u64,
+                    Ordering::AcqRel,
+                    Ordering::Relaxed,
+                )
+                .is_ok()
+    }
+
+    /// Whether a fresh entry is popular and close enough to expiry to be
+    /// refreshed ahead of time: used at least twice and in the last tenth
+    /// of a lifetime of 10 s or more.
+    pub fn wants_prefetch(&self) -> bool {
+        let hits = self.hits.fetch_add(1, Ordering::Relaxed) + 1;
+        if self.is_error || self.lifetime < 10 || hits < 2 {
+            return false;
+        }
+        let age = self.created.elapsed().as_secs();
+        age * 10 >= u64::from(self.lifetime) * 9
+    }
+
+    /// The answer for one client: its ID and question bytes, TTLs counted
+    /// down by age (never below the floor), or set to [`STALE_TTL`] when
+    /// stale. Returns the message and the `Cache-Control: max-age` to send.
+    pub fn serve(&self, id: u16, question: &[u8], policy: &TtlPolicy) -> (Vec<u8>, u32) {
+        let age = self.created.elapsed().as_secs().min(u64::from(u32::MAX)) as u32;
+        let stale = age >= self.lifetime;
+        let floor = if self.is_error { 0 } else { policy.min_ttl };
+        let (wire, min) =
+            dns::rewrite_for_client(&self.wire, &self.ttl_offsets, id, question, |t| {
+                if stale {
+                    STALE_TTL
+                } else {
+                    t.saturating_sub(age).max(floor)
+                }
+            });
+        let max_age = min.unwrap_or(if stale {
+            STALE_TTL
+        } else {
+            self.lifetime.saturating_sub(age).max(floor)
+        });
+        (wire, max_age)
+    }
+}
+
+/// What a lookup found.
+pub enum Lookup {
+    Fresh(Arc<Entry>),
+    /// Past its TTL but within `--stale-secs`.
+    Stale(Arc<Entry>),
+    Miss,
+}
+
+struct EntryExpiry;
+
+impl Expiry<Key, Arc<Entry>> for EntryExpiry {
+    fn expire_after_create(&self, _: &Key, e: &Arc<Entry>, _: Instant) -> Option<Duration> {
+        Some(e.total_life())
+    }
+    fn expire_after_update(
+        &self,
+        _: &Key,
+        e: &Arc<Entry>,
+        _: Instant,
+        _: Option<Duration>,
+    ) -> Option<Duration> {
+        Some(e.total_life())
+    }
+}
+
+type Flight<T> = Arc<OnceCell<T>>;
+
+/// The bounded cache and the table of queries in flight.
+pub struct Cache {
+    map: Moka<Key, Arc<Entry>>,
+    policy: TtlPolicy,
+}
+
+impl Cache {
+    pub fn new(capacity: u64, policy: TtlPolicy) -> Cache {
+        Cache {
+            map: Moka::builder()
+                .max_capacity(capacity)
+                .expire_after(EntryExpiry)
+                .build(),
+            policy,
+        }
+    }
+
+    pub fn policy(&self) -> &TtlPolicy {
+        &self.policy
+    }
+
+    pub fn lookup(&self, key: &Key) -> Lookup {
+        let Some(e) = self.map.get(key) else {
+            return Lookup::Miss;
+        };
+        match e.freshness(Instant::now()) {
+            Some(Freshness::Fresh) => Lookup::Fresh(e),
+            Some(Freshness::Stale) if !e.is_error => Lookup::Stale(e),
+            _ => Lookup::Miss,
+        }
+    }
+
+    /// Stores an entry, except that a failure never replaces a good answer
+    /// that can still be served stale.
+    pub fn store(&self, key: Key, entry: Arc<Entry>) {
+        if entry.is_error {
+            if let Some(old) = self.map.get(&key) {
+                if !old.is_error && old.freshness(Instant::now()).is_some() {
+                    return;
+                }
+            }
+        }
+        self.map.insert(key, entry);
+    }
+
+    /// Approximate number of entries.
+    pub fn len(&self) -> u64 {
+        self.map.entry_count()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Runs moka's pending housekeeping (evictions), so `len` is exact.
+    pub fn sync(&self) {
+        self.map.run_pending_tasks();
+    }
+}
+
+/// Coalescing: any number of concurrent calls for one key run the work
+/// once and all get its result.
+pub struct Inflight<T> {
+    map: Mutex<HashMap<Key, Flight<T>>>,
+}
+
+impl<T> Default for Inflight<T> {
+    fn default() -> Self {
+        Inflight {
+            map: Mutex::new(HashMap::new()),
+        }
+    }
+}
+
+impl<T: Clone> Inflight<T> {
+    /// Runs `work` unless the same key is already in flight, in which case
+    /// waits for that one. Returns the result and whether this call ran it.
+    /// If the caller running the work is cancelled, a waiter takes over.
+    pub async fn run<F, Fut>(&self, key: &Key, work: F) -> (T, bool)
+    where
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = T>,
+    {
+        let cell = {
+            let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
+            map.entry(key.clone()).or_default().clone()
+        };
+        let mut ran = false;
+        let out = cell
+            .get_or_init(|| {
+                ran = true;
+                work()
+            })
+            .await
+            .clone();
+        let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        if map.get(key).is_some_and(|c| Arc::ptr_eq(c, &cell)) {
+            map.remove(key);
+        }
+        (out, ran)
+    }
+
+    pub fn len(&self) -> usize {
+        self.map.lock().map(|m| m.len()).unwrap_or(0)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicUsize;
+
+    fn policy(min: u32) -> TtlPolicy {
+        TtlPolicy {
+            min_ttl: min,
+            max_ttl: 86400,
+            err_ttl: 2,
+            stale_secs: 86400,
+        }
+    }
+
+    /// An answer for `key` with one A record of TTL `ttl`.
+    fn answer(key: &Key, ttl: u32) -> (Vec<u8>, AnswerInfo) {
+        let mut a = dns::upstream_query(0, key);
+        a[2] |= 0x80;
+        a[7] = 1;
+        let at = a.len() - if key.flags.edns() { 11 } else { 0 };
+        let mut rr = vec![0xC0, 12, 0, 1, 0, 1];
+        rr.extend_from_slice(&ttl.to_be_bytes());
+        rr.extend_from_slice(&[0, 4, 192, 0, 2, 1]);
+        a.splice(at..at, rr);
+        let info = dns::check_answer(&a, 0, key).unwrap();
+        (a, info)
+    }
+
+    #[test]
+    fn ttl_floor_and_ceiling() {
+        let key = Key::new("short.test", 1, false).unwrap();
+        let (a, info) = answer(&key, 5);
+        let e = Entry::from_answer(a, &info, &policy(1800));
+        assert_eq!(e.lifetime(), 1800);
+        let (wire, max_age) = e.serve(0x4242, &key.question, &policy(1800));
+        assert_eq!(max_age, 1800);
+        assert_eq!(dns::read_ttl(&wire, info.ttl_offsets[0] as usize), 1800);
+        assert_eq!(&wire[..2], &[0x42, 0x42]);
+        let (a, info) = answer(&key, 200_000);
+        let e = Entry::from_answer(a, &info, &policy(0));
+        assert_eq!(e.lifetime(), 86400);
+    }
+
+    #[test]
+    fn errors_are_short_lived_and_never_stale() {
+        let key = Key::new("fail.test", 1, false).unwrap();
+        let e = Entry::failure(&key, &policy(1800));
+        assert!(e.is_error());
+        assert_eq!(e.lifetime(), 2);
+        let (_, max_age) = e.serve(1, &key.question, &policy(1800));
+        assert!(max_age <= 2);
+        let c = Cache::new(10, policy(0));
+        let (a, info) = answer(&key, 60);
+        c.store(
+            key.clone(),
+            Arc::new(Entry::from_answer(a, &info, &policy(0))),
+        );
+        c.store(key.clone(), Arc::new(Entry::failure(&key, &policy(0))));
+        assert!(matches!(c.lookup(&key), Lookup::Fresh(e) if !e.is_error()));
+    }
+
+    #[test]
+    fn refresh_claim_is_exclusive() {
+        let key = Key::new("x.test", 1, false).unwrap();
+        let e = Entry::failure(&key, &policy(0));
+        assert!(e.claim_refresh(Duration::from_secs(30)));
+        assert!(!e.claim_refresh(Duration::from_secs(30)));
+    }
+
+    #[test]
+    fn capacity_bounds_entries() {
+        let c = Cache::new(1000, policy(0));
+        let p = policy(0);
+        for i in 0..20_000 {
+            let key = Key::new(&format!("n{i}.test"), 1, false).unwrap();
+            c.store(key.clone(), Arc::new(Entry::failure(&key, &p)));
+        }
+        c.sync();
+        assert!(c.len() <= 1000, "{}", c.len());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn coalescing_runs_work_once() {
+        let inflight = Arc::new(Inflight::<u32>::default());
+        let runs = Arc::new(AtomicUsize::new(0));
+        let key = Key::new("c.test", 1, false).unwrap();
+        let mut tasks = Vec::new();
+        for _ in 0..200 {
+            let (inflight, runs, key) = (inflight.clone(), runs.clone(), key.clone());
+            tasks.push(tokio::spawn(async move {
+                inflight
+                    .run(&key, || async {
+                        runs.fetch_add(1, Ordering::SeqCst);
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        7
+                    })
+                    .await
+                    .0
+            }));
+        }
+        for t in tasks {
+            assert_eq!(t.await.unwrap(), 7);
+        }
+        assert_eq!(runs.load(Ordering::SeqCst), 1);
+        assert!(inflight.is_empty());
+    }
+}

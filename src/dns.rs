@@ -1,0 +1,582 @@
+//! DNS wire format: validating client queries, checking upstream answers,
+//! and rewriting cached answers for a client.
+//!
+//! The structural walk is done by hand because the hot path needs byte
+//! offsets (of the question, of every TTL) that a parsed message does not
+//! keep; every message is additionally decoded with hickory-proto, so that
+//! anything hickory cannot read is refused too.
+
+use hickory_proto::op::Message;
+use hickory_proto::serialize::binary::{BinDecodable, BinDecoder};
+
+pub const HEADER_LEN: usize = 12;
+pub const TYPE_OPT: u16 = 41;
+pub const TYPE_SOA: u16 = 6;
+pub const RCODE_NOERROR: u8 = 0;
+pub const RCODE_SERVFAIL: u8 = 2;
+pub const RCODE_NXDOMAIN: u8 = 3;
+/// UDP payload size advertised upstream (the DNS flag day 2020 value).
+pub const EDNS_PAYLOAD: u16 = 1232;
+
+const FLAG_QR: u16 = 0x8000;
+const FLAG_TC: u16 = 0x0200;
+const FLAG_RD: u16 = 0x0100;
+const FLAG_RA: u16 = 0x0080;
+const FLAG_AD: u16 = 0x0020;
+const FLAG_CD: u16 = 0x0010;
+const EDNS_DO: u32 = 0x8000;
+
+/// Why a client's DNS message is not one valid query.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, thiserror::Error)]
+pub enum QueryError {
+    #[error("message too short")]
+    TooShort,
+    #[error("bytes after the last record")]
+    TrailingBytes,
+    #[error("QR bit set: a response, not a query")]
+    NotAQuery,
+    #[error("opcode is not QUERY")]
+    Opcode,
+    #[error("QDCOUNT is not 1")]
+    QuestionCount,
+    #[error("records in answer, authority or additional (other than OPT)")]
+    UnexpectedRecords,
+    #[error("invalid question name")]
+    BadName,
+    #[error("malformed message")]
+    Malformed,
+}
+
+/// The parts of a query that change the answer, and so key the cache.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub struct QueryFlags(u8);
+
+impl QueryFlags {
+    const RD: u8 = 1;
+    const CD: u8 = 2;
+    const AD: u8 = 4;
+    const EDNS: u8 = 8;
+    const DO: u8 = 16;
+
+    pub fn rd(self) -> bool {
+        self.0 & Self::RD != 0
+    }
+    pub fn edns(self) -> bool {
+        self.0 & Self::EDNS != 0
+    }
+    pub fn dnssec_ok(self) -> bool {
+        self.0 & Self::DO != 0
+    }
+}
+
+/// A question normalised for the cache and the upstream: name lowercased,
+/// type, class and the flags that change the answer.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Key {
+    /// Wire-format name (lowercase), type and class.
+    pub question: Box<[u8]>,
+    pub flags: QueryFlags,
+}
+
+impl Key {
+    /// Builds a key from parts (for tests and tools).
+    pub fn new(name: &str, qtype: u16, edns: bool) -> Option<Key> {
+        let mut q = Vec::with_capacity(name.len() + 6);
+        for label in name
+            .trim_end_matches('.')
+            .split('.')
+            .filter(|l| !l.is_empty())
+        {
+            if label.len() > 63 {
+                return None;
+            }
+            q.push(label.len() as u8);
+            q.extend(label.bytes().map(|b| b.to_ascii_lowercase()));
+        }
+        q.push(0);
+        if q.len() > 255 {
+            return None;
+        }
+        q.extend_from_slice(&qtype.to_be_bytes());
+        q.extend_from_slice(&1u16.to_be_bytes());
+        let mut f = QueryFlags::RD;
+        if edns {
+            f |= QueryFlags::EDNS;
+        }
+        Some(Key {
+            question: q.into(),
+            flags: QueryFlags(f),
+        })
+    }
+
+    pub fn qtype(&self) -> u16 {
+        let n = self.question.len();
+        u16::from_be_bytes([self.question[n - 4], self.question[n - 3]])
+    }
+
+    /// The name in presentation form, for logs.
+    pub fn name(&self) -> String {
+        let mut out = String::new();
+        let q = &self.question;
+        let mut i = 0;
+        while i < q.len() && q[i] != 0 {
+            let l = q[i] as usize;
+            let label = q.get(i + 1..i + 1 + l).unwrap_or_default();
+            out.extend(
+                label
+                    .iter()
+                    .map(|&b| if b.is_ascii_graphic() { b as char } else { '?' }),
+            );
+            out.push('.');
+            i += 1 + l;
+        }
+        if out.is_empty() {
+            out.push('.');
+        }
+        out
+    }
+}
+
+/// A client query that passed validation.
+#[derive(Debug)]
+pub struct Query<'a> {
+    pub id: u16,
+    /// The question section exactly as the client sent it (case preserved).
+    pub question: &'a [u8],
+    pub key: Key,
+}
+
+fn u16_at(b: &[u8], i: usize) -> u16 {
+    u16::from_be_bytes([b[i], b[i + 1]])
+}
+
+fn u32_at(b: &[u8], i: usize) -> u32 {
+    u32::from_be_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]])
+}
+
+/// Skips a possibly compressed name starting at `pos`; returns the offset
+/// after it. Bounded: at most 128 labels.
+fn skip_name(b: &[u8], mut pos: usize) -> Option<usize> {
+    for _ in 0..128 {
+        let len = *b.get(pos)?;
+        match len & 0xC0 {
+            0x00 if len == 0 => return Some(pos + 1),
+            0x00 => pos += 1 + len as usize,
+            0xC0 => return (pos + 2 <= b.len()).then_some(pos + 2),
+            _ => return None,
+        }
+    }
+    None
+}
+
+/// Parses an uncompressed question name at offset 12; returns its end.
+fn question_name_end(b: &[u8]) -> Result<usize, QueryError> {
+    let mut pos = HEADER_LEN;
+    loop {
+        let len = *b.get(pos).ok_or(QueryError::TooShort)? as usize;
+        if len == 0 {
+            pos += 1;
+            break;
+        }
+        if len > 63 {
+            return Err(QueryError::BadName);
+        }
+        pos += 1 + len;
+        if pos - HEADER_LEN > 255 {
+            return Err(QueryError::BadName);
+        }
+    }
+    if pos - HEADER_LEN > 255 {
+        return Err(QueryError::BadName);
+    }
+    Ok(pos)
+}
+
+/// One resource record's fixed fields, as found by [`walk_record`].
+struct RecordAt {
+    rtype: u16,
+    ttl_at: usize,
+    rdata_at: usize,
+    end: usize,
+}
+
+fn walk_record(b: &[u8], pos: usize) -> Option<RecordAt> {
+    let p = skip_name(b, pos)?;
+    if p + 10 > b.len() {
+        return None;
+    }
+    let rtype = u16_at(b, p);
+    let rdlen = u16_at(b, p + 8) as usize;
+    let end = p + 10 + rdlen;
+    (end <= b.len()).then_some(RecordAt {
+        rtype,
+        ttl_at: p + 4,
+        rdata_at: p + 10,
+        end,
+    })
+}
+
+/// Validates a client's DNS message: exactly one well-formed query.
+pub fn parse_query(b: &[u8]) -> Result<Query<'_>, QueryError> {
+    if b.len() < HEADER_LEN + 5 {
+        return Err(QueryError::TooShort);
+    }
+    let flags = u16_at(b, 2);
+    if flags & FLAG_QR != 0 {
+        return Err(QueryError::NotAQuery);
+    }
+    if (flags >> 11) & 0xF != 0 {
+        return Err(QueryError::Opcode);
+    }
+    if u16_at(b, 4) != 1 {
+        return Err(QueryError::QuestionCount);
+    }
+    if u16_at(b, 6) != 0 || u16_at(b, 8) != 0 {
+        return Err(QueryError::UnexpectedRecords);
+    }
+    let name_end = question_name_end(b)?;
+    let q_end = name_end + 4;
+    if q_end > b.len() {
+        return Err(QueryError::TooShort);
+    }
+    let mut kf = 0u8;
+    if flags & FLAG_RD != 0 {
+        kf |= QueryFlags::RD;
+    }
+    if flags & FLAG_CD != 0 {
+        kf |= QueryFlags::CD;
+    }
+    if flags & FLAG_AD != 0 {
+        kf |= QueryFlags::AD;
+    }
+    let mut pos = q_end;
+    for _ in 0..u16_at(b, 10) {
+        let r = walk_record(b, pos).ok_or(QueryError::Malformed)?;
+        if r.rtype != TYPE_OPT || b[pos] != 0 {
+            return Err(QueryError::UnexpectedRecords);
+        }
+        if kf & QueryFlags::EDNS != 0 {
+            return Err(QueryError::Malformed);
+        }
+        kf |= QueryFlags::EDNS;
+        if u32_at(b, r.ttl_at) & EDNS_DO != 0 {
+            kf |= QueryFlags::DO;
+        }
+        pos = r.end;
+    }
+    if pos != b.len() {
+        return Err(QueryError::TrailingBytes);
+    }
+    let mut decoder = BinDecoder::new(b);
+    if Message::read(&mut decoder).is_err() || !decoder.is_empty() {
+        return Err(QueryError::Malformed);
+    }
+    let question = &b[HEADER_LEN..q_end];
+    let mut lower: Box<[u8]> = question.into();
+    lower[..name_end - HEADER_LEN].make_ascii_lowercase();
+    Ok(Query {
+        id: u16_at(b, 0),
+        question,
+        key: Key {
+            question: lower,
+            flags: QueryFlags(kf),
+        },
+    })
+}
+
+/// Builds the query sent upstream for `key`, with a fresh `id`.
+pub fn upstream_query(id: u16, key: &Key) -> Vec<u8> {
+    let mut q = Vec::with_capacity(HEADER_LEN + key.question.len() + 11);
+    let f = key.flags.0;
+    let mut flags = 0u16;
+    if f & QueryFlags::RD != 0 {
+        flags |= FLAG_RD;
+    }
+    if f & QueryFlags::CD != 0 {
+        flags |= FLAG_CD;
+    }
+    if f & QueryFlags::AD != 0 {
+        flags |= FLAG_AD;
+    }
+    let edns = f & QueryFlags::EDNS != 0;
+    q.extend_from_slice(&id.to_be_bytes());
+    q.extend_from_slice(&flags.to_be_bytes());
+    q.extend_from_slice(&[0, 1, 0, 0, 0, 0, 0, edns as u8]);
+    q.extend_from_slice(&key.question);
+    if edns {
+        push_opt(&mut q, f & QueryFlags::DO != 0);
+    }
+    q
+}
+
+fn push_opt(q: &mut Vec<u8>, dnssec_ok: bool) {
+    q.push(0);
+    q.extend_from_slice(&TYPE_OPT.to_be_bytes());
+    q.extend_from_slice(&EDNS_PAYLOAD.to_be_bytes());
+    let ttl: u32 = if dnssec_ok { EDNS_DO } else { 0 };
+    q.extend_from_slice(&ttl.to_be_bytes());
+    q.extend_from_slice(&[0, 0]);
+}
+
+/// A SERVFAIL answer for `key`, as if the upstream had sent it.
+pub fn servfail(key: &Key) -> Vec<u8> {
+    let mut a = upstream_query(0, key);
+    let flags = u16_at(&a, 2) | FLAG_QR | FLAG_RA | RCODE_SERVFAIL as u16;
+    a[2..4].copy_from_slice(&flags.to_be_bytes());
+    a
+}
+
+/// Why an upstream answer was dropped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum AnswerError {
+    #[error("answer ID does not match")]
+    Id,
+    #[error("not a response to our question")]
+    Question,
+    #[error("malformed answer")]
+    Malformed,
+}
+
+/// What the cache needs to know of an accepted upstream answer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AnswerInfo {
+    pub rcode: u8,
+    pub truncated: bool,
+    pub answers: u16,
+    /// Offsets of the TTL of every record but OPT.
+    pub ttl_offsets: Vec<u16>,
+    /// RFC 2308 negative TTL: min(SOA TTL, SOA MINIMUM) of an authority SOA.
+    pub negative_ttl: Option<u32>,
+}
+
+impl AnswerInfo {
+    /// NXDOMAIN, or NOERROR with no answer records (NODATA).
+    pub fn is_negative(&self) -> bool {
+        self.rcode == RCODE_NXDOMAIN || (self.rcode == RCODE_NOERROR && self.answers == 0)
+    }
+}
+
+/// Checks that `b` answers exactly our query `id` for `key`, and locates
+/// its TTLs. Anything else (a spoof, a late answer, garbage) is an error and
+/// must be dropped.
+pub fn check_answer(b: &[u8], id: u16, key: &Key) -> Result<AnswerInfo, AnswerError> {
+    if b.len() < HEADER_LEN {
+        return Err(AnswerError::Malformed);
+    }
+    if u16_at(b, 0) != id {
+        return Err(AnswerError::Id);
+    }
+    let flags = u16_at(b, 2);
+    if flags & FLAG_QR == 0 || (flags >> 11) & 0xF != 0 || u16_at(b, 4) != 1 {
+        return Err(AnswerError::Question);
+    }
+    let q = &key.question;
+    let q_end = HEADER_LEN + q.len();
+    let Some(theirs) = b.get(HEADER_LEN..q_end) else {
+        return Err(AnswerError::Question);
+    };
+    let name_len = q.len() - 4;
+    if !theirs[..name_len].eq_ignore_ascii_case(&q[..name_len])
+        || theirs[name_len..] != q[name_len..]
+    {
+        return Err(AnswerError::Question);
+    }
+    let counts = [u16_at(b, 6), u16_at(b, 8), u16_at(b, 10)];
+    let mut info = AnswerInfo {
+        rcode: (flags & 0xF) as u8,
+        truncated: flags & FLAG_TC != 0,
+        answers: counts[0],
+        ttl_offsets: Vec::new(),
+        negative_ttl: None,
+    };
+    let mut pos = q_end;
+    for (section, &count) in counts.iter().enumerate() {
+        for _ in 0..count {
+            let r = walk_record(b, pos).ok_or(AnswerError::Malformed)?;
+            if r.rtype != TYPE_OPT {
+                info.ttl_offsets
+                    .push(u16::try_from(r.ttl_at).map_err(|_| AnswerError::Malformed)?);
+            }
+            if section == 1 && r.rtype == TYPE_SOA && r.end >= r.rdata_at + 22 {
+                let ttl = u32_at(b, r.ttl_at);
+                let minimum = u32_at(b, r.end - 4);
+                info.negative_ttl = Some(ttl.min(minimum));
+            }
+            pos = r.end;
+        }
+    }
+    if pos != b.len() || Message::from_vec(b).is_err() {
+        return Err(AnswerError::Malformed);
+    }
+    Ok(info)
+}
+
+/// TTLs are stored as sent on the wire: 32 bits, but RFC 2181 says values
+/// with the top bit set mean zero.
+pub fn read_ttl(b: &[u8], at: usize) -> u32 {
+    let t = u32_at(b, at);
+    if t & 0x8000_0000 != 0 {
+        0
+    } else {
+        t
+    }
+}
+
+pub fn write_ttl(b: &mut [u8], at: usize, ttl: u32) {
+    b[at..at + 4].copy_from_slice(&ttl.to_be_bytes());
+}
+
+/// Copies a stored answer for one client: its ID, its own question bytes
+/// (so 0x20 case comes back as sent), and every TTL mapped by `ttl`.
+/// Returns the message and the smallest TTL served (None without records).
+pub fn rewrite_for_client(
+    stored: &[u8],
+    ttl_offsets: &[u16],
+    id: u16,
+    question: &[u8],
+    mut ttl: impl FnMut(u32) -> u32,
+) -> (Vec<u8>, Option<u32>) {
+    let mut out = stored.to_vec();
+    out[0..2].copy_from_slice(&id.to_be_bytes());
+    if let Some(q) = out.get_mut(HEADER_LEN..HEADER_LEN + question.len()) {
+        q.copy_from_slice(question);
+    }
+    let mut min: Option<u32> = None;
+    for &off in ttl_offsets {
+        let at = off as usize;
+        let served = ttl(read_ttl(stored, at));
+        write_ttl(&mut out, at, served);
+        min = Some(min.map_or(served, |m| m.min(served)));
+    }
+    (out, min)
+}
+
+/// The response code of a message (low four bits).
+pub fn rcode(b: &[u8]) -> u8 {
+    b.get(3).map_or(0, |f| f & 0xF)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `www.Example.test. A` with an OPT record, as a stub would send it.
+    pub fn sample_query(id: u16) -> Vec<u8> {
+        let mut q = id.to_be_bytes().to_vec();
+        q.extend_from_slice(&[0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 1]);
+        q.extend_from_slice(b"\x03www\x07Example\x04test\x00\x00\x01\x00\x01");
+        q.extend_from_slice(&[0, 0, 41, 0x10, 0, 0, 0, 0x80, 0, 0, 0]);
+        q
+    }
+
+    #[test]
+    fn valid_query_keeps_case_and_normalises_key() {
+        let w = sample_query(0xBEEF);
+        let q = parse_query(&w).unwrap();
+        assert_eq!(q.id, 0xBEEF);
+        assert_eq!(&q.question[..9], b"\x03www\x07Exam");
+        assert_eq!(&q.key.question[..9], b"\x03www\x07exam");
+        assert!(q.key.flags.edns() && q.key.flags.dnssec_ok() && q.key.flags.rd());
+        assert_eq!(q.key.name(), "www.example.test.");
+        assert_eq!(q.key.qtype(), 1);
+    }
+
+    #[test]
+    fn each_malformation_has_its_reason() {
+        let good = sample_query(1);
+        let mut v = good.clone();
+        v.push(0);
+        assert_eq!(parse_query(&v).unwrap_err(), QueryError::TrailingBytes);
+        assert_eq!(parse_query(&good[..10]).unwrap_err(), QueryError::TooShort);
+        let mut v = good.clone();
+        v[2] |= 0x80;
+        assert_eq!(parse_query(&v).unwrap_err(), QueryError::NotAQuery);
+        let mut v = good.clone();
+        v[2] |= 0x28; // opcode 5 (UPDATE)
+        assert_eq!(parse_query(&v).unwrap_err(), QueryError::Opcode);
+        let mut v = good.clone();
+        v[5] = 2;
+        assert_eq!(parse_query(&v).unwrap_err(), QueryError::QuestionCount);
+        let mut v = good.clone();
+        v[5] = 0;
+        assert_eq!(parse_query(&v).unwrap_err(), QueryError::QuestionCount);
+        let mut v = good.clone();
+        v[7] = 1;
+        assert_eq!(parse_query(&v).unwrap_err(), QueryError::UnexpectedRecords);
+        let mut v = good.clone();
+        v[12] = 0xC0; // compression pointer in the question
+        assert_eq!(parse_query(&v).unwrap_err(), QueryError::BadName);
+        let mut v = good.clone();
+        v.truncate(v.len() - 1);
+        assert_eq!(parse_query(&v).unwrap_err(), QueryError::Malformed);
+    }
+
+    #[test]
+    fn answer_must_match_id_and_question() {
+        let key = parse_query(&sample_query(7)).unwrap().key;
+        let mut a = upstream_query(0x1234, &key);
+        a[2] |= 0x80;
+        assert!(check_answer(&a, 0x1234, &key).is_ok());
+        assert_eq!(check_answer(&a, 0x1235, &key).unwrap_err(), AnswerError::Id);
+        let mut upper = a.clone();
+        upper[13] = b'W'; // 0x20 from the upstream is fine
+        assert!(check_answer(&upper, 0x1234, &key).is_ok());
+        let mut other = a.clone();
+        other[14] = b'x';
+        assert_eq!(
+            check_answer(&other, 0x1234, &key).unwrap_err(),
+            AnswerError::Question
+        );
+        let mut typ = a.clone();
+        let n = HEADER_LEN + key.question.len();
+        typ[n - 3] = 28;
+        assert_eq!(
+            check_answer(&typ, 0x1234, &key).unwrap_err(),
+            AnswerError::Question
+        );
+    }
+
+    #[test]
+    fn rewrite_sets_id_case_and_ttls() {
+        let key = Key::new("a.test", 1, false).unwrap();
+        let mut a = upstream_query(9, &key);
+        a[2] |= 0x80;
+        a[7] = 1; // ANCOUNT
+        a.extend_from_slice(&[0xC0, 12, 0, 1, 0, 1, 0, 0, 0, 5, 0, 4, 192, 0, 2, 1]);
+        let info = check_answer(&a, 9, &key).unwrap();
+        assert_eq!(info.ttl_offsets, vec![(a.len() - 10) as u16]);
+        let client_q = b"\x01A\x04TeSt\x00\x00\x01\x00\x01";
+        let (out, min) = rewrite_for_client(&a, &info.ttl_offsets, 0xAAAA, client_q, |t| t + 100);
+        assert_eq!(&out[0..2], &[0xAA, 0xAA]);
+        assert_eq!(&out[12..12 + client_q.len()], client_q);
+        assert_eq!(min, Some(105));
+        assert_eq!(read_ttl(&out, info.ttl_offsets[0] as usize), 105);
+    }
+
+    #[test]
+    fn negative_ttl_from_soa() {
+        let key = Key::new("nx.test", 1, false).unwrap();
+        let mut a = upstream_query(3, &key);
+        a[2] |= 0x80;
+        a[3] |= RCODE_NXDOMAIN;
+        a[9] = 1; // NSCOUNT
+                  // test. SOA, TTL 3600, minimum 5
+        a.extend_from_slice(&[0xC0, 15, 0, 6, 0, 1, 0, 0, 0x0E, 0x10, 0, 22]);
+        a.extend_from_slice(&[0, 0]); // mname ".", rname "."
+        for v in [1u32, 2, 3, 4, 5] {
+            a.extend_from_slice(&v.to_be_bytes());
+        }
+        let info = check_answer(&a, 3, &key).unwrap();
+        assert!(info.is_negative());
+        assert_eq!(info.negative_ttl, Some(5));
+    }
+
+    #[test]
+    fn servfail_is_a_valid_answer() {
+        let key = Key::new("a.test", 1, true).unwrap();
+        let s = servfail(&key);
+        let info = check_answer(&s, 0, &key).unwrap();
+        assert_eq!(info.rcode, RCODE_SERVFAIL);
+        assert!(info.ttl_offsets.is_empty());
+    }
+}
