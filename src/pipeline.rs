@@ -229,7 +229,12 @@ where
     let _inflight = InflightGuard(&conn.inflight);
     let n = conn.requests.fetch_add(1, Ordering::Relaxed) + 1;
     let version = req.version();
+    let head = req.method() == http::Method::HEAD;
     let mut resp = process(&app, &conn, req).await;
+    if head {
+        // A response to HEAD carries no body (HTTP/2 peers reset the stream otherwise).
+        *resp.body_mut() = Full::new(Bytes::new());
+    }
     // A client banned while connected directly loses its connection too.
     let banned = resp.status() == StatusCode::FORBIDDEN
         && conn.proxied.is_none()

@@ -117,7 +117,7 @@ mod tests {
             read_header(&mut junk).await,
             Err(ProxyError::NotProxy)
         ));
-        let mut long: &[u8] = &[b'P', b'R', b'O', b'X', b'Y', b' ', b'x'];
+        let mut long: &[u8] = b"PROXY x";
         assert!(read_header(&mut long).await.is_err());
     }
 }

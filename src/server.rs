@@ -412,7 +412,7 @@ async fn summary(app: Arc<App>) {
         tick.tick().await;
         let m = &app.metrics;
         let mut rejects = m.rejects_by_reason();
-        rejects.sort_by(|a, b| b.1.cmp(&a.1));
+        rejects.sort_by_key(|r| std::cmp::Reverse(r.1));
         let top: Vec<String> = rejects
             .iter()
             .filter(|r| r.1 > 0)

@@ -1,0 +1,277 @@
+//! Every row of SPEC's HTTP table, over real TLS with HTTP/1.1 and HTTP/2
+//! (and over the plain listener with HTTP/1.1 and h2c), against a real
+//! UDP/TCP upstream.
+
+mod common;
+
+use common::*;
+use hickory_proto::op::ResponseCode;
+
+const ALL: [Proto; 4] = [Proto::H1, Proto::H2, Proto::PlainH1, Proto::PlainH2];
+
+#[tokio::test]
+async fn answers_get_and_post_on_every_protocol() {
+    let up = MockUpstream::start().await;
+    let p = proxy(&[up.addr], |_| {}).await;
+    for proto in ALL {
+        let r = send(
+            &p,
+            proto,
+            get(&get_path(&query("www.example.test", 1, 0xABCD))),
+        )
+        .await;
+        assert_eq!(r.status, 200, "{proto:?}");
+        assert_eq!(r.header("content-type"), Some("application/dns-message"));
+        let m = r.dns();
+        assert_eq!(m.metadata.id, 0xABCD);
+        assert_eq!(m.answers[0].data.to_string(), "192.0.2.1");
+        assert!(
+            r.max_age() <= m.answers[0].ttl,
+            "max-age never exceeds a served TTL"
+        );
+
+        let r = send(
+            &p,
+            proto,
+            post(query("short.example.test", 1, 7), "application/dns-message"),
+        )
+        .await;
+        assert_eq!(r.status, 200, "{proto:?}");
+        assert_eq!(r.dns().metadata.id, 7);
+        assert_eq!(r.dns().answers[0].data.to_string(), "192.0.2.5");
+    }
+}
+
+#[tokio::test]
+async fn dns_errors_are_still_200() {
+    let up = MockUpstream::start().await;
+    let p = proxy(&[up.addr], |_| {}).await;
+    let r = send(
+        &p,
+        Proto::H2,
+        get(&get_path(&query("nx.example.test", 1, 1))),
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.dns().metadata.response_code, ResponseCode::NXDomain);
+    let r = send(
+        &p,
+        Proto::H2,
+        get(&get_path(&query("fail.example.test", 1, 2))),
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.dns().metadata.response_code, ResponseCode::ServFail);
+    assert!(r.max_age() <= 2);
+}
+
+#[tokio::test]
+async fn malformed_requests_get_400() {
+    let up = MockUpstream::start().await;
+    let p = proxy(&[up.addr], |c| c.ban_after = 10_000).await;
+    let good = query("www.example.test", 1, 1);
+    let mut trailing = good.clone();
+    trailing.push(0);
+    let mut qr = good.clone();
+    qr[2] |= 0x80;
+    let mut opcode = good.clone();
+    opcode[2] |= 0x10;
+    let mut qd2 = good.clone();
+    qd2[5] = 2;
+    let mut records = good.clone();
+    records[7] = 1;
+    let bad_bodies: Vec<(&str, Vec<u8>)> = vec![
+        ("too short", good[..8].to_vec()),
+        ("trailing", trailing),
+        ("QR set", qr),
+        ("opcode", opcode),
+        ("QDCOUNT 2", qd2),
+        ("answer records", records),
+    ];
+    for proto in ALL {
+        for path in [
+            "/dns-query",
+            "/dns-query?dns=",
+            "/dns-query?dns=%%%",
+            "/dns-query?dns=A",
+        ] {
+            let r = send(&p, proto, get(path)).await;
+            assert_eq!(r.status, 400, "{proto:?} {path}");
+        }
+        for (what, body) in &bad_bodies {
+            let r = send(&p, proto, get(&get_path(body))).await;
+            assert_eq!(r.status, 400, "{proto:?} GET {what}");
+            let r = send(&p, proto, post(body.clone(), "application/dns-message")).await;
+            assert_eq!(r.status, 400, "{proto:?} POST {what}");
+        }
+        let r = send(&p, proto, post(Vec::new(), "application/dns-message")).await;
+        assert_eq!(r.status, 400, "{proto:?} empty POST");
+    }
+    assert_eq!(
+        up.count("www.example.test."),
+        0,
+        "nothing malformed reaches the upstream"
+    );
+}
+
+#[tokio::test]
+async fn obsolete_drafts_and_json_api_get_400_with_their_reason() {
+    let up = MockUpstream::start().await;
+    let p = proxy(&[up.addr], |c| c.ban_after = 10_000).await;
+    let q = doh_proxy::doh::encode_dns_param(&query("www.example.test", 1, 1));
+    for proto in ALL {
+        for path in [
+            format!("/dns-query?ct=application/dns-udpwireformat&dns={q}"),
+            format!("/dns-query?body={q}"),
+            format!("/dns-query?dns={q}&content-type=application/dns-message"),
+            format!("/dns-query?dns={q}&random_padding=xxxx"),
+        ] {
+            assert_eq!(
+                send(&p, proto, get(&path)).await.status,
+                400,
+                "{proto:?} {path}"
+            );
+        }
+        let r = send(&p, proto, get("/dns-query?name=example.test&type=A")).await;
+        assert_eq!(r.status, 400);
+    }
+    assert_eq!(
+        metric(&p, "doh_rejects_total{reason=\"obsolete_draft\"}").await,
+        16.0
+    );
+    assert_eq!(
+        metric(&p, "doh_rejects_total{reason=\"json_api\"}").await,
+        4.0
+    );
+    assert_eq!(up.count("www.example.test."), 0);
+}
+
+#[tokio::test]
+async fn wrong_media_types_get_415() {
+    let up = MockUpstream::start().await;
+    let p = proxy(&[up.addr], |c| c.ban_after = 10_000).await;
+    let q = query("www.example.test", 1, 1);
+    for proto in ALL {
+        for ct in [
+            "application/dns-udpwireformat",
+            "message/dns",
+            "application/json",
+            "text/plain",
+        ] {
+            let r = send(&p, proto, post(q.clone(), ct)).await;
+            assert_eq!(r.status, 415, "{proto:?} {ct}");
+        }
+        let req = http::Request::post("/dns-query")
+            .body(http_body_util::Full::new(bytes::Bytes::from(q.clone())))
+            .unwrap();
+        assert_eq!(
+            send(&p, proto, req).await.status,
+            415,
+            "{proto:?} no content-type"
+        );
+    }
+    assert_eq!(
+        metric(&p, "doh_rejects_total{reason=\"obsolete_media_type\"}").await,
+        8.0
+    );
+}
+
+#[tokio::test]
+async fn size_limits_413_414_431() {
+    let up = MockUpstream::start().await;
+    let p = proxy(&[up.addr], |c| c.ban_after = 10_000).await;
+    for proto in ALL {
+        let r = send(
+            &p,
+            proto,
+            post(vec![0u8; 70_000], "application/dns-message"),
+        )
+        .await;
+        assert_eq!(r.status, 413, "{proto:?} 70 KB POST");
+        let long = format!("/dns-query?dns={}", "A".repeat(5000));
+        assert_eq!(
+            send(&p, proto, get(&long)).await.status,
+            414,
+            "{proto:?} 5 KB URI"
+        );
+    }
+    // Over HTTP/1.1 a 20 KB target is still read, and refused with 414.
+    for proto in [Proto::H1, Proto::PlainH1] {
+        let long = format!("/dns-query?dns={}", "A".repeat(20_000));
+        assert_eq!(
+            send(&p, proto, get(&long)).await.status,
+            414,
+            "{proto:?} 20 KB URI"
+        );
+        let mut req = get(&get_path(&query("www.example.test", 1, 1)));
+        for i in 0..3 {
+            req.headers_mut().insert(
+                format!("x-pad-{i}")
+                    .as_str()
+                    .parse::<http::HeaderName>()
+                    .unwrap(),
+                "x".repeat(7000).parse().unwrap(),
+            );
+        }
+        assert_eq!(
+            send(&p, proto, req).await.status,
+            431,
+            "{proto:?} 21 KB of headers"
+        );
+    }
+    // Over HTTP/2, a header list over the limit is refused by the protocol layer.
+    let mut req = get(&get_path(&query("www.example.test", 1, 1)));
+    req.headers_mut()
+        .insert("x-pad", "x".repeat(20_000).parse().unwrap());
+    let mut c = Client::connect(&p, Proto::H2, None).await.unwrap();
+    // Either a 431, or the stream is reset ("or the connection is closed").
+    if let Ok(r) = c.send(req).await {
+        assert_eq!(r.status, 431);
+    }
+}
+
+#[tokio::test]
+async fn method_and_path() {
+    let up = MockUpstream::start().await;
+    let p = proxy(&[up.addr], |_| {}).await;
+    let path = get_path(&query("www.example.test", 1, 1));
+    for proto in ALL {
+        for m in ["PUT", "DELETE", "HEAD", "OPTIONS"] {
+            let req = http::Request::builder()
+                .method(m)
+                .uri(&path)
+                .body(http_body_util::Full::new(bytes::Bytes::new()))
+                .unwrap();
+            let r = send(&p, proto, req).await;
+            assert_eq!(r.status, 405, "{proto:?} {m}");
+            assert_eq!(r.header("allow"), Some("GET, POST"));
+        }
+        let other = path.replace("/dns-query", "/resolve");
+        assert_eq!(send(&p, proto, get(&other)).await.status, 404);
+        assert_eq!(send(&p, proto, get("/")).await.status, 404);
+    }
+    assert_eq!(
+        up.count("www.example.test."),
+        0,
+        "only GET and POST on PATH reach the upstream"
+    );
+}
+
+#[tokio::test]
+async fn custom_path() {
+    let up = MockUpstream::start().await;
+    let p = proxy(&[up.addr], |c| c.path = "/q".into()).await;
+    let q = doh_proxy::doh::encode_dns_param(&query("www.example.test", 1, 1));
+    assert_eq!(
+        send(&p, Proto::H2, get(&format!("/q?dns={q}")))
+            .await
+            .status,
+        200
+    );
+    assert_eq!(
+        send(&p, Proto::H2, get(&format!("/dns-query?dns={q}")))
+            .await
+            .status,
+        404
+    );
+}
