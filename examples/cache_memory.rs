@@ -11,7 +11,11 @@ use doh_proxy::dns::{self, Key};
 
 fn rss_bytes() -> u64 {
     let statm = std::fs::read_to_string("/proc/self/statm").unwrap_or_default();
-    let pages: u64 = statm.split_whitespace().nth(1).and_then(|v| v.parse().ok()).unwrap_or(0);
+    let pages: u64 = statm
+        .split_whitespace()
+        .nth(1)
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
     pages * 4096
 }
 
@@ -28,8 +32,16 @@ fn answer(key: &Key) -> (Vec<u8>, dns::AnswerInfo) {
 }
 
 fn main() {
-    let n: u64 = std::env::args().nth(1).and_then(|v| v.parse().ok()).unwrap_or(1_000_000);
-    let policy = TtlPolicy { min_ttl: 1800, max_ttl: 86400, err_ttl: 2, stale_secs: 86400 };
+    let n: u64 = std::env::args()
+        .nth(1)
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1_000_000);
+    let policy = TtlPolicy {
+        min_ttl: 1800,
+        max_ttl: 86400,
+        err_ttl: 2,
+        stale_secs: 86400,
+    };
     let cache = Cache::new(n, policy);
     let before = rss_bytes();
     for i in 0..n {
@@ -45,6 +57,8 @@ fn main() {
         cache.len(),
         (after - before) as f64 / 1048576.0,
         per,
-        answer(&Key::new("host-0.example.test", 1, true).expect("valid")).0.len()
+        answer(&Key::new("host-0.example.test", 1, true).expect("valid"))
+            .0
+            .len()
     );
 }

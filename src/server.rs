@@ -96,6 +96,17 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
         http_listeners.push(bind(*a).await?);
     }
     let admin_listener = bind(cfg.metrics_listen).await?;
+    // From here on the configuration names the bound addresses (port 0 in
+    // the file becomes the port the kernel chose): the ban file needs them.
+    let mut cfg = cfg;
+    cfg.listen = tls_listeners
+        .iter()
+        .filter_map(|l| l.local_addr().ok())
+        .collect();
+    cfg.listen_http = http_listeners
+        .iter()
+        .filter_map(|l| l.local_addr().ok())
+        .collect();
     let app = Arc::new(App::new(cfg, &upstreams));
     let (shutdown, rx) = watch::channel(false);
     let mut running = Running {

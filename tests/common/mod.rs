@@ -394,6 +394,17 @@ impl Client {
         }
     }
 
+    /// TLS and HTTP over an already connected stream (after a PROXY header, say).
+    pub async fn over_tls(tcp: TcpStream, h2: bool) -> std::io::Result<Client> {
+        let alpn: &[u8] = if h2 { b"h2" } else { b"http/1.1" };
+        let tls = tls_connector(alpn)
+            .connect(ServerName::try_from("localhost").unwrap(), tcp)
+            .await?;
+        Self::handshake(TokioIo::new(tls), h2)
+            .await
+            .map_err(std::io::Error::other)
+    }
+
     async fn handshake<I>(io: I, h2: bool) -> Result<Client, hyper::Error>
     where
         I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
@@ -498,4 +509,23 @@ pub async fn metric(running: &Running, series: &str) -> f64 {
                 .ok()
         })
         .unwrap_or(0.0)
+}
+
+/// Resident set of this process, in bytes.
+pub fn rss_bytes() -> u64 {
+    let statm = std::fs::read_to_string("/proc/self/statm").unwrap_or_default();
+    statm
+        .split_whitespace()
+        .nth(1)
+        .and_then(|v| v.parse::<u64>().ok())
+        .unwrap_or(0)
+        * 4096
+}
+
+/// A GET with an X-Forwarded-For header.
+pub fn get_xff(path: &str, xff: &str) -> Request<Full<Bytes>> {
+    Request::get(path)
+        .header("x-forwarded-for", xff)
+        .body(Full::new(Bytes::new()))
+        .unwrap()
 }

@@ -1,0 +1,571 @@
+//! Abuse protection against real connections from many 127.x.y.z source
+//! addresses: budgets, allowlist, penalty box, connection caps, trusted
+//! proxies, the upstream budget, dry run, and a replay of incident 1.
+
+mod common;
+
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use common::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+fn ok_path(name: &str) -> String {
+    get_path(&query(name, 1, 1))
+}
+
+#[tokio::test]
+async fn flooder_gets_429_while_its_neighbour_is_served() {
+    let up = MockUpstream::start().await;
+    let p = proxy(&[up.addr], |c| {
+        c.per_ip_qps = 5;
+        c.per_ip_burst = 10;
+        c.ban_after = 10_000;
+    })
+    .await;
+    let mut flooder = Client::connect(&p, Proto::H2, Some("127.0.10.1".parse().unwrap()))
+        .await
+        .unwrap();
+    let mut limited = 0;
+    for _ in 0..40 {
+        let r = flooder
+            .send(get(&ok_path("www.example.test")))
+            .await
+            .unwrap();
+        if r.status == 429 {
+            limited += 1;
+            let after: u64 = r.header("retry-after").unwrap().parse().unwrap();
+            assert!(after >= 1);
+        }
+    }
+    assert!(limited >= 25, "{limited} of 40 limited");
+    for neighbour in ["127.0.10.2", "127.0.11.1"] {
+        let r = send_from(&p, Proto::H2, neighbour, get(&ok_path("www.example.test")))
+            .await
+            .unwrap();
+        assert_eq!(r.status, 200, "{neighbour}");
+    }
+    assert_eq!(
+        metric(&p, "doh_requests_total{outcome=\"rate_limited\"}").await,
+        limited as f64
+    );
+}
+
+#[tokio::test]
+async fn prefix_budget_holds_many_addresses_of_one_prefix() {
+    let up = MockUpstream::start().await;
+    let p = proxy(&[up.addr], |c| {
+        c.per_prefix_qps = 4; // burst 20 for the /24
+        c.ban_after = 10_000;
+    })
+    .await;
+    let mut statuses = Vec::new();
+    for i in 1..=40 {
+        let r = send_from(
+            &p,
+            Proto::H1,
+            &format!("127.0.20.{i}"),
+            get(&ok_path("www.example.test")),
+        )
+        .await
+        .unwrap();
+        statuses.push(r.status);
+    }
+    assert!(
+        statuses.iter().filter(|s| **s == 429).count() >= 15,
+        "{statuses:?}"
+    );
+    let r = send_from(
+        &p,
+        Proto::H1,
+        "127.0.21.1",
+        get(&ok_path("www.example.test")),
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status, 200, "another prefix is served");
+}
+
+#[tokio::test]
+async fn allowlisted_flooder_is_never_limited_nor_banned() {
+    let up = MockUpstream::start().await;
+    let p = proxy(&[up.addr], |c| {
+        c.per_ip_qps = 1;
+        c.per_ip_burst = 1;
+        c.ban_after = 2;
+        c.allow = vec!["127.0.12.0/24".parse().unwrap()];
+    })
+    .await;
+    let mut c = Client::connect(&p, Proto::H2, Some("127.0.12.1".parse().unwrap()))
+        .await
+        .unwrap();
+    for _ in 0..50 {
+        assert_eq!(
+            c.send(get(&ok_path("www.example.test")))
+                .await
+                .unwrap()
+                .status,
+            200
+        );
+        assert_eq!(c.send(get("/dns-query?ct=x")).await.unwrap().status, 400);
+    }
+    assert_eq!(admin(&p, "GET", "/bans", None).await.body, "[]");
+}
+
+#[tokio::test]
+async fn garbage_gets_a_client_banned_and_the_ban_lifts_by_itself() {
+    let up = MockUpstream::start().await;
+    let p = proxy(&[up.addr], |c| {
+        c.ban_after = 5;
+        c.ban_secs = 2;
+    })
+    .await;
+    let src = Some("127.0.13.1".parse().unwrap());
+    let mut c = Client::connect(&p, Proto::H1, src).await.unwrap();
+    let mut statuses = Vec::new();
+    for _ in 0..5 {
+        match c
+            .send(get("/dns-query?ct=application/dns-udpwireformat&dns=AAAA"))
+            .await
+        {
+            Ok(r) => statuses.push(r.status),
+            Err(_) => break,
+        }
+    }
+    assert_eq!(statuses, vec![400; 5]);
+    // Banned: the open connection is closed, a new one is refused at accept.
+    let after = c.send(get(&ok_path("www.example.test"))).await;
+    assert!(
+        after.as_ref().map_or(true, |r| r.status == 403),
+        "{after:?}"
+    );
+    assert!(
+        Client::connect(&p, Proto::H2, src).await.is_err(),
+        "closed before the TLS handshake"
+    );
+    assert!(metric(&p, "doh_connections_rejected_total{reason=\"banned\"}").await >= 1.0);
+    assert_eq!(metric(&p, "doh_bans_active").await, 1.0);
+    // A neighbour is still served.
+    let r = send_from(
+        &p,
+        Proto::H2,
+        "127.0.13.2",
+        get(&ok_path("www.example.test")),
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status, 200);
+    tokio::time::sleep(Duration::from_millis(3200)).await;
+    let mut c = Client::connect(&p, Proto::H2, src)
+        .await
+        .expect("ban lifted");
+    assert_eq!(
+        c.send(get(&ok_path("www.example.test")))
+            .await
+            .unwrap()
+            .status,
+        200
+    );
+    assert_eq!(metric(&p, "doh_bans_active").await, 0.0);
+}
+
+#[tokio::test]
+async fn connections_from_one_address_are_capped_and_idle_ones_closed() {
+    let up = MockUpstream::start().await;
+    let p = proxy(&[up.addr], |c| c.handshake_timeout = 2).await;
+    let mut conns = Vec::new();
+    for _ in 0..60 {
+        conns.push(
+            tcp_from(Some("127.0.14.1".parse().unwrap()), p.tls_addrs[0])
+                .await
+                .unwrap(),
+        );
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut closed = 0;
+    for c in conns.iter_mut() {
+        let mut b = [0u8; 1];
+        if let Ok(Ok(0)) | Ok(Err(_)) =
+            tokio::time::timeout(Duration::from_millis(20), c.read(&mut b)).await
+        {
+            closed += 1;
+        }
+    }
+    assert_eq!(closed, 28, "32 of 60 kept");
+    assert_eq!(
+        metric(&p, "doh_connections_rejected_total{reason=\"per_ip\"}").await,
+        28.0
+    );
+    let r = send_from(
+        &p,
+        Proto::H2,
+        "127.0.14.2",
+        get(&ok_path("www.example.test")),
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status, 200, "another address is served");
+    // The 32 that said nothing are closed after the handshake timeout.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let mut still_open = 0;
+    for c in conns.iter_mut() {
+        let mut b = [0u8; 1];
+        if tokio::time::timeout(Duration::from_millis(20), c.read(&mut b))
+            .await
+            .is_err()
+        {
+            still_open += 1;
+        }
+    }
+    assert_eq!(still_open, 0);
+    assert_eq!(p.app.guard.open_connections(), 0);
+}
+
+#[tokio::test]
+async fn forwarded_for_only_counts_from_trusted_proxies() {
+    let up = MockUpstream::start().await;
+    let p = proxy(&[up.addr], |c| {
+        c.trusted_proxy = vec!["127.0.0.1".parse().unwrap()];
+        c.ban_after = 3;
+    })
+    .await;
+    let garbage = "/dns-query?body=AAAA";
+    let mut via_proxy = Client::connect(&p, Proto::PlainH1, Some("127.0.0.1".parse().unwrap()))
+        .await
+        .unwrap();
+    for _ in 0..3 {
+        assert_eq!(
+            via_proxy
+                .send(get_xff(garbage, "198.51.100.1"))
+                .await
+                .unwrap()
+                .status,
+            400
+        );
+    }
+    let r = via_proxy
+        .send(get_xff(&ok_path("www.example.test"), "198.51.100.1"))
+        .await
+        .unwrap();
+    assert_eq!(r.status, 403, "the client behind the proxy is banned");
+    let r = via_proxy
+        .send(get_xff(
+            &ok_path("www.example.test"),
+            "198.51.100.2, 127.0.0.1",
+        ))
+        .await
+        .unwrap();
+    assert_eq!(
+        r.status, 200,
+        "another client behind the same proxy is not, and the proxy is not"
+    );
+    // From an untrusted peer the header is ignored: the peer itself is scored.
+    let mut direct = Client::connect(&p, Proto::PlainH1, Some("127.0.15.1".parse().unwrap()))
+        .await
+        .unwrap();
+    for _ in 0..3 {
+        let _ = direct.send(get_xff(garbage, "198.51.100.3")).await;
+    }
+    let bans = String::from_utf8_lossy(&admin(&p, "GET", "/bans", None).await.body).to_string();
+    assert!(bans.contains("198.51.100.1/32"), "{bans}");
+    assert!(bans.contains("127.0.15.1/32"), "{bans}");
+    assert!(!bans.contains("198.51.100.3"), "{bans}");
+    assert!(!bans.contains("\"127.0.0.1/32\""), "{bans}");
+}
+
+#[tokio::test]
+async fn proxy_protocol_names_the_client() {
+    let up = MockUpstream::start().await;
+    let p = proxy(&[up.addr], |c| {
+        c.trusted_proxy = vec!["127.0.0.1".parse().unwrap()];
+        c.proxy_protocol = true;
+        c.ban_after = 2;
+    })
+    .await;
+    let connect = |client: &'static str| {
+        let addr = p.tls_addrs[0];
+        async move {
+            let mut tcp = tcp_from(Some("127.0.0.1".parse().unwrap()), addr)
+                .await
+                .unwrap();
+            tcp.write_all(format!("PROXY TCP4 {client} 127.0.0.1 4000 443\r\n").as_bytes())
+                .await
+                .unwrap();
+            Client::over_tls(tcp, true).await
+        }
+    };
+    let mut c = connect("198.51.100.20").await.unwrap();
+    assert_eq!(
+        c.send(get(&ok_path("www.example.test")))
+            .await
+            .unwrap()
+            .status,
+        200
+    );
+    for _ in 0..2 {
+        assert_eq!(
+            c.send(get("/dns-query?random_padding=x"))
+                .await
+                .unwrap()
+                .status,
+            400
+        );
+    }
+    let bans = String::from_utf8_lossy(&admin(&p, "GET", "/bans", None).await.body).to_string();
+    assert!(bans.contains("198.51.100.20/32"), "{bans}");
+    assert!(
+        connect("198.51.100.20").await.is_err(),
+        "banned client closed after its PROXY header"
+    );
+    assert!(connect("198.51.100.21").await.is_ok());
+    // Without a PROXY header, a trusted peer's connection is dropped.
+    assert!(
+        Client::connect(&p, Proto::H2, Some("127.0.0.1".parse().unwrap()))
+            .await
+            .is_err()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_budget_holds_whatever_the_number_of_clients() {
+    let up = MockUpstream::start().await;
+    let p = std::sync::Arc::new(
+        proxy(&[up.addr], |c| {
+            c.upstream_qps = 20;
+            c.per_ip_qps = 10_000;
+            c.per_ip_burst = 10_000;
+            c.per_prefix_qps = 10_000;
+        })
+        .await,
+    );
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let before = up.total.load(Ordering::SeqCst);
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for a in 0..40 {
+        let p = p.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut c = Client::connect(
+                &p,
+                Proto::H2,
+                Some(format!("127.0.30.{}", a + 1).parse().unwrap()),
+            )
+            .await
+            .unwrap();
+            let mut statuses = Vec::new();
+            let mut i = 0;
+            while start.elapsed() < Duration::from_secs(2) {
+                let r = c
+                    .send(get(&ok_path(&format!("u{a}-{i}.example.test"))))
+                    .await
+                    .unwrap();
+                statuses.push(r.status);
+                i += 1;
+            }
+            statuses
+        }));
+    }
+    let mut all = Vec::new();
+    for t in tasks {
+        all.extend(t.await.unwrap());
+    }
+    let elapsed = start.elapsed().as_secs_f64();
+    let sent = up.total.load(Ordering::SeqCst) - before;
+    // Burst of one second's worth, then 20 a second (health probes included).
+    let allowed = 20.0 * (elapsed + 1.0) + 2.0;
+    assert!(
+        (sent as f64) <= allowed,
+        "{sent} upstream queries in {elapsed:.1} s"
+    );
+    assert!(
+        all.iter().filter(|s| **s == 503).count() > all.len() / 2,
+        "most unique names get 503"
+    );
+    assert!(all.contains(&200));
+    assert!(metric(&p, "doh_requests_total{outcome=\"overloaded\"}").await > 0.0);
+}
+
+#[tokio::test]
+async fn dry_run_enforces_nothing_and_counts_everything() {
+    let up = MockUpstream::start().await;
+    let p = proxy(&[up.addr], |c| {
+        c.dry_run = true;
+        c.per_ip_qps = 1;
+        c.per_ip_burst = 1;
+        c.ban_after = 2;
+        c.max_conns_per_ip = 1;
+    })
+    .await;
+    let src = Some("127.0.16.1".parse().unwrap());
+    let mut a = Client::connect(&p, Proto::H2, src).await.unwrap();
+    let mut b = Client::connect(&p, Proto::H2, src)
+        .await
+        .expect("not capped");
+    for _ in 0..10 {
+        assert_eq!(
+            a.send(get(&ok_path("www.example.test")))
+                .await
+                .unwrap()
+                .status,
+            200
+        );
+        assert_eq!(b.send(get("/dns-query?ct=x")).await.unwrap().status, 400);
+    }
+    assert_eq!(
+        a.send(get(&ok_path("www.example.test")))
+            .await
+            .unwrap()
+            .status,
+        200,
+        "not banned"
+    );
+    assert_eq!(admin(&p, "GET", "/bans", None).await.body, "[]");
+    assert!(
+        metric(
+            &p,
+            "doh_requests_total{outcome=\"rate_limited\",dry_run=\"true\"}"
+        )
+        .await
+            >= 5.0
+    );
+    assert!(metric(&p, "doh_bans_total{kind=\"address\",dry_run=\"true\"}").await >= 1.0);
+    assert!(
+        metric(
+            &p,
+            "doh_connections_rejected_total{reason=\"per_ip\",dry_run=\"true\"}"
+        )
+        .await
+            >= 1.0
+    );
+    assert_eq!(
+        metric(&p, "doh_requests_total{outcome=\"rate_limited\"}").await,
+        0.0
+    );
+}
+
+/// Incident 1: 20,000 client addresses, each sending a little garbage
+/// through a trusted reverse proxy. A legitimate client is still served and
+/// memory grows by less than 64 MiB.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn incident_1_replay() {
+    let up = MockUpstream::start().await;
+    let p = std::sync::Arc::new(
+        proxy(&[up.addr], |c| {
+            c.trusted_proxy = vec!["127.0.0.1".parse().unwrap()];
+            c.ban_after = 3;
+        })
+        .await,
+    );
+    let rss_before = rss_bytes();
+    let mut tasks = Vec::new();
+    for w in 0..8u32 {
+        let p = p.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut c = Client::connect(&p, Proto::PlainH2, Some("127.0.0.1".parse().unwrap()))
+                .await
+                .unwrap();
+            let mut rejected = 0;
+            for i in 0..2500u32 {
+                let n = w * 2500 + i;
+                let client = format!("10.{}.{}.{}", n >> 16, (n >> 8) & 255, n & 255);
+                let path = match i % 3 {
+                    0 => "/dns-query?ct=application/dns-udpwireformat&dns=AAAA".to_string(),
+                    1 => "/dns-query?name=example.test&type=A".to_string(),
+                    _ => "/dns-query?dns=!!".to_string(),
+                };
+                // A few clients come back enough to be banned.
+                let times = if i % 100 == 0 { 4 } else { 1 };
+                for _ in 0..times {
+                    let r = c.send(get_xff(&path, &client)).await.unwrap();
+                    assert!(matches!(r.status, 400 | 403), "{}", r.status);
+                    rejected += 1;
+                }
+            }
+            rejected
+        }));
+    }
+    let legit = {
+        let p = p.clone();
+        tokio::spawn(async move {
+            let mut c = Client::connect(&p, Proto::PlainH2, Some("127.0.0.1".parse().unwrap()))
+                .await
+                .unwrap();
+            let mut ok = 0;
+            for i in 0..50 {
+                let r = c
+                    .send(get_xff(
+                        &ok_path(&format!("legit{}.example.test", i % 5)),
+                        "203.0.113.5",
+                    ))
+                    .await
+                    .unwrap();
+                ok += (r.status == 200) as u32;
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            ok
+        })
+    };
+    let mut rejected = 0;
+    for t in tasks {
+        rejected += t.await.unwrap();
+    }
+    assert_eq!(
+        legit.await.unwrap(),
+        50,
+        "the legitimate client got every answer"
+    );
+    assert!(rejected >= 20_000);
+    let grown = rss_bytes().saturating_sub(rss_before);
+    assert!(grown < 64 << 20, "memory grew by {} MiB", grown >> 20);
+    assert!(metric(&p, "doh_bans_active").await >= 200.0);
+    assert_eq!(
+        up.count("legit0.example.test."),
+        1,
+        "the upstream saw only the legitimate names"
+    );
+    assert!(metric(&p, "doh_unique_clients").await > 19_000.0);
+}
+
+#[tokio::test]
+async fn ban_file_is_an_nftables_script() {
+    let up = MockUpstream::start().await;
+    let file = std::env::temp_dir().join(format!("doh-bans-{}.nft", std::process::id()));
+    let f2 = file.clone();
+    let p = proxy(&[up.addr], move |c| {
+        c.ban_after = 1;
+        c.ban_file = Some(f2);
+    })
+    .await;
+    let _ = send_from(&p, Proto::H1, "127.0.17.1", get("/dns-query?ct=x")).await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let text = std::fs::read_to_string(&file).unwrap();
+    assert!(text.contains("127.0.17.1/32 timeout"), "{text}");
+    assert!(
+        text.contains(&format!(
+            "tcp dport {{ {}, {} }} drop",
+            p.tls_addrs[0].port().min(p.http_addrs[0].port()),
+            p.tls_addrs[0].port().max(p.http_addrs[0].port())
+        )),
+        "{text}"
+    );
+    if let Ok(out) = std::process::Command::new("nft")
+        .arg("-c")
+        .arg("-f")
+        .arg(&file)
+        .output()
+    {
+        let err = String::from_utf8_lossy(&out.stderr);
+        let no_netlink = err.contains("Operation not permitted") || err.contains("netlink");
+        assert!(
+            out.status.success() || no_netlink,
+            "nft -c refused the ban file: {err}\n{text}"
+        );
+    }
+    assert_eq!(
+        admin(&p, "DELETE", "/bans/127.0.17.1", None).await.status,
+        200
+    );
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let text = std::fs::read_to_string(&file).unwrap();
+    assert!(!text.contains("127.0.17.1"), "{text}");
+}
