@@ -20,8 +20,9 @@ use tokio::sync::watch;
 use crate::config::Cidr;
 use crate::pipeline::App;
 
-/// An upstream counts as healthy if it answered within this window.
-pub const HEALTH_WINDOW: Duration = Duration::from_secs(10);
+/// Health needs an accepted upstream answer within this window (idle
+/// upstreams are probed every 2 s, so a healthy one is never this quiet).
+pub const HEALTH_WINDOW: Duration = Duration::from_secs(30);
 
 pub async fn serve(app: Arc<App>, listener: TcpListener, mut shutdown: watch::Receiver<bool>) {
     loop {
@@ -82,9 +83,15 @@ fn authorized<B>(app: &App, req: &Request<B>) -> bool {
             == 0
 }
 
-/// Health: listeners are up (we are answering), and at least one upstream
-/// answered within [`HEALTH_WINDOW`].
+/// Health: the listeners are up (this runs beside them), at least one
+/// upstream is up (not 3 failures in a row), and one answered within
+/// [`HEALTH_WINDOW`].
 pub fn health(app: &App) -> Result<(), String> {
+    let status = app.upstream.status();
+    if !status.iter().any(|(_, up)| *up) {
+        let names: Vec<String> = status.iter().map(|(a, _)| a.to_string()).collect();
+        return Err(format!("every upstream is down: {}", names.join(", ")));
+    }
     match app.upstream.since_last_answer() {
         Some(d) if d <= HEALTH_WINDOW => Ok(()),
         Some(d) => Err(format!("no upstream answered for {} s", d.as_secs())),
@@ -108,6 +115,8 @@ fn route<B>(app: &App, req: Request<B>) -> Response<Full<Bytes>> {
     let path = req.uri().path();
     match (req.method(), path) {
         (&Method::GET, "/metrics") => {
+            // Scrapes are rare: let moka settle so the count is exact.
+            app.cache.sync();
             app.metrics.cache_entries.set(app.cache.len() as i64);
             app.metrics.unique_clients.set(app.unique.estimate() as i64);
             reply(
