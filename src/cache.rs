@@ -179,17 +179,19 @@ impl Entry {
     pub fn serve(&self, id: u16, question: &[u8], policy: &TtlPolicy) -> (Vec<u8>, u32) {
         let age = self.created.elapsed().as_secs().min(u64::from(u32::MAX)) as u32;
         let stale = age >= self.lifetime;
+        // Even stale, never above the ceiling (a ceiling of 0 means 0).
+        let stale_ttl = STALE_TTL.min(policy.max_ttl);
         let floor = if self.is_error { 0 } else { policy.min_ttl };
         let (wire, min) =
             dns::rewrite_for_client(&self.wire, &self.ttl_offsets, id, question, |t| {
                 if stale {
-                    STALE_TTL
+                    stale_ttl
                 } else {
                     t.saturating_sub(age).max(floor)
                 }
             });
         let max_age = min.unwrap_or(if stale {
-            STALE_TTL
+            stale_ttl
         } else {
             self.lifetime.saturating_sub(age).max(floor)
         });
@@ -394,6 +396,24 @@ mod tests {
         );
         c.store(key.clone(), Arc::new(Entry::failure(&key, &policy(0))));
         assert!(matches!(c.lookup(&key), Lookup::Fresh(e) if !e.is_error()));
+    }
+
+    #[test]
+    fn a_zero_ceiling_is_never_exceeded_even_stale() {
+        // Found by the `rewrite` fuzz target: max_ttl 0 made every answer
+        // stale at once, served with TTL 30.
+        let p = TtlPolicy {
+            min_ttl: 0,
+            max_ttl: 0,
+            err_ttl: 2,
+            stale_secs: 86400,
+        };
+        let key = Key::new("z.test", 1, false).unwrap();
+        let (a, info) = answer(&key, 5);
+        let e = Entry::from_answer(a, &info, &p);
+        let (wire, max_age) = e.serve(1, &key.question, &p);
+        assert_eq!(dns::read_ttl(&wire, info.ttl_offsets[0] as usize), 0);
+        assert_eq!(max_age, 0);
     }
 
     #[test]

@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Runs every fuzz target for SECS seconds each (default 20), starting from
+# the committed seeds. A crash fails the run and leaves its input in
+# fuzz/artifacts/. Installs cargo-fuzz if missing (needs the nightly toolchain).
+set -euo pipefail
+cd "$(dirname "$0")"
+SECS=${1:-20}
+if ! cargo +nightly --version >/dev/null 2>&1; then
+  echo "fuzz: no nightly toolchain (rustup toolchain install nightly)"; exit 1
+fi
+if ! cargo fuzz --version >/dev/null 2>&1; then
+  cargo install --locked cargo-fuzz
+fi
+status=0
+for t in request answer rewrite config; do
+  mkdir -p "corpus/$t"
+  echo "--- fuzz $t for ${SECS}s"
+  if ! cargo +nightly fuzz run "$t" "corpus/$t" "seeds/$t" -- \
+      -max_total_time="$SECS" -rss_limit_mb=2048 -print_final_stats=1 2>&1 | tail -n 12; then
+    status=1
+  fi
+done
+exit $status
