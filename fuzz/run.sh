@@ -15,9 +15,14 @@ status=0
 for t in request answer rewrite config; do
   mkdir -p "corpus/$t"
   echo "--- fuzz $t for ${SECS}s"
-  if ! cargo +nightly fuzz run "$t" "corpus/$t" "seeds/$t" -- \
-      -max_total_time="$SECS" -rss_limit_mb=2048 -print_final_stats=1 2>&1 | tail -n 12; then
+  log=$(mktemp)
+  if cargo +nightly fuzz run "$t" "corpus/$t" "seeds/$t" -- \
+      -max_total_time="$SECS" -rss_limit_mb=2048 -print_final_stats=1 > "$log" 2>&1; then
+    grep -E '^Done|number_of_executed_units|new_units_added' "$log"
+  else
+    echo "!!! fuzz target $t failed:"; grep -vE '^#[0-9]+' "$log" | tail -n 60
     status=1
   fi
+  rm -f "$log"
 done
 exit $status

@@ -136,3 +136,20 @@ async fn answer_carries_the_clients_id_and_case() {
         "mixed case hits the one entry"
     );
 }
+
+#[tokio::test]
+async fn ipv6_listeners_and_upstream() {
+    let up = MockUpstream::start_on("::1").await;
+    let p = proxy(&[up.addr], |c| {
+        c.listen = vec!["[::1]:0".parse().unwrap()];
+        c.listen_http = vec!["[::1]:0".parse().unwrap()];
+    })
+    .await;
+    assert!(p.tls_addrs[0].is_ipv6());
+    for proto in [Proto::H2, Proto::PlainH1] {
+        let r = send(&p, proto, get(&get_path(&query("www.example.test", 28, 8)))).await;
+        assert_eq!(r.status, 200, "{proto:?}");
+        assert_eq!(r.dns().metadata.id, 8);
+    }
+    assert_eq!(up.count("www.example.test."), 1);
+}

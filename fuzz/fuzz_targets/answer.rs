@@ -6,9 +6,15 @@ use doh_proxy::dns::{self, Key};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
-    let key = Key::new("www.example.test", 1, data.first().is_some_and(|b| b & 1 == 1))
-        .expect("a valid name");
-    let id = data.get(..2).map_or(0, |b| u16::from_be_bytes([b[0], b[1]]));
+    let key = Key::new(
+        "www.example.test",
+        1,
+        data.first().is_some_and(|b| b & 1 == 1),
+    )
+    .expect("a valid name");
+    let id = data
+        .get(..2)
+        .map_or(0, |b| u16::from_be_bytes([b[0], b[1]]));
     if let Ok(info) = dns::check_answer(data, id, &key) {
         assert_eq!(&data[..2], &id.to_be_bytes());
         for off in info.ttl_offsets {

@@ -6,7 +6,9 @@ use doh_proxy::config::Config;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
-    let Ok(text) = std::str::from_utf8(data) else { return };
+    let Ok(text) = std::str::from_utf8(data) else {
+        return;
+    };
     if let Ok(cfg) = Config::from_toml(text) {
         // validate() reads no file unless tls_cert/tls_key are set; keep it
         // off the file system.

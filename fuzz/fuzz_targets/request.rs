@@ -25,11 +25,17 @@ fn verdict(msg: &[u8]) {
 }
 
 fuzz_target!(|data: &[u8]| {
-    let Some((&mode, rest)) = data.split_first() else { return };
+    let Some((&mode, rest)) = data.split_first() else {
+        return;
+    };
     if mode & 1 == 0 {
         // GET: the rest is the query string.
-        let Ok(qs) = std::str::from_utf8(rest) else { return };
-        let Ok(req) = http::Request::get(format!("/dns-query?{qs}")).body(()) else { return };
+        let Ok(qs) = std::str::from_utf8(rest) else {
+            return;
+        };
+        let Ok(req) = http::Request::get(format!("/dns-query?{qs}")).body(()) else {
+            return;
+        };
         let (parts, ()) = req.into_parts();
         match doh::check_head(&parts, &limits()) {
             Ok(Wanted::Get(msg)) => verdict(&msg),

@@ -14,11 +14,20 @@ fuzz_target!(|data: &[u8]| {
     }
     let min_ttl = u32::from(data[0]) * 60;
     let max_ttl = min_ttl + u32::from(data[1]) * 600;
-    let policy = TtlPolicy { min_ttl, max_ttl, err_ttl: 2, stale_secs: 86400 };
+    let policy = TtlPolicy {
+        min_ttl,
+        max_ttl,
+        err_ttl: 2,
+        stale_secs: 86400,
+    };
     let answer = &data[2..];
-    let Some(key) = Key::new("Mixed.Example.test", 1, data[2] & 1 == 1) else { return };
+    let Some(key) = Key::new("Mixed.Example.test", 1, data[2] & 1 == 1) else {
+        return;
+    };
     let id = u16::from_be_bytes([answer[0], answer[1]]);
-    let Ok(info) = dns::check_answer(answer, id, &key) else { return };
+    let Ok(info) = dns::check_answer(answer, id, &key) else {
+        return;
+    };
     let entry = Entry::from_answer(answer.to_vec(), &info, &policy);
     let mut client_q = key.question.to_vec();
     client_q[1] = b'M';

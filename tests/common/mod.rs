@@ -80,10 +80,16 @@ pub struct MockUpstream {
 
 impl MockUpstream {
     pub async fn start() -> MockUpstream {
+        Self::start_on("127.0.0.1").await
+    }
+
+    /// The mock on another loopback address (`::1` for IPv6).
+    pub async fn start_on(ip: &str) -> MockUpstream {
+        let ip: IpAddr = ip.parse().unwrap();
         let (udp, tcp) = loop {
-            let udp = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+            let udp = UdpSocket::bind((ip, 0)).await.unwrap();
             let port = udp.local_addr().unwrap().port();
-            if let Ok(tcp) = tokio::net::TcpListener::bind(("127.0.0.1", port)).await {
+            if let Ok(tcp) = tokio::net::TcpListener::bind((ip, port)).await {
                 break (udp, tcp);
             }
         };
@@ -335,7 +341,11 @@ pub enum Proto {
 }
 
 pub async fn tcp_from(source: Option<IpAddr>, to: SocketAddr) -> std::io::Result<TcpStream> {
-    let sock = TcpSocket::new_v4()?;
+    let sock = if to.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
     if let Some(ip) = source {
         sock.bind(SocketAddr::new(ip, 0))?;
     }

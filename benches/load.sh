@@ -1,0 +1,135 @@
+#!/usr/bin/env bash
+# Side-by-side load test of doh-proxy against the peers of
+# ../shared/peers/peers.sh (dnsdist with its packet cache, unbound, the
+# `doh-proxy` crate), all forwarding to the same NSD on 127.0.0.1:5300.
+# Every run is bounded (request count and a timeout); only loopback is used.
+#
+#   bash benches/load.sh                 # N=100000 requests per cache-hit run
+#   N=20000 bash benches/load.sh         # quicker
+#
+# Prints a Markdown table: requests/s, p99 latency, CPU seconds per 100k
+# requests for each server and scenario, peak RSS, and the ratio of
+# doh-proxy to each peer. Numbers from one run only: compare ratios.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+N=${N:-100000}
+PEERS=${PEERS:-../shared/peers/peers.sh}
+export BASE=${BASE:-/tmp/doh-peers}
+OUT=$(mktemp -d /tmp/doh-load.XXXXXX)
+CA=$BASE/tls/ca.pem
+H='accept: application/dns-message'
+
+echo "== peers (NSD, dnsdist, unbound, the doh-proxy crate)" >&2
+WITH_DNSCRYPT=0 WITH_PY=0 WITH_DOH_PROXY=1 bash "$PEERS" > "$OUT/peers.log" 2>&1 ||
+  { tail -20 "$OUT/peers.log"; exit 1; }
+echo "== building doh-proxy (release)" >&2
+cargo build --release --quiet
+target/release/doh-proxy -l 127.0.0.1:8443 --listen-http 127.0.0.1:8088 -u 127.0.0.1:5300 \
+  --tls-cert "$BASE/tls/cert.pem" --tls-key "$BASE/tls/key.pem" --metrics-listen 127.0.0.1:9199 \
+  --per-ip-qps 100000000 --per-ip-burst 100000000 --per-prefix-qps 100000000 \
+  --upstream-qps 1000000 --max-conns-per-ip 10000 --ban-after 4294967295 \
+  > "$OUT/ours.log" 2>&1 &
+OURS=$!
+trap 'kill $OURS 2>/dev/null; rm -rf "$OUT"' EXIT
+for _ in $(seq 1 100); do curl -sf http://127.0.0.1:9199/healthz >/dev/null 2>&1 && break; sleep 0.1; done
+
+# name | pid | TLS port | plain port (- when none)
+SERVERS=(
+  "doh-proxy|$OURS|8443|8088"
+  "dnsdist|$(cat "$BASE/run/dnsdist.pid")|8453|8083"
+  "unbound|$(cat "$BASE/run/unbound.pid")|8455|-"
+  "doh-proxy-crate|$(cat "$BASE/run/doh-proxy-tls.pid")|8454|3000"
+)
+Q=$(python3 -c "
+import base64,struct
+n=b''.join(bytes([len(l)])+l.encode() for l in 'www.example.test'.split('.'))+b'\0'
+q=struct.pack('>HHHHHH',0,0x0100,1,0,0,0)+n+struct.pack('>HH',1,1)
+print(base64.urlsafe_b64encode(q).decode().rstrip('='))")
+# Unique names for the miss-heavy run (NXDOMAIN from NSD), a fresh set per server.
+mkuris() { # mkuris <port> <prefix> <count>
+  python3 - "$@" <<'EOF'
+import base64, struct, sys
+port, prefix, count = sys.argv[1], sys.argv[2], int(sys.argv[3])
+for i in range(count):
+    name = f"{prefix}{i}.example.test"
+    n = b"".join(bytes([len(l)]) + l.encode() for l in name.split(".")) + b"\0"
+    q = struct.pack(">HHHHHH", 0, 0x0100, 1, 0, 0, 0) + n + struct.pack(">HH", 1, 1)
+    print(f"https://127.0.0.1:{port}/dns-query?dns=" + base64.urlsafe_b64encode(q).decode().rstrip("="))
+EOF
+}
+cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+
+# run <scenario> <server> <pid> <h2load args...>
+run() {
+  local scen=$1 name=$2 pid=$3; shift 3
+  local t0 t1 log="$OUT/$scen-$name.log"
+  t0=$(cpu_ticks "$pid")
+  SSL_CERT_FILE=$CA timeout 180 h2load "$@" -H "$H" --log-file="$log" > "$OUT/$scen-$name.out" 2>&1 || true
+  t1=$(cpu_ticks "$pid")
+  python3 - "$scen" "$name" "$OUT/$scen-$name.out" "$log" "$((t1 - t0))" "$(getconf CLK_TCK)" >> "$OUT/results.tsv" <<'EOF'
+import re, sys
+scen, name, out, log, ticks, hz = sys.argv[1:7]
+text = open(out).read()
+m = re.search(r"finished in [\d.]+m?s, ([\d.]+) req/s", text)
+rps = float(m.group(1)) if m else 0.0
+m = re.search(r"requests: (\d+) total, \d+ started, (\d+) done, (\d+) succeeded, (\d+) failed", text)
+done = int(m.group(2)) if m else 0
+codes = re.search(r"status codes: (\d+) 2xx, (\d+) 3xx, (\d+) 4xx, (\d+) 5xx", text)
+codes = "/".join(codes.groups()) if codes else "?"
+lat = sorted(int(l.split("\t")[2]) for l in open(log) if l.count("\t") >= 2) if done else []
+p99 = lat[min(len(lat) - 1, int(len(lat) * 0.99))] / 1000 if lat else 0.0
+cpu = int(ticks) / int(hz)
+per100k = cpu / done * 100000 if done else 0.0
+print(f"{scen}\t{name}\t{rps:.0f}\t{p99:.2f}\t{per100k:.2f}\t{done}\t{codes}")
+EOF
+}
+
+for s in "${SERVERS[@]}"; do
+  IFS='|' read -r name pid tls plain <<< "$s"
+  echo "== $name" >&2
+  url="https://127.0.0.1:$tls/dns-query?dns=$Q"
+  curl -s --cacert "$CA" -H "$H" "$url" -o /dev/null   # warm the cache
+  run hit_h2 "$name" "$pid" -n "$N" -c 10 -m 10 "$url"
+  if [ "$name" != unbound ]; then  # unbound's DoH is HTTP/2 only
+    run hit_h1 "$name" "$pid" -n "$((N / 2))" -c 10 -m 1 --h1 "$url"
+  fi
+  run reject "$name" "$pid" -n "$N" -c 10 -m 10 \
+    "https://127.0.0.1:$tls/dns-query?ct=application/dns-udpwireformat&dns=$Q"
+  mkuris "$tls" "m$RANDOM-$name-" "$((N / 5))" > "$OUT/uris-$name"
+  run miss "$name" "$pid" -n "$((N / 5))" -c 10 -m 10 -i "$OUT/uris-$name"
+  echo -e "rss\t$name\t$(awk '/VmHWM/ {print $2}' "/proc/$pid/status")" >> "$OUT/results.tsv"
+done
+
+python3 - "$OUT/results.tsv" "$N" <<'EOF'
+import sys
+rows = [l.rstrip("\n").split("\t") for l in open(sys.argv[1])]
+res = {(r[0], r[1]): r for r in rows if r[0] != "rss"}
+rss = {r[1]: int(r[2]) for r in rows if r[0] == "rss"}
+servers = ["doh-proxy", "dnsdist", "unbound", "doh-proxy-crate"]
+names = {"hit_h2": "cache hit, TLS HTTP/2 (10 conns x 10 streams)",
+         "hit_h1": "cache hit, TLS HTTP/1.1 (10 conns)",
+         "reject": "obsolete-draft request (`ct=`), TLS HTTP/2",
+         "miss": "unique names (misses), TLS HTTP/2"}
+print(f"Requests per cache-hit run: {sys.argv[2]}; status columns are 2xx/3xx/4xx/5xx.\n")
+print("| scenario | server | req/s | p99 ms | CPU s / 100k req | statuses | doh-proxy req/s ratio |")
+print("|---|---|---:|---:|---:|---|---:|")
+for scen in names:
+    ours = res.get((scen, "doh-proxy"))
+    for s in servers:
+        r = res.get((scen, s))
+        if not r:
+            print(f"| {names[scen]} | {s} | n/a | | | | |")
+            continue
+        ratio = ""
+        if s != "doh-proxy" and ours and float(r[2]) > 0:
+            ratio = f"{float(ours[2]) / float(r[2]):.2f}x"
+        print(f"| {names[scen]} | {s} | {r[2]} | {r[3]} | {r[4]} | {r[6]} | {ratio} |")
+print("\n| server | peak RSS (MiB) |\n|---|---:|")
+for s in servers:
+    if s in rss:
+        print(f"| {s} | {rss[s] / 1024:.1f} |")
+hit = res.get(("hit_h2", "doh-proxy")); rej = res.get(("reject", "doh-proxy"))
+if hit and rej and float(rej[4]) > 0:
+    print(f"\ndoh-proxy: a rejected request costs {float(hit[4]) / float(rej[4]):.2f}x less CPU than a cache hit "
+          f"({rej[4]} vs {hit[4]} CPU s per 100k).")
+EOF
