@@ -15,20 +15,22 @@
 //!   never limited as clients. In `--dry-run`, everything is counted and
 //!   logged, nothing enforced.
 //!
-//! Memory stays bounded whatever the number of clients: limiter state is
-//! pruned every second (a key whose bucket is full again is forgotten) and
-//! cleared outright above a hard cap; scores and repeat counts live in
-//! bounded caches; bans are capped in number.
+//! Memory stays bounded whatever the number of clients: limiter state and
+//! penalty scores are pruned every second (a key whose bucket is full
+//! again, a score whose minute is over, is forgotten) and cleared outright
+//! above a hard cap; repeat counts live in a bounded cache; bans are capped
+//! in number.
 
 use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::net::{IpAddr, Ipv4Addr};
 use std::num::NonZeroU32;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use dashmap::DashMap;
 use governor::clock::{Clock, DefaultClock};
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 use http::HeaderMap;
@@ -47,7 +49,7 @@ const PREFIX_BAN_HOSTS: u32 = 8;
 /// Longest ban, as a multiple of `--ban-secs`.
 const MAX_BAN_FACTOR: u64 = 16;
 /// Window over which rejected requests are counted.
-const SCORE_WINDOW_SECS: u64 = 60;
+const SCORE_WINDOW_SECS: u32 = 60;
 
 /// Maps an IPv4-mapped IPv6 address to IPv4, so one client has one key.
 pub fn canonical(ip: IpAddr) -> IpAddr {
@@ -97,9 +99,10 @@ struct BanTable {
     has_prefix_bans: bool,
 }
 
+/// Rejected requests of one client in the current one-minute window.
 struct Score {
-    window_start: AtomicU64,
-    count: AtomicU32,
+    window_start: u32,
+    count: u32,
 }
 
 #[derive(Default)]
@@ -130,7 +133,7 @@ pub struct Guard {
     ip_quota: Quota,
     prefix_quota: Quota,
     clock: DefaultClock,
-    scores: moka::sync::Cache<IpAddr, Arc<Score>>,
+    scores: DashMap<IpAddr, Score>,
     offences: moka::sync::Cache<IpNet, u32>,
     bans: RwLock<BanTable>,
     bans_dirty: AtomicBool,
@@ -201,10 +204,7 @@ impl Guard {
             ip_quota,
             prefix_quota,
             clock: DefaultClock::default(),
-            scores: moka::sync::Cache::builder()
-                .max_capacity(MAX_TRACKED as u64)
-                .time_to_idle(Duration::from_secs(SCORE_WINDOW_SECS))
-                .build(),
+            scores: DashMap::new(),
             offences: moka::sync::Cache::builder()
                 .max_capacity(MAX_BANS as u64)
                 .time_to_live(Duration::from_secs(86400))
@@ -440,23 +440,24 @@ impl Guard {
         if !reason.penalized() || self.exempt(client) {
             return;
         }
-        let now = self.epoch.elapsed().as_secs();
-        let score = self.scores.get_with(client, || {
-            Arc::new(Score {
-                window_start: AtomicU64::new(now),
-                count: AtomicU32::new(0),
-            })
-        });
-        let start = score.window_start.load(Ordering::Relaxed);
-        let count = if now >= start + SCORE_WINDOW_SECS {
-            score.window_start.store(now, Ordering::Relaxed);
-            score.count.store(1, Ordering::Relaxed);
-            1
-        } else {
-            score.count.fetch_add(1, Ordering::Relaxed) + 1
+        let now = self.now_secs();
+        let banned = {
+            let mut s = self.scores.entry(client).or_insert(Score {
+                window_start: now,
+                count: 0,
+            });
+            if now >= s.window_start + SCORE_WINDOW_SECS {
+                s.window_start = now;
+                s.count = 0;
+            }
+            s.count += 1;
+            let full = s.count >= self.ban_after;
+            if full {
+                s.count = 0;
+            }
+            full
         };
-        if count >= self.ban_after {
-            score.count.store(0, Ordering::Relaxed);
+        if banned {
             self.ban(IpNet::from(client), reason.label());
         }
     }
@@ -582,9 +583,22 @@ impl Guard {
         }
     }
 
-    /// Forgets limiter keys whose bucket is full again; clears everything
-    /// if, even so, more than the hard cap remain.
+    fn now_secs(&self) -> u32 {
+        self.epoch.elapsed().as_secs().min(u64::from(u32::MAX)) as u32
+    }
+
+    /// Forgets limiter keys whose bucket is full again and scores whose
+    /// minute is over; clears everything if, even so, more than the hard
+    /// cap remain.
     pub fn prune_limiters(&self) {
+        let now = self.now_secs();
+        self.scores
+            .retain(|_, s| now < s.window_start + SCORE_WINDOW_SECS);
+        if self.scores.len() > MAX_TRACKED {
+            tracing::warn!("more than {MAX_TRACKED} clients scored: penalty scores start afresh");
+            self.scores.clear();
+        }
+        self.scores.shrink_to_fit();
         prune(&self.ip_limiter, self.ip_quota, "address");
         prune(&self.prefix_limiter, self.prefix_quota, "prefix");
     }
