@@ -12,7 +12,7 @@ use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
-use std::task::{Context, Poll};
+use std::task::{ready, Context, Poll};
 use std::time::{Duration, Instant};
 
 use hyper::service::service_fn;
@@ -35,6 +35,8 @@ const DRAIN: Duration = Duration::from_secs(5);
 const H2_MAX_HEADER_LIST: u32 = 16 * 1024;
 const H1_MAX_BUF: usize = 64 * 1024;
 const H2_MAX_STREAMS: u32 = 100;
+/// Writes buffered per connection before they go out without a flush.
+const WRITE_BUF: usize = 64 * 1024;
 
 fn now_ms() -> u64 {
     static START: OnceLock<Instant> = OnceLock::new();
@@ -228,10 +230,7 @@ async fn serve_conn(
     }
     let info = Arc::new(ConnInfo::new(peer.ip(), proxied));
     let last = Arc::new(AtomicU64::new(now_ms()));
-    let io = Activity {
-        inner: stream,
-        last: last.clone(),
-    };
+    let io = ConnIo::new(stream, last.clone());
     match tls {
         Some(acceptor) => {
             let tls_stream = match tokio::time::timeout(handshake, acceptor.accept(io)).await {
@@ -328,13 +327,52 @@ async fn serve_http<I>(
     }
 }
 
-/// A stream that remembers when bytes last moved.
-struct Activity<T> {
-    inner: T,
+/// The client's TCP stream, as every layer above sees it: it remembers
+/// when bytes last moved (for the idle watchdog), and buffers writes until
+/// a flush. A flush with data waiting first yields once to the scheduler,
+/// so that the other streams of an HTTP/2 connection whose answers are
+/// ready add theirs: ten answers then leave in one send instead of ten.
+/// On loopback and busy servers the send syscall is the largest single cost
+/// of a cache hit.
+struct ConnIo {
+    inner: TcpStream,
     last: Arc<AtomicU64>,
+    buf: Vec<u8>,
+    sent: usize,
+    yielded: bool,
 }
 
-impl<T: AsyncRead + Unpin> AsyncRead for Activity<T> {
+impl ConnIo {
+    fn new(inner: TcpStream, last: Arc<AtomicU64>) -> ConnIo {
+        ConnIo {
+            inner,
+            last,
+            buf: Vec::new(),
+            sent: 0,
+            yielded: false,
+        }
+    }
+
+    /// Writes out everything buffered.
+    fn poll_drain(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        while self.sent < self.buf.len() {
+            let n = ready!(Pin::new(&mut self.inner).poll_write(cx, &self.buf[self.sent..]))?;
+            if n == 0 {
+                return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+            }
+            self.sent += n;
+            self.last.store(now_ms(), Ordering::Relaxed);
+        }
+        self.buf.clear();
+        self.sent = 0;
+        if self.buf.capacity() > 4 * WRITE_BUF {
+            self.buf.shrink_to(WRITE_BUF);
+        }
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl AsyncRead for ConnIo {
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -349,37 +387,54 @@ impl<T: AsyncRead + Unpin> AsyncRead for Activity<T> {
     }
 }
 
-impl<T: AsyncWrite + Unpin> AsyncWrite for Activity<T> {
+impl AsyncWrite for ConnIo {
     fn poll_write(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-        buf: &[u8],
+        data: &[u8],
     ) -> Poll<io::Result<usize>> {
-        let r = Pin::new(&mut self.inner).poll_write(cx, buf);
-        if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
-            self.last.store(now_ms(), Ordering::Relaxed);
+        if self.buf.len() + data.len() > WRITE_BUF {
+            ready!(self.poll_drain(cx))?;
         }
-        r
+        self.buf.extend_from_slice(data);
+        Poll::Ready(Ok(data.len()))
     }
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
-    }
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
-    }
+
     fn poll_write_vectored(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        let r = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
-        if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
-            self.last.store(now_ms(), Ordering::Relaxed);
+        let total: usize = bufs.iter().map(|b| b.len()).sum();
+        if self.buf.len() + total > WRITE_BUF {
+            ready!(self.poll_drain(cx))?;
         }
-        r
+        for b in bufs {
+            self.buf.extend_from_slice(b);
+        }
+        Poll::Ready(Ok(total))
     }
+
     fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
+        true
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        if !self.buf.is_empty() {
+            if !self.yielded {
+                self.yielded = true;
+                cx.waker().wake_by_ref();
+                return Poll::Pending;
+            }
+            ready!(self.poll_drain(cx))?;
+        }
+        self.yielded = false;
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        ready!(self.poll_drain(cx))?;
+        Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }
 
