@@ -40,7 +40,11 @@ async fn main() -> Result<(), common::Error> {
             let mut conn = common::connect(&tls, addr, Some(src)).await?;
             let mut codes = [0u32; 6];
             let mut i = 0;
+            // 15 unique names a second each: within a client's own budget,
+            // far beyond the upstream's with 40 of them.
+            let mut tick = tokio::time::interval(Duration::from_millis(66));
             while start.elapsed() < Duration::from_secs(secs) {
+                tick.tick().await;
                 let p = common::dns_path("/dns-query", &format!("burst-{c}-{i}.example.test"), 1);
                 let (s, _) = common::get(&mut conn, &p, &[]).await?;
                 codes[(s / 100) as usize] += 1;
@@ -72,9 +76,12 @@ async fn main() -> Result<(), common::Error> {
         "  upstream: {up} queries, {:.1}/s (budget {budget}/s)",
         up / elapsed
     );
-    println!(
-        "  cached name after its TTL: HTTP {s}, TTL {stale_ttl:?} (stale answers so far: {stale})"
-    );
+    let how = match stale_ttl {
+        Some(30) => "served stale, TTL 30",
+        Some(_) => "refreshed within the budget",
+        None => "no answer record",
+    };
+    println!("  cached name after its TTL: HTTP {s}, {how} (stale answers so far: {stale})");
     let good = up / elapsed <= budget * 1.3 && s == 200;
     println!(
         "verdict: {}",

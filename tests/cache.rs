@@ -236,3 +236,57 @@ fn a_million_names_stay_within_cache_size() {
     cache.sync();
     assert!(cache.len() <= 10_000, "{}", cache.len());
 }
+
+#[tokio::test]
+async fn spent_upstream_budget_serves_stale_then_503() {
+    let up = MockUpstream::start().await;
+    let p = proxy(&[up.addr], |c| c.upstream_qps = 1).await;
+    // Let the start-up health probe spend its token and the bucket refill.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let r = send(
+        &p,
+        Proto::H2,
+        get(&get_path(&query("short.example.test", 1, 1))),
+    )
+    .await;
+    assert_eq!(r.dns().answers[0].ttl, 5);
+    tokio::time::sleep(Duration::from_millis(5100)).await;
+    // Spend the budget on a new name, then ask for the expired one at once.
+    let _ = send(
+        &p,
+        Proto::H2,
+        get(&get_path(&query("spend.example.test", 1, 2))),
+    )
+    .await;
+    let mut c = Client::connect(&p, Proto::H2, None).await.unwrap();
+    let mut stale = 0;
+    let mut refused = 0;
+    for i in 0..5 {
+        let r = c
+            .send(get(&get_path(&query("short.example.test", 1, i))))
+            .await
+            .unwrap();
+        assert_eq!(r.status, 200, "a stale answer rather than 503");
+        if r.dns().answers[0].ttl == 30 {
+            stale += 1;
+        }
+        let r = c
+            .send(get(&get_path(&query(
+                &format!("new{i}.example.test"),
+                1,
+                i,
+            ))))
+            .await
+            .unwrap();
+        if r.status == 503 {
+            assert!(r.header("retry-after").is_some());
+            refused += 1;
+        }
+    }
+    assert!(stale >= 4, "{stale} stale answers");
+    assert!(
+        refused >= 4,
+        "{refused} of 5 uncached names refused with 503"
+    );
+    assert!(metric(&p, "doh_upstream_budget_exhausted_total").await >= 4.0);
+}
