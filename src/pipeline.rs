@@ -121,24 +121,7 @@ impl App {
         if self.cfg.verbose > 0 {
             tracing::info!(client = %client, status = reason.status().as_u16(), reason = reason.label(), "refused");
         }
-        let mut resp = Response::new(Full::new(Bytes::from_static(
-            reason
-                .status()
-                .canonical_reason()
-                .unwrap_or("refused")
-                .as_bytes(),
-        )));
-        *resp.status_mut() = reason.status();
-        let h = resp.headers_mut();
-        h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
-        h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-        if reason == Reject::Method {
-            h.insert(header::ALLOW, HeaderValue::from_static("GET, POST"));
-        }
-        if let Some(secs) = retry_after {
-            h.insert(header::RETRY_AFTER, HeaderValue::from(secs.max(1)));
-        }
-        resp
+        refusal(reason, retry_after)
     }
 
     /// Finds or fetches the answer for `key`.
@@ -157,7 +140,7 @@ impl App {
                 // One request per STALE_TTL tries the upstream; the others,
                 // and that one if the upstream fails, get the stale answer.
                 if e.claim_refresh(Duration::from_secs(STALE_TTL.into())) {
-                    if let Resolution::Answer(new) = self.resolve(key).await {
+                    if let Resolution::Answer(new) = Box::pin(self.resolve(key)).await {
                         if !new.is_error() {
                             self.metrics.cache_misses.inc();
                             return Ok(new);
@@ -169,7 +152,9 @@ impl App {
             }
             Lookup::Miss => {
                 self.metrics.cache_misses.inc();
-                match self.resolve(key).await {
+                // Boxed: the upstream path is large and rare next to hits,
+                // and the request future is moved whole on every spawn.
+                match Box::pin(self.resolve(key)).await {
                     Resolution::Answer(e) => Ok(e),
                     Resolution::Budget => Err(Reject::UpstreamBudget),
                 }
@@ -199,6 +184,23 @@ impl App {
         }
         res
     }
+}
+
+/// The response to a refused request: the status its reason maps to, no
+/// body (on HTTP/2 a single HEADERS frame), `Allow` for 405 and
+/// `Retry-After` for 429 and 503.
+fn refusal(reason: Reject, retry_after: Option<u64>) -> Response<Body> {
+    let mut resp = Response::new(Full::new(Bytes::new()));
+    *resp.status_mut() = reason.status();
+    let h = resp.headers_mut();
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    if reason == Reject::Method {
+        h.insert(header::ALLOW, HeaderValue::from_static("GET, POST"));
+    }
+    if let Some(secs) = retry_after {
+        h.insert(header::RETRY_AFTER, HeaderValue::from(secs.max(1)));
+    }
+    resp
 }
 
 fn dns_response(wire: Vec<u8>, max_age: u32) -> Response<Body> {
@@ -262,12 +264,12 @@ where
 
     if app.guard.refuse_banned(client) {
         app.metrics.request(Outcome::Banned, false);
-        return app.refuse_counted(Reject::Banned);
+        return refusal(Reject::Banned, None);
     }
 
     let bytes = match doh::check_head(&parts, &app.limits) {
         Ok(Wanted::Get(v)) => Bytes::from(v),
-        Ok(Wanted::Post) => match doh::read_body(body, &app.limits).await {
+        Ok(Wanted::Post) => match Box::pin(doh::read_body(body, &app.limits)).await {
             Ok(b) => b,
             Err(r) => return app.refuse(client, r, None),
         },
@@ -300,16 +302,5 @@ where
             dns_response(wire, max_age)
         }
         Err(r) => app.refuse(client, r, Some(1)),
-    }
-}
-
-impl App {
-    /// A 403 for a banned client, already counted by the guard.
-    fn refuse_counted(&self, reason: Reject) -> Response<Body> {
-        let mut resp = Response::new(Full::new(Bytes::from_static(b"Forbidden")));
-        *resp.status_mut() = reason.status();
-        resp.headers_mut()
-            .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
-        resp
     }
 }
