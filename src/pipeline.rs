@@ -26,6 +26,10 @@ use crate::metrics::Metrics;
 use crate::reject::{Outcome, Reject};
 use crate::upstream::{Upstream, UpstreamError};
 
+/// How long a request that found an expired entry waits for its refresh
+/// before it gets the stale answer (RFC 8767 suggests 1.8 s).
+const CLIENT_TIMER: Duration = Duration::from_millis(1800);
+
 /// How often a popular entry may be prefetched.
 const PREFETCH_EVERY: Duration = Duration::from_secs(5);
 
@@ -137,10 +141,19 @@ impl App {
                 Ok(e)
             }
             Lookup::Stale(e) => {
-                // One request per STALE_TTL tries the upstream; the others,
-                // and that one if the upstream fails, get the stale answer.
+                // One request per STALE_TTL starts a refresh in the
+                // background and waits for it at most CLIENT_TIMER (RFC
+                // 8767's client response timer); everybody else, and that
+                // one too if the refresh fails or is slow, gets the stale
+                // answer at once.
                 if e.claim_refresh(Duration::from_secs(STALE_TTL.into())) {
-                    if let Resolution::Answer(new) = Box::pin(self.resolve(key)).await {
+                    let app = self.clone();
+                    let k = key.clone();
+                    let refresh = tokio::spawn(async move { app.resolve(&k).await });
+                    let timer = CLIENT_TIMER.min(self.cfg.upstream_timeout());
+                    if let Ok(Ok(Resolution::Answer(new))) =
+                        tokio::time::timeout(timer, refresh).await
+                    {
                         if !new.is_error() {
                             self.metrics.cache_misses.inc();
                             return Ok(new);
