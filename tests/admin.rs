@@ -9,10 +9,6 @@ use std::time::Duration;
 
 use common::*;
 
-fn ok_path(name: &str) -> String {
-    get_path(&query(name, 1, 1))
-}
-
 #[tokio::test]
 async fn metrics_after_a_known_sequence() {
     let up = MockUpstream::start().await;

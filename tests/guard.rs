@@ -10,10 +10,6 @@ use std::time::{Duration, Instant};
 use common::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-fn ok_path(name: &str) -> String {
-    get_path(&query(name, 1, 1))
-}
-
 #[tokio::test]
 async fn flooder_gets_429_while_its_neighbour_is_served() {
     let up = MockUpstream::start().await;

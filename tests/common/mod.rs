@@ -296,6 +296,11 @@ pub fn get_path(msg: &[u8]) -> String {
     format!("/dns-query?dns={}", doh_proxy::doh::encode_dns_param(msg))
 }
 
+/// The GET target for an A query for `name`.
+pub fn ok_path(name: &str) -> String {
+    get_path(&query(name, 1, 1))
+}
+
 pub fn get(path: &str) -> Request<Full<Bytes>> {
     Request::get(path).body(Full::new(Bytes::new())).unwrap()
 }
