@@ -266,7 +266,8 @@ pub struct Flags {
     pub ban_file: Option<PathBuf>,
 
     /// Count and log every mitigation (rate limit, ban, connection cap) but
-    /// enforce none
+    /// enforce none; static --deny ranges and the upstream budget stay
+    /// enforced
     #[arg(long, global = true)]
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub dry_run: bool,
