@@ -149,13 +149,18 @@ fn nz(v: u32) -> NonZeroU32 {
 /// Where a connection's place is held; dropping it frees the place.
 pub struct ConnTicket {
     guard: Arc<Guard>,
+    /// The address counted against the per-address and per-prefix caps.
     ip: Option<IpAddr>,
+    /// Whether this ticket holds a place in the global count.
+    open: bool,
 }
 
 impl Drop for ConnTicket {
     fn drop(&mut self) {
-        self.guard.open.fetch_sub(1, Ordering::Relaxed);
-        self.guard.metrics.connections_open.dec();
+        if self.open {
+            self.guard.open.fetch_sub(1, Ordering::Relaxed);
+            self.guard.metrics.connections_open.dec();
+        }
         if let Some(ip) = self.ip {
             self.guard.release(ip);
         }
@@ -244,6 +249,17 @@ impl Guard {
 
     /// Admission of a new connection from `peer`, before any TLS work.
     pub fn admit(self: &Arc<Self>, peer: IpAddr) -> Result<ConnTicket, ConnReject> {
+        self.admit_as(peer, true)
+    }
+
+    /// Admission of the client that a trusted proxy's PROXY header names:
+    /// its bans and its per-address and per-prefix caps. The connection
+    /// itself already holds its place in the global count, as the proxy's.
+    pub fn admit_proxied(self: &Arc<Self>, client: IpAddr) -> Result<ConnTicket, ConnReject> {
+        self.admit_as(client, false)
+    }
+
+    fn admit_as(self: &Arc<Self>, peer: IpAddr, global: bool) -> Result<ConnTicket, ConnReject> {
         let ip = canonical(peer);
         let allowed = self.is_allowed(ip);
         if !allowed && self.deny.iter().any(|c| c.contains(&ip)) {
@@ -254,7 +270,8 @@ impl Guard {
         if limited && self.ban_of(ip).is_some() && self.enforce_conn(ConnReject::Banned, ip) {
             return Err(ConnReject::Banned);
         }
-        if !allowed
+        if global
+            && !allowed
             && self.open.load(Ordering::Relaxed) >= self.max_conns
             && self.enforce_conn(ConnReject::Global, ip)
         {
@@ -277,11 +294,14 @@ impl Guard {
             *c.per_prefix.entry(prefix).or_default() += 1;
             counted = Some(ip);
         }
-        self.open.fetch_add(1, Ordering::Relaxed);
-        self.metrics.connections_open.inc();
+        if global {
+            self.open.fetch_add(1, Ordering::Relaxed);
+            self.metrics.connections_open.inc();
+        }
         Ok(ConnTicket {
             guard: self.clone(),
             ip: counted,
+            open: global,
         })
     }
 

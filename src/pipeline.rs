@@ -250,10 +250,10 @@ where
         // A response to HEAD carries no body (HTTP/2 peers reset the stream otherwise).
         *resp.body_mut() = Full::new(Bytes::new());
     }
-    // A client banned while connected directly loses its connection too.
+    // A banned client loses its connection too, unless the connection is a
+    // trusted proxy's that carries other clients' requests.
     let banned = resp.status() == StatusCode::FORBIDDEN
-        && conn.proxied.is_none()
-        && !app.guard.is_trusted_proxy(conn.peer);
+        && (conn.proxied.is_some() || !app.guard.is_trusted_proxy(conn.peer));
     if n >= app.cfg.max_requests_per_conn || banned {
         if version != http::Version::HTTP_2 {
             resp.headers_mut()

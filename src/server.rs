@@ -222,12 +222,15 @@ async fn serve_conn(
                 return;
             }
         }
-        if let Some(c) = proxied {
-            if app.guard.refuse_banned(c) {
-                return;
-            }
-        }
     }
+    // The client a PROXY header names meets its own bans and caps.
+    let _client_ticket = match proxied {
+        Some(client) => match app.guard.admit_proxied(client) {
+            Ok(t) => Some(t),
+            Err(_) => return,
+        },
+        None => None,
+    };
     let info = Arc::new(ConnInfo::new(peer.ip(), proxied));
     let last = Arc::new(AtomicU64::new(now_ms()));
     let io = ConnIo::new(stream, last.clone());

@@ -276,6 +276,7 @@ async fn proxy_protocol_names_the_client() {
         c.trusted_proxy = vec!["127.0.0.1".parse().unwrap()];
         c.proxy_protocol = true;
         c.ban_after = 2;
+        c.max_conns_per_ip = 2;
     })
     .await;
     let connect = |client: &'static str| {
@@ -314,6 +315,14 @@ async fn proxy_protocol_names_the_client() {
         "banned client closed after its PROXY header"
     );
     assert!(connect("198.51.100.21").await.is_ok());
+    // The named client meets its own connection cap (2 here).
+    let a = connect("198.51.100.30").await.unwrap();
+    let b = connect("198.51.100.30").await.unwrap();
+    assert!(
+        connect("198.51.100.30").await.is_err(),
+        "third connection of one client refused"
+    );
+    drop((a, b));
     // Without a PROXY header, a trusted peer's connection is dropped.
     assert!(
         Client::connect(&p, Proto::H2, Some("127.0.0.1".parse().unwrap()))
