@@ -81,8 +81,10 @@ fn init_logging(cfg: &Config) {
     let default = if cfg.verbose > 1 { "debug" } else { "info" };
     let filter =
         EnvFilter::try_from_env("DOH_PROXY_LOG").unwrap_or_else(|_| EnvFilter::new(default));
+    use std::io::IsTerminal;
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
     match cfg.log_format {
         LogFormat::Json => builder.json().init(),
