@@ -5,7 +5,7 @@
 //! ring, so an address seen 25 hours ago is forgotten. Memory is 384 KiB
 //! whatever the number of clients.
 
-use std::hash::{BuildHasher, Hash};
+use std::hash::{BuildHasher, BuildHasherDefault, DefaultHasher, Hash};
 use std::sync::atomic::{AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -23,7 +23,9 @@ pub struct UniqueClients {
     current: AtomicUsize,
     next_roll_ns: AtomicU64,
     slot_len: Duration,
-    hasher: std::collections::hash_map::RandomState,
+    /// Fixed keys: the same addresses always give the same estimate (a
+    /// crafted collision can only skew a statistic, never an enforcement).
+    hasher: BuildHasherDefault<DefaultHasher>,
 }
 
 struct Ring {
@@ -146,9 +148,10 @@ mod tests {
     fn small_counts_are_exact_enough() {
         let u = UniqueClients::default();
         for i in 0..50u32 {
-            u.insert(&i);
+            u.insert(&IpAddr::V4(Ipv4Addr::from(0x7F00_0001 + i)));
         }
-        assert_eq!(u.estimate(), 50);
+        // Linear counting: exact unless two addresses share a register.
+        assert!((49..=50).contains(&u.estimate()), "{}", u.estimate());
     }
 
     #[test]
