@@ -290,3 +290,35 @@ async fn spent_upstream_budget_serves_stale_then_503() {
     );
     assert!(metric(&p, "doh_upstream_budget_exhausted_total").await >= 4.0);
 }
+
+#[tokio::test]
+async fn popular_entries_are_prefetched_before_they_expire() {
+    let up = MockUpstream::start().await;
+    let p = proxy(&[up.addr], |c| {
+        c.min_ttl = 10;
+        c.max_ttl = 10;
+    })
+    .await;
+    let ask = || send(&p, Proto::H2, get(&ok_path("www.example.test")));
+    assert_eq!(ask().await.status, 200); // miss
+    assert_eq!(ask().await.status, 200); // hit
+    tokio::time::sleep(Duration::from_millis(9200)).await;
+    // A hit in the last tenth of the lifetime refreshes in the background.
+    assert_eq!(
+        ask().await.dns().answers[0].ttl,
+        10,
+        "never below the floor"
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        up.count("www.example.test."),
+        2,
+        "refreshed ahead of expiry"
+    );
+    // Past the first entry's expiry, the refreshed one answers: no miss.
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    assert_eq!(ask().await.status, 200);
+    assert_eq!(metric(&p, "doh_cache_misses_total").await, 1.0);
+    assert_eq!(metric(&p, "doh_cache_stale_total").await, 0.0);
+    assert_eq!(up.count("www.example.test."), 2);
+}
