@@ -516,7 +516,11 @@ impl Config {
             ("trusted_proxy", &self.trusted_proxy),
         ] {
             for r in list {
-                if let Some(d) = self.deny.iter().find(|d| overlaps(&d.0, &r.0)) {
+                if let Some(d) = self
+                    .deny
+                    .iter()
+                    .find(|d| crate::guard::overlaps(&d.0, &r.0))
+                {
                     return bad(format!(
                         "{kind} range {r} would be blocked by the static deny range {d}"
                     ));
@@ -589,10 +593,6 @@ fn read_table(path: &Path) -> Result<toml::Table, ConfigError> {
         path: path.to_owned(),
         message: e.message().to_string(),
     })
-}
-
-fn overlaps(a: &IpNet, b: &IpNet) -> bool {
-    a.contains(&b.network()) || b.contains(&a.network())
 }
 
 /// Reads `nameserver` lines of a resolv.conf, port 53.

@@ -385,17 +385,15 @@ impl Guard {
         self.is_allowed(client) || self.is_trusted_proxy(client)
     }
 
-    /// Whether a request from `client` must be refused as banned (counts
-    /// the hit; in dry-run counts and returns false).
+    /// Whether a request from `client` must be refused as banned. Counts
+    /// the refusal (request and reason) either way; in dry-run returns false.
     pub fn refuse_banned(&self, client: IpAddr) -> bool {
         let client = canonical(client);
         if self.exempt(client) || self.ban_of(client).is_none() {
             return false;
         }
         self.metrics.reject(Reject::Banned, self.dry_run);
-        if self.dry_run {
-            self.metrics.request(Reject::Banned.outcome(), true);
-        }
+        self.metrics.request(Reject::Banned.outcome(), self.dry_run);
         !self.dry_run
     }
 
@@ -698,7 +696,8 @@ fn evict_soonest(t: &mut BanTable) {
     }
 }
 
-fn overlaps(a: &IpNet, b: &IpNet) -> bool {
+/// Whether two ranges share any address.
+pub fn overlaps(a: &IpNet, b: &IpNet) -> bool {
     a.contains(&b.network()) || b.contains(&a.network())
 }
 

@@ -276,7 +276,6 @@ where
     app.unique.insert(&client);
 
     if app.guard.refuse_banned(client) {
-        app.metrics.request(Outcome::Banned, false);
         return refusal(Reject::Banned, None);
     }
 

@@ -441,13 +441,13 @@ impl AsyncWrite for ConnIo {
     }
 }
 
-/// Every second: bans, limiter pruning, ban file, gauges.
+/// Every second: bans, limiter pruning, ban file. (Gauges that need a
+/// count are set when /metrics is scraped.)
 async fn housekeeping(app: Arc<App>) {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     loop {
         tick.tick().await;
         app.guard.tick();
-        app.metrics.cache_entries.set(app.cache.len() as i64);
     }
 }
 
