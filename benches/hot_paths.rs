@@ -1,6 +1,6 @@
 //! The hot paths, in isolation: validating a request, serving a cache hit
-//! (lookup + TTL rewrite + ID rewrite), and refusing an obsolete-draft
-//! request. `cargo bench --bench hot_paths`.
+//! (lookup + TTL rewrite + ID rewrite), refusing an obsolete-draft request,
+//! and adding a ban to a full ban table. `cargo bench --bench hot_paths`.
 
 use std::hint::black_box;
 use std::sync::Arc;
@@ -9,6 +9,11 @@ use criterion::{criterion_group, criterion_main, Criterion};
 use doh_proxy::cache::{Cache, Entry, Lookup, TtlPolicy};
 use doh_proxy::dns::{self, Key};
 use doh_proxy::doh::{self, Limits};
+use doh_proxy::guard::bans::{Bans, MAX_BANS};
+use hickory_proto::op::{Message, MessageType};
+use hickory_proto::rr::rdata::A;
+use hickory_proto::rr::{RData, Record};
+use ipnet::IpNet;
 
 fn limits() -> Limits {
     Limits {
@@ -17,16 +22,6 @@ fn limits() -> Limits {
         max_body: 65535,
         body_timeout: std::time::Duration::from_secs(5),
     }
-}
-
-fn query(name: &str) -> Vec<u8> {
-    let mut q = vec![0x12, 0x34, 0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 1];
-    for l in name.split('.') {
-        q.push(l.len() as u8);
-        q.extend_from_slice(l.as_bytes());
-    }
-    q.extend_from_slice(&[0, 0, 1, 0, 1, 0, 0, 41, 0x04, 0xD0, 0, 0, 0, 0, 0, 0]);
-    q
 }
 
 fn parts(uri: &str) -> http::request::Parts {
@@ -39,9 +34,18 @@ fn parts(uri: &str) -> http::request::Parts {
         .0
 }
 
-fn bench(c: &mut Criterion) {
+/// An upstream answer to `key`: one A record, TTL 5.
+fn answer(key: &Key) -> Vec<u8> {
+    let mut m = Message::from_vec(&dns::upstream_query(7, key)).unwrap();
+    m.metadata.message_type = MessageType::Response;
+    let name = m.queries[0].name().clone();
+    m.add_answer(Record::from_rdata(name, 5, RData::A(A::new(192, 0, 2, 1))));
+    m.to_vec().unwrap()
+}
+
+fn requests(c: &mut Criterion) {
     let limits = limits();
-    let q = query("www.Example.test");
+    let q = dns::query_message("www.Example.test", 1, 0x1234, true).unwrap();
     let good = parts(&format!("/dns-query?dns={}", doh::encode_dns_param(&q)));
     let obsolete = parts(&format!(
         "/dns-query?ct=application/dns-udpwireformat&dns={}",
@@ -67,17 +71,10 @@ fn bench(c: &mut Criterion) {
         err_ttl: 2,
         stale_secs: 86400,
     };
-    let cache = Cache::new(100_000, policy);
+    let cache = Cache::with_entries(100_000, policy);
     let parsed = dns::parse_query(&q).unwrap();
     let key = parsed.key.clone();
-    let mut a = dns::upstream_query(7, &key);
-    a[2] |= 0x80;
-    a[7] = 1;
-    let at = a.len() - 11;
-    a.splice(
-        at..at,
-        [0xC0, 12, 0, 1, 0, 1, 0, 0, 0, 5, 0, 4, 192, 0, 2, 1],
-    );
+    let a = answer(&key);
     let info = dns::check_answer(&a, 7, &key).unwrap();
     cache.store(key.clone(), Arc::new(Entry::from_answer(a, &info, &policy)));
     for i in 0..10_000 {
@@ -95,5 +92,36 @@ fn bench(c: &mut Criterion) {
     });
 }
 
-criterion_group!(benches, bench);
+/// At the cap of 200,000 bans every new ban evicts the one closest to
+/// expiry: with the expiry index, O(log n), not a scan of the table.
+fn bans(c: &mut Criterion) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()
+        .unwrap();
+    let _guard = rt.enter();
+    for size in [2_000usize, MAX_BANS] {
+        let bans = Bans::new(size);
+        let host = |i: u32| {
+            IpNet::from(std::net::IpAddr::V4(std::net::Ipv4Addr::from(
+                0x0A00_0000 + i,
+            )))
+        };
+        for i in 0..size as u32 {
+            bans.add(host(i), "bench", 600 + u64::from(i % 600), None);
+        }
+        let mut next = size as u32;
+        c.bench_function(&format!("ban insert at the cap ({size} bans)"), |b| {
+            b.iter(|| {
+                next = next.wrapping_add(1);
+                black_box(bans.add(host(next), "bench", 600, None));
+            })
+        });
+        c.bench_function(&format!("ban lookup ({size} bans)"), |b| {
+            b.iter(|| black_box(bans.covers(black_box("10.0.1.1".parse().unwrap()))))
+        });
+    }
+}
+
+criterion_group!(benches, requests, bans);
 criterion_main!(benches);

@@ -6,8 +6,11 @@
 
 use std::sync::Arc;
 
-use doh_proxy::cache::{Cache, Entry, TtlPolicy};
+use doh_proxy::cache::{Cache, CacheSettings, Entry, TtlPolicy};
 use doh_proxy::dns::{self, Key};
+use hickory_proto::op::{Message, MessageType};
+use hickory_proto::rr::rdata::A;
+use hickory_proto::rr::{RData, Record};
 
 fn rss_bytes() -> u64 {
     let statm = std::fs::read_to_string("/proc/self/statm").unwrap_or_default();
@@ -21,12 +24,15 @@ fn rss_bytes() -> u64 {
 
 /// An answer for `key` with one A record, as an upstream sends it.
 fn answer(key: &Key) -> (Vec<u8>, dns::AnswerInfo) {
-    let mut a = dns::upstream_query(0, key);
-    a[2] |= 0x80;
-    a[7] = 1;
-    let opt_at = a.len() - 11;
-    let rr = [0xC0, 12, 0, 1, 0, 1, 0, 0, 0x0E, 0x10, 0, 4, 192, 0, 2, 1];
-    a.splice(opt_at..opt_at, rr);
+    let mut m = Message::from_vec(&dns::upstream_query(0, key)).expect("our query decodes");
+    m.metadata.message_type = MessageType::Response;
+    let name = m.queries[0].name().clone();
+    m.add_answer(Record::from_rdata(
+        name,
+        3600,
+        RData::A(A::new(192, 0, 2, 1)),
+    ));
+    let a = m.to_vec().expect("encodes");
     let info = dns::check_answer(&a, 0, key).expect("a valid answer");
     (a, info)
 }
@@ -42,7 +48,12 @@ fn main() {
         err_ttl: 2,
         stale_secs: 86400,
     };
-    let cache = Cache::new(n, policy);
+    let cache = Cache::new(&CacheSettings {
+        policy,
+        max_entries: n,
+        max_bytes: n.saturating_mul(4096),
+        max_answer: 16 * 1024,
+    });
     let before = rss_bytes();
     for i in 0..n {
         let key = Key::new(&format!("host-{i}.example.test"), 1, true).expect("valid name");
@@ -52,6 +63,10 @@ fn main() {
     cache.sync();
     let after = rss_bytes();
     let per = (after.saturating_sub(before)) as f64 / cache.len().max(1) as f64;
+    println!(
+        "doh_cache_bytes says {:.0} bytes per entry",
+        cache.bytes() as f64 / cache.len().max(1) as f64
+    );
     println!(
         "{} entries, RSS +{:.1} MiB, {:.0} bytes per entry (name of 27 bytes, answer of {} bytes)",
         cache.len(),

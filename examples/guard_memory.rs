@@ -32,7 +32,8 @@ fn main() {
         ban_after: 1_000_000,
         ..Config::default()
     };
-    let guard = Guard::new(&cfg, Arc::new(Metrics::new(&[])));
+    let (settings, _) = cfg.settings().expect("a valid configuration");
+    let guard = Guard::new(settings.guard, Arc::new(Metrics::new(&[])));
     // IPv6 /64s spread over many /56 prefixes: the worst case for the
     // prefix limiter too.
     let addr = |i: u32| {
@@ -84,7 +85,7 @@ fn main() {
         (after_bans - before) / bans as f64
     );
     std::thread::sleep(std::time::Duration::from_millis(200));
-    guard.prune_limiters();
+    guard.tick();
     println!(
         "after one prune (keys whose bucket refilled are forgotten): {} limiter keys",
         guard.tracked_clients()

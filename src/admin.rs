@@ -2,8 +2,11 @@
 //!
 //! With `--admin-token`, every request must carry `Authorization: Bearer
 //! TOKEN` (401 otherwise); without one, the configuration checker refuses
-//! any address but loopback.
+//! any address but loopback. The listener serves a few connections at a
+//! time ([`AdminSettings::max_conns`]); more are closed at accept, so it
+//! cannot take the descriptors the DoH listeners need.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -15,16 +18,33 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use ipnet::IpNet;
 use tokio::net::TcpListener;
-use tokio::sync::watch;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
 
-use crate::config::Cidr;
+use crate::net::Cidr;
 use crate::pipeline::App;
 
-/// Health needs an accepted upstream answer within this window (idle
-/// upstreams are probed every 2 s, so a healthy one is never this quiet).
+/// Health needs an answered probe within this window (upstreams are
+/// probed every 2 s, so a healthy one is never this quiet).
 pub const HEALTH_WINDOW: Duration = Duration::from_secs(30);
 
-pub async fn serve(app: Arc<App>, listener: TcpListener, mut shutdown: watch::Receiver<bool>) {
+/// What the admin listener runs with.
+#[derive(Debug, Clone)]
+pub struct AdminSettings {
+    pub listen: SocketAddr,
+    pub token: Option<String>,
+    /// Connections served at once; more are closed at accept.
+    pub max_conns: usize,
+}
+
+pub async fn serve(
+    app: Arc<App>,
+    settings: AdminSettings,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+) {
+    let slots = Arc::new(Semaphore::new(settings.max_conns.max(1)));
+    let token: Arc<Option<String>> = Arc::new(settings.token);
     loop {
         let (stream, _) = tokio::select! {
             r = listener.accept() => match r {
@@ -34,13 +54,19 @@ pub async fn serve(app: Arc<App>, listener: TcpListener, mut shutdown: watch::Re
                     continue;
                 }
             },
-            _ = shutdown.changed() => return,
+            _ = shutdown.cancelled() => return,
+        };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            continue;
         };
         let app = app.clone();
+        let token = token.clone();
         tokio::spawn(async move {
+            let _slot = slot;
             let svc = service_fn(move |req| {
                 let app = app.clone();
-                async move { Ok::<_, std::convert::Infallible>(route(&app, req)) }
+                let token = token.clone();
+                async move { Ok::<_, std::convert::Infallible>(route(&app, token.as_deref(), req)) }
             });
             let _ = tokio::time::timeout(
                 Duration::from_secs(30),
@@ -62,8 +88,8 @@ fn reply(status: StatusCode, content_type: &'static str, body: String) -> Respon
     r
 }
 
-fn authorized<B>(app: &App, req: &Request<B>) -> bool {
-    let Some(token) = &app.cfg.admin_token else {
+fn authorized<B>(token: Option<&str>, req: &Request<B>) -> bool {
+    let Some(token) = token else {
         return true;
     };
     let Some(given) = req
@@ -84,23 +110,28 @@ fn authorized<B>(app: &App, req: &Request<B>) -> bool {
 }
 
 /// Health: the listeners are up (this runs beside them), at least one
-/// upstream is up (not 3 failures in a row), and one answered within
-/// [`HEALTH_WINDOW`].
+/// upstream is up by the proxy's own probes (not 3 failed probes in a
+/// row), and one answered a probe within [`HEALTH_WINDOW`]. Client
+/// queries play no part: clients asking dead names cannot mark an
+/// upstream down.
 pub fn health(app: &App) -> Result<(), String> {
     let status = app.upstream.status();
     if !status.iter().any(|(_, up)| *up) {
         let names: Vec<String> = status.iter().map(|(a, _)| a.to_string()).collect();
         return Err(format!("every upstream is down: {}", names.join(", ")));
     }
-    match app.upstream.since_last_answer() {
+    match app.upstream.since_last_probe() {
         Some(d) if d <= HEALTH_WINDOW => Ok(()),
-        Some(d) => Err(format!("no upstream answered for {} s", d.as_secs())),
-        None => Err("no upstream has answered yet".into()),
+        Some(d) => Err(format!(
+            "no upstream answered a probe for {} s",
+            d.as_secs()
+        )),
+        None => Err("no upstream has answered a probe yet".into()),
     }
 }
 
-fn route<B>(app: &App, req: Request<B>) -> Response<Full<Bytes>> {
-    if !authorized(app, &req) {
+fn route<B>(app: &App, token: Option<&str>, req: Request<B>) -> Response<Full<Bytes>> {
+    if !authorized(token, &req) {
         let mut r = reply(
             StatusCode::UNAUTHORIZED,
             "text/plain",
@@ -118,6 +149,7 @@ fn route<B>(app: &App, req: Request<B>) -> Response<Full<Bytes>> {
             // Scrapes are rare: let moka settle so the count is exact.
             app.cache.sync();
             app.metrics.cache_entries.set(app.cache.len() as i64);
+            app.metrics.cache_bytes.set(app.cache.bytes() as i64);
             app.metrics.unique_clients.set(app.unique.estimate() as i64);
             reply(
                 StatusCode::OK,

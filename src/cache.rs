@@ -8,18 +8,36 @@
 
 use std::collections::HashMap;
 use std::future::Future;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use moka::sync::Cache as Moka;
 use moka::Expiry;
 use tokio::sync::OnceCell;
+use tokio::time::Instant;
 
 use crate::dns::{self, AnswerInfo, Key, RCODE_NOERROR, RCODE_NXDOMAIN};
 
 /// TTL of an answer served stale, as RFC 8767 recommends.
 pub const STALE_TTL: u32 = 30;
+
+/// Memory one entry costs beyond its key and message: the entry itself,
+/// its `Arc`, and moka's node and indexes (measured with
+/// `examples/cache_memory`).
+pub const ENTRY_OVERHEAD: usize = 520;
+
+/// What the cache runs with.
+#[derive(Debug, Clone)]
+pub struct CacheSettings {
+    pub policy: TtlPolicy,
+    /// `--cache-size`: entries at most.
+    pub max_entries: u64,
+    /// `--cache-memory`: bytes at most, each entry weighed by its real size.
+    pub max_bytes: u64,
+    /// Answers larger than this are served but never cached.
+    pub max_answer: usize,
+}
 
 /// How TTLs are floored, capped and how long entries live.
 #[derive(Debug, Clone, Copy)]
@@ -51,6 +69,8 @@ pub struct Entry {
     /// Milliseconds after `created` before which no new refresh may start.
     next_refresh_ms: AtomicU64,
     hits: AtomicU32,
+    /// What this entry costs in memory, key and bookkeeping included.
+    size: u32,
 }
 
 /// Whether an entry is within its TTL or past it.
@@ -96,7 +116,27 @@ impl Entry {
             is_error,
             next_refresh_ms: AtomicU64::new(0),
             hits: AtomicU32::new(0),
+            size: 0,
         }
+        .sized()
+    }
+
+    fn sized(mut self) -> Entry {
+        // The key holds the question once more, moka's indexes once again.
+        let question = dns::question_len(&self.wire).unwrap_or(0);
+        let bytes = self.wire.len() + 2 * self.ttl_offsets.len() + 2 * question + ENTRY_OVERHEAD;
+        self.size = u32::try_from(bytes).unwrap_or(u32::MAX);
+        self
+    }
+
+    /// Bytes of the message as stored.
+    pub fn wire_len(&self) -> usize {
+        self.wire.len()
+    }
+
+    /// What this entry costs in the cache, in bytes.
+    pub fn size(&self) -> u32 {
+        self.size
     }
 
     /// A synthesized SERVFAIL for an upstream that did not answer.
@@ -118,10 +158,6 @@ impl Entry {
 
     pub fn rcode(&self) -> u8 {
         dns::rcode(&self.wire)
-    }
-
-    pub fn age(&self) -> Duration {
-        self.created.elapsed()
     }
 
     pub fn lifetime(&self) -> u32 {
@@ -210,14 +246,19 @@ pub enum Lookup {
 struct EntryExpiry;
 
 impl Expiry<Key, Arc<Entry>> for EntryExpiry {
-    fn expire_after_create(&self, _: &Key, e: &Arc<Entry>, _: Instant) -> Option<Duration> {
+    fn expire_after_create(
+        &self,
+        _: &Key,
+        e: &Arc<Entry>,
+        _: std::time::Instant,
+    ) -> Option<Duration> {
         Some(e.total_life())
     }
     fn expire_after_update(
         &self,
         _: &Key,
         e: &Arc<Entry>,
-        _: Instant,
+        _: std::time::Instant,
         _: Option<Duration>,
     ) -> Option<Duration> {
         Some(e.total_life())
@@ -226,25 +267,55 @@ impl Expiry<Key, Arc<Entry>> for EntryExpiry {
 
 type Flight<T> = Arc<OnceCell<T>>;
 
-/// The bounded cache and the table of queries in flight.
+/// The bounded cache. Bounded twice: by `--cache-memory` through moka's
+/// weigher (each entry weighs its real size), and by `--cache-size`
+/// because no entry weighs less than `max_bytes / max_entries`. The real
+/// bytes held are tracked apart (added on insert, taken off by moka's
+/// eviction listener whatever the cause) for `doh_cache_bytes`.
 pub struct Cache {
     map: Moka<Key, Arc<Entry>>,
     policy: TtlPolicy,
+    max_answer: usize,
+    bytes: Arc<AtomicI64>,
 }
 
 impl Cache {
-    pub fn new(capacity: u64, policy: TtlPolicy) -> Cache {
+    pub fn new(s: &CacheSettings) -> Cache {
+        let floor = (s.max_bytes / s.max_entries.max(1)).min(u64::from(u32::MAX)) as u32;
+        let bytes = Arc::new(AtomicI64::new(0));
+        let gone = bytes.clone();
         Cache {
             map: Moka::builder()
-                .max_capacity(capacity)
+                .max_capacity(s.max_bytes)
+                .weigher(move |_: &Key, e: &Arc<Entry>| e.size.max(floor))
+                .eviction_listener(move |_, e: Arc<Entry>, _| {
+                    gone.fetch_sub(i64::from(e.size), Ordering::Relaxed);
+                })
                 .expire_after(EntryExpiry)
                 .build(),
-            policy,
+            policy: s.policy,
+            max_answer: s.max_answer,
+            bytes,
         }
+    }
+
+    /// A cache of `entries` entries and a generous byte bound (tests, tools).
+    pub fn with_entries(entries: u64, policy: TtlPolicy) -> Cache {
+        Cache::new(&CacheSettings {
+            policy,
+            max_entries: entries,
+            max_bytes: entries.saturating_mul(4096),
+            max_answer: 16 * 1024,
+        })
     }
 
     pub fn policy(&self) -> &TtlPolicy {
         &self.policy
+    }
+
+    /// Memory held by cached entries, in bytes.
+    pub fn bytes(&self) -> u64 {
+        self.bytes.load(Ordering::Relaxed).max(0) as u64
     }
 
     pub fn lookup(&self, key: &Key) -> Lookup {
@@ -259,16 +330,23 @@ impl Cache {
     }
 
     /// Stores an entry, except that a failure never replaces a good answer
-    /// that can still be served stale.
-    pub fn store(&self, key: Key, entry: Arc<Entry>) {
+    /// that can still be served stale, and an answer over the size limit
+    /// is not kept. Returns whether it was stored.
+    pub fn store(&self, key: Key, entry: Arc<Entry>) -> bool {
+        if entry.wire.len() > self.max_answer {
+            return false;
+        }
         if entry.is_error {
             if let Some(old) = self.map.get(&key) {
                 if !old.is_error && old.freshness(Instant::now()).is_some() {
-                    return;
+                    return false;
                 }
             }
         }
+        self.bytes
+            .fetch_add(i64::from(entry.size), Ordering::Relaxed);
         self.map.insert(key, entry);
+        true
     }
 
     /// Approximate number of entries.
@@ -353,14 +431,7 @@ mod tests {
 
     /// An answer for `key` with one A record of TTL `ttl`.
     fn answer(key: &Key, ttl: u32) -> (Vec<u8>, AnswerInfo) {
-        let mut a = dns::upstream_query(0, key);
-        a[2] |= 0x80;
-        a[7] = 1;
-        let at = a.len() - if key.flags.edns() { 11 } else { 0 };
-        let mut rr = vec![0xC0, 12, 0, 1, 0, 1];
-        rr.extend_from_slice(&ttl.to_be_bytes());
-        rr.extend_from_slice(&[0, 4, 192, 0, 2, 1]);
-        a.splice(at..at, rr);
+        let a = dns::build::a_answer(key, ttl, 0);
         let info = dns::check_answer(&a, 0, key).unwrap();
         (a, info)
     }
@@ -388,7 +459,7 @@ mod tests {
         assert_eq!(e.lifetime(), 2);
         let (_, max_age) = e.serve(1, &key.question, &policy(1800));
         assert!(max_age <= 2);
-        let c = Cache::new(10, policy(0));
+        let c = Cache::with_entries(10, policy(0));
         let (a, info) = answer(&key, 60);
         c.store(
             key.clone(),
@@ -426,7 +497,7 @@ mod tests {
 
     #[test]
     fn capacity_bounds_entries() {
-        let c = Cache::new(1000, policy(0));
+        let c = Cache::with_entries(1000, policy(0));
         let p = policy(0);
         for i in 0..20_000 {
             let key = Key::new(&format!("n{i}.test"), 1, false).unwrap();
@@ -434,6 +505,51 @@ mod tests {
         }
         c.sync();
         assert!(c.len() <= 1000, "{}", c.len());
+    }
+
+    /// An answer of about `len` bytes for `key` (one TXT record).
+    fn big_answer(key: &Key, len: usize) -> (Vec<u8>, AnswerInfo) {
+        let mut a = dns::upstream_query(0, key);
+        a[2] |= 0x80;
+        a[7] = 1;
+        let rdlen = len.saturating_sub(a.len() + 12).min(65000);
+        let mut rr = vec![0xC0, 12, 0, 16, 0, 1, 0, 0, 1, 0];
+        rr.extend_from_slice(&(rdlen as u16).to_be_bytes());
+        let mut rdata = Vec::new();
+        while rdata.len() < rdlen {
+            let n = (rdlen - rdata.len() - 1).min(255);
+            rdata.push(n as u8);
+            rdata.extend(std::iter::repeat_n(b'x', n));
+        }
+        rr.extend_from_slice(&rdata);
+        a.extend_from_slice(&rr);
+        let info = dns::check_answer(&a, 0, key).unwrap();
+        (a, info)
+    }
+
+    #[test]
+    fn bytes_bound_the_cache_and_large_answers_are_not_kept() {
+        let p = policy(1800);
+        let c = Cache::new(&CacheSettings {
+            policy: p,
+            max_entries: 100_000,
+            max_bytes: 1 << 20,
+            max_answer: 16 * 1024,
+        });
+        for i in 0..1000 {
+            let key = Key::new(&format!("big{i}.test"), 16, false).unwrap();
+            let (a, info) = big_answer(&key, 12_000);
+            assert!(c.store(key, Arc::new(Entry::from_answer(a, &info, &p))));
+        }
+        c.sync();
+        assert!(c.bytes() <= 1 << 20, "{} bytes", c.bytes());
+        assert!(c.len() >= 50 && c.len() <= 90, "{} entries", c.len());
+        let key = Key::new("huge.test", 16, false).unwrap();
+        let (a, info) = big_answer(&key, 30_000);
+        let e = Arc::new(Entry::from_answer(a, &info, &p));
+        assert!(e.wire_len() > 16 * 1024);
+        assert!(!c.store(key.clone(), e));
+        assert!(matches!(c.lookup(&key), Lookup::Miss));
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

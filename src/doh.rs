@@ -149,7 +149,7 @@ fn check_content_type(value: Option<&http::HeaderValue>) -> Result<(), Reject> {
 /// `limits.body_timeout`.
 pub async fn read_body<B>(body: B, limits: &Limits) -> Result<Bytes, Reject>
 where
-    B: hyper::body::Body,
+    B: http_body::Body,
     B::Error: std::error::Error + Send + Sync + 'static,
 {
     let limited = Limited::new(body, limits.max_body);

@@ -4,18 +4,21 @@
 //! A request flows one way, cheapest check first:
 //!
 //! ```text
-//! accept (ban / connection caps)   guard, server
-//!   → TLS                          tls, server
-//!   → HTTP limits                  server
+//! accept (ban / connection caps)   guard::admission, server::tcp
+//!   → TLS                          tls, server::tcp
+//!   → HTTP limits                  server::http
 //!   → DoH request validation       doh
-//!   → client budget                guard
+//!   → client budget                guard::budget
 //!   → DNS validation               dns
 //!   → cache → coalescing           cache
 //!   → upstream budget → upstream   upstream
 //! ```
 //!
-//! [`pipeline`] strings the request stages together; every refusal is a
-//! [`reject::Reject`], which fixes its status code and its metric label.
+//! [`pipeline`] strings the request stages together for every transport;
+//! every refusal is a row of [`reject`], which fixes its status code, its
+//! metric label, whether it scores and whether it closes the connection.
+//! [`config`] turns what the user typed into the [`config::Settings`] the
+//! rest runs with.
 
 #![forbid(unsafe_code)]
 
@@ -27,6 +30,7 @@ pub mod doh;
 pub mod guard;
 pub mod hll;
 pub mod metrics;
+pub mod net;
 pub mod pipeline;
 pub mod proxyproto;
 pub mod reject;

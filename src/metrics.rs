@@ -1,9 +1,10 @@
 //! Prometheus metrics, with the names SPEC fixes.
 //!
 //! Counters on the request path are resolved to handles once, at start, so
-//! counting costs one atomic add and no allocation or map lookup. What
-//! `--dry-run` only counted carries the extra label `dry_run="true"` under
-//! the same family names.
+//! counting costs one atomic add and no allocation or map lookup; the
+//! handle of a reason is found by its `index()`, which the refusal tables
+//! of [`crate::reject`] make cover every reason. What `--dry-run` only
+//! counted carries the extra label `dry_run="true"` under the same names.
 
 use std::time::Duration;
 
@@ -14,59 +15,9 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::{Registry, Unit};
 
-use crate::reject::{Outcome, Reject};
+use crate::reject::{ConnReject, Outcome, ProtocolError, Reject, Transport};
 
 type Labels = Vec<(&'static str, String)>;
-
-/// Why a connection was closed at accept or before its first request.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ConnReject {
-    /// The address or its prefix is banned.
-    Banned,
-    /// Inside a static `--deny` range.
-    Denied,
-    PerIp,
-    PerPrefix,
-    Global,
-    HandshakeTimeout,
-    HandshakeFailed,
-    /// A trusted proxy sent no valid PROXY header in time.
-    ProxyHeader,
-}
-
-impl ConnReject {
-    pub const ALL: [ConnReject; 8] = [
-        ConnReject::Banned,
-        ConnReject::Denied,
-        ConnReject::PerIp,
-        ConnReject::PerPrefix,
-        ConnReject::Global,
-        ConnReject::HandshakeTimeout,
-        ConnReject::HandshakeFailed,
-        ConnReject::ProxyHeader,
-    ];
-
-    pub fn label(self) -> &'static str {
-        match self {
-            ConnReject::Banned => "banned",
-            ConnReject::Denied => "denied",
-            ConnReject::PerIp => "per_ip",
-            ConnReject::PerPrefix => "per_prefix",
-            ConnReject::Global => "global",
-            ConnReject::HandshakeTimeout => "handshake_timeout",
-            ConnReject::HandshakeFailed => "handshake_failed",
-            ConnReject::ProxyHeader => "proxy_header",
-        }
-    }
-
-    /// Whether this is a mitigation that `--dry-run` would only count.
-    pub fn is_mitigation(self) -> bool {
-        matches!(
-            self,
-            ConnReject::Banned | ConnReject::PerIp | ConnReject::PerPrefix | ConnReject::Global
-        )
-    }
-}
 
 /// What happened to one query sent to one upstream.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -75,7 +26,8 @@ pub enum UpstreamResult {
     Servfail,
     Timeout,
     Error,
-    /// An answer that did not match (wrong ID or question) and was dropped.
+    /// An answer that did not match (wrong ID or question, too large) and
+    /// was dropped.
     Dropped,
 }
 
@@ -98,6 +50,60 @@ impl UpstreamResult {
     }
 }
 
+/// How a TLS handshake ended, the `result` of `doh_tls_handshakes_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Handshake {
+    Ok,
+    Failed,
+    Timeout,
+}
+
+impl Handshake {
+    const ALL: [Handshake; 3] = [Handshake::Ok, Handshake::Failed, Handshake::Timeout];
+    fn label(self) -> &'static str {
+        match self {
+            Handshake::Ok => "ok",
+            Handshake::Failed => "failed",
+            Handshake::Timeout => "timeout",
+        }
+    }
+}
+
+/// Why `accept()` failed, the `kind` of `doh_accept_errors_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AcceptError {
+    /// EMFILE / ENFILE: out of file descriptors.
+    NoFds,
+    /// ENOBUFS / ENOMEM.
+    NoMemory,
+    Other,
+}
+
+impl AcceptError {
+    const ALL: [AcceptError; 3] = [
+        AcceptError::NoFds,
+        AcceptError::NoMemory,
+        AcceptError::Other,
+    ];
+
+    pub fn of(e: &std::io::Error) -> AcceptError {
+        // EMFILE 24, ENFILE 23, ENOBUFS 105, ENOMEM 12 on Linux.
+        match e.raw_os_error() {
+            Some(23 | 24) => AcceptError::NoFds,
+            Some(12 | 105) => AcceptError::NoMemory,
+            _ => AcceptError::Other,
+        }
+    }
+
+    pub fn label(self) -> &'static str {
+        match self {
+            AcceptError::NoFds => "no_fds",
+            AcceptError::NoMemory => "no_memory",
+            AcceptError::Other => "other",
+        }
+    }
+}
+
 struct UpstreamHandles {
     results: Vec<Counter>,
     duration: Histogram,
@@ -108,9 +114,13 @@ type Pair = [Counter; 2];
 
 pub struct Metrics {
     registry: Registry,
-    requests: Vec<Pair>,
+    /// Indexed by outcome, then transport.
+    requests: Vec<Vec<Pair>>,
     rejects: Vec<Pair>,
     conn_rejects: Vec<Pair>,
+    protocol_errors: Vec<Counter>,
+    handshakes: Vec<Counter>,
+    accept_errors: Vec<Counter>,
     /// Indexed by whether the ban is on a prefix.
     bans: [Pair; 2],
     pub cache_hits: Counter,
@@ -118,7 +128,9 @@ pub struct Metrics {
     pub cache_stale: Counter,
     pub coalesced: Counter,
     pub upstream_budget_exhausted: Counter,
+    pub connections_evicted: Counter,
     pub cache_entries: Gauge,
+    pub cache_bytes: Gauge,
     pub unique_clients: Gauge,
     pub bans_active: Gauge,
     pub connections_open: Gauge,
@@ -136,6 +148,12 @@ fn pair(family: &Family<Labels, Counter>, labels: &[(&'static str, &str)]) -> Pa
     [enforced, dry_run]
 }
 
+fn one(family: &Family<Labels, Counter>, key: &'static str, value: &str) -> Counter {
+    family
+        .get_or_create(&vec![(key, value.to_string())])
+        .clone()
+}
+
 impl Metrics {
     /// Registers every family; `upstreams` are the labels of the upstreams.
     pub fn new(upstreams: &[String]) -> Metrics {
@@ -143,6 +161,9 @@ impl Metrics {
         let requests_f = Family::<Labels, Counter>::default();
         let rejects_f = Family::<Labels, Counter>::default();
         let conn_f = Family::<Labels, Counter>::default();
+        let proto_f = Family::<Labels, Counter>::default();
+        let handshake_f = Family::<Labels, Counter>::default();
+        let accept_f = Family::<Labels, Counter>::default();
         let bans_f = Family::<Labels, Counter>::default();
         let upstream_f = Family::<Labels, Counter>::default();
         let duration_f = Family::<Labels, Histogram>::new_with_constructor(
@@ -151,7 +172,17 @@ impl Metrics {
         let m = Metrics {
             requests: Outcome::ALL
                 .iter()
-                .map(|o| pair(&requests_f, &[("outcome", o.label())]))
+                .map(|o| {
+                    Transport::ALL
+                        .iter()
+                        .map(|t| {
+                            pair(
+                                &requests_f,
+                                &[("outcome", o.label()), ("transport", t.label())],
+                            )
+                        })
+                        .collect()
+                })
                 .collect(),
             rejects: Reject::ALL
                 .iter()
@@ -160,6 +191,18 @@ impl Metrics {
             conn_rejects: ConnReject::ALL
                 .iter()
                 .map(|r| pair(&conn_f, &[("reason", r.label())]))
+                .collect(),
+            protocol_errors: ProtocolError::ALL
+                .iter()
+                .map(|k| one(&proto_f, "kind", k.label()))
+                .collect(),
+            handshakes: Handshake::ALL
+                .iter()
+                .map(|h| one(&handshake_f, "result", h.label()))
+                .collect(),
+            accept_errors: AcceptError::ALL
+                .iter()
+                .map(|k| one(&accept_f, "kind", k.label()))
                 .collect(),
             bans: [
                 pair(&bans_f, &[("kind", "address")]),
@@ -170,7 +213,9 @@ impl Metrics {
             cache_stale: Counter::default(),
             coalesced: Counter::default(),
             upstream_budget_exhausted: Counter::default(),
+            connections_evicted: Counter::default(),
             cache_entries: Gauge::default(),
+            cache_bytes: Gauge::default(),
             unique_clients: Gauge::default(),
             bans_active: Gauge::default(),
             connections_open: Gauge::default(),
@@ -197,7 +242,8 @@ impl Metrics {
         };
         registry.register(
             "doh_requests",
-            "Requests by outcome (answered, rejected, rate_limited, banned, overloaded)",
+            "Requests by outcome (answered, rejected, rate_limited, banned, overloaded, \
+             undelivered) and transport (h1, h2, h3, dot)",
             requests_f,
         );
         registry.register("doh_rejects", "Rejected requests by reason", rejects_f);
@@ -225,6 +271,12 @@ impl Metrics {
             "doh_cache_entries",
             "Entries in the cache",
             m.cache_entries.clone(),
+        );
+        registry.register_with_unit(
+            "doh_cache",
+            "Memory held by cached answers (keys, messages and bookkeeping)",
+            Unit::Bytes,
+            m.cache_bytes.clone(),
         );
         registry.register(
             "doh_upstream_queries",
@@ -260,29 +312,60 @@ impl Metrics {
         );
         registry.register(
             "doh_connections_rejected",
-            "Connections closed at accept or handshake, by reason",
+            "Connections closed at accept or before their first request, by reason",
             conn_f,
+        );
+        registry.register(
+            "doh_connections_evicted",
+            "Idle connections closed to make room for a new one at --max-conns",
+            m.connections_evicted.clone(),
+        );
+        registry.register(
+            "doh_protocol_errors",
+            "Connections closed for a protocol error, by kind",
+            proto_f,
+        );
+        registry.register(
+            "doh_tls_handshakes",
+            "TLS handshakes by result",
+            handshake_f,
+        );
+        registry.register(
+            "doh_accept_errors",
+            "Failed accept() calls by kind (no_fds: out of file descriptors)",
+            accept_f,
         );
         Metrics { registry, ..m }
     }
 
-    pub fn request(&self, outcome: Outcome, dry_run: bool) {
-        let i = Outcome::ALL.iter().position(|o| *o == outcome).unwrap_or(0);
-        self.requests[i][dry_run as usize].inc();
+    pub fn request(&self, outcome: Outcome, transport: Transport, dry_run: bool) {
+        self.requests[outcome.index()][transport.index()][dry_run as usize].inc();
     }
 
     pub fn reject(&self, reason: Reject, dry_run: bool) {
-        if let Some(i) = Reject::ALL.iter().position(|r| *r == reason) {
-            self.rejects[i][dry_run as usize].inc();
-        }
+        self.rejects[reason.index()][dry_run as usize].inc();
     }
 
     pub fn conn_rejected(&self, reason: ConnReject, dry_run: bool) {
-        let i = ConnReject::ALL
-            .iter()
-            .position(|r| *r == reason)
-            .unwrap_or(0);
-        self.conn_rejects[i][dry_run as usize].inc();
+        self.conn_rejects[reason.index()][dry_run as usize].inc();
+    }
+
+    pub fn protocol_error(&self, kind: ProtocolError) {
+        self.protocol_errors[kind.index()].inc();
+    }
+
+    pub fn handshake(&self, result: Handshake) {
+        let i = Handshake::ALL.iter().position(|h| *h == result);
+        if let Some(c) = i.and_then(|i| self.handshakes.get(i)) {
+            c.inc();
+        }
+    }
+
+    pub fn accept_error(&self, kind: AcceptError) {
+        let i = AcceptError::ALL.iter().position(|k| *k == kind);
+        if let Some(c) = i.and_then(|i| self.accept_errors.get(i)) {
+            c.inc();
+        }
     }
 
     pub fn ban(&self, prefix: bool, dry_run: bool) {
@@ -293,27 +376,27 @@ impl Metrics {
         let Some(h) = self.upstreams.get(server) else {
             return;
         };
-        let i = UpstreamResult::ALL
-            .iter()
-            .position(|r| *r == result)
-            .unwrap_or(0);
-        h.results[i].inc();
+        let i = UpstreamResult::ALL.iter().position(|r| *r == result);
+        if let Some(c) = i.and_then(|i| h.results.get(i)) {
+            c.inc();
+        }
         if let Some(t) = took {
             h.duration.observe(t.as_secs_f64());
         }
     }
 
-    /// Values for the periodic summary line.
+    /// Requests with `outcome` over every transport, enforced only.
     pub fn requests_by_outcome(&self, outcome: Outcome) -> u64 {
-        let i = Outcome::ALL.iter().position(|o| *o == outcome).unwrap_or(0);
-        self.requests[i][0].get()
+        self.requests[outcome.index()]
+            .iter()
+            .map(|p| p[0].get())
+            .sum()
     }
 
     pub fn rejects_by_reason(&self) -> Vec<(&'static str, u64)> {
         Reject::ALL
             .iter()
-            .zip(&self.rejects)
-            .map(|(r, c)| (r.label(), c[0].get()))
+            .map(|r| (r.label(), self.rejects[r.index()][0].get()))
             .collect()
     }
 
@@ -341,18 +424,21 @@ mod tests {
     #[test]
     fn spec_families_are_exposed() {
         let m = Metrics::new(&["127.0.0.1:53".into()]);
-        m.request(Outcome::Answered, false);
-        m.request(Outcome::RateLimited, true);
+        m.request(Outcome::Answered, Transport::H2, false);
+        m.request(Outcome::RateLimited, Transport::H1, true);
         m.reject(Reject::ObsoleteDraft, false);
         m.upstream(0, UpstreamResult::Ok, Some(Duration::from_millis(3)));
+        m.protocol_error(ProtocolError::H2Calm);
         let text = m.encode();
         for name in [
-            "doh_requests_total{outcome=\"answered\"} 1",
-            "doh_requests_total{outcome=\"rate_limited\",dry_run=\"true\"} 1",
+            "doh_requests_total{outcome=\"answered\",transport=\"h2\"} 1",
+            "doh_requests_total{outcome=\"rate_limited\",transport=\"h1\",dry_run=\"true\"} 1",
+            "doh_requests_total{outcome=\"undelivered\",transport=\"h2\"} 0",
             "doh_rejects_total{reason=\"obsolete_draft\"} 1",
             "doh_cache_hits_total 0",
             "doh_cache_misses_total 0",
             "doh_cache_entries 0",
+            "doh_cache_bytes 0",
             "doh_upstream_queries_total{upstream=\"127.0.0.1:53\",result=\"ok\"} 1",
             "doh_upstream_duration_seconds_bucket",
             "doh_unique_clients 0",
@@ -360,6 +446,11 @@ mod tests {
             "doh_bans_total{kind=\"address\"} 0",
             "doh_connections_open 0",
             "doh_connections_rejected_total{reason=\"per_ip\"} 0",
+            "doh_connections_rejected_total{reason=\"conn_rate\"} 0",
+            "doh_connections_evicted_total 0",
+            "doh_protocol_errors_total{kind=\"h2_enhance_your_calm\"} 1",
+            "doh_tls_handshakes_total{result=\"ok\"} 0",
+            "doh_accept_errors_total{kind=\"no_fds\"} 0",
         ] {
             assert!(text.contains(name), "missing {name} in\n{text}");
         }

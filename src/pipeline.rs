@@ -1,29 +1,29 @@
-//! One request, start to finish, cheapest check first:
-//! ban → DoH request validation → client budget → DNS validation → cache →
-//! coalescing → upstream budget → upstream.
+//! One request, start to finish, whatever the transport, cheapest check
+//! first: ban → DoH request validation → client budget → DNS validation →
+//! cache → coalescing → upstream budget → upstream.
 //!
-//! Every refusal goes through [`App::refuse`], which counts it, adds it to
-//! the client's penalty score and builds the response its [`Reject`] maps to.
+//! A transport hands over a transport-neutral request — an [`http::Request`]
+//! whose body implements `http_body::Body` for DoH, the bytes of one DNS
+//! message for DNS over TLS — with the [`Peer`] it came from, and gets back
+//! a transport-neutral answer to write out. Every refusal goes through
+//! [`App::refuse`], which counts it, scores it against the client and says
+//! whether the connection closes.
 
-use std::convert::Infallible;
 use std::net::IpAddr;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
 use http::{header, HeaderValue, Request, Response, StatusCode};
-use http_body_util::Full;
-use tokio::sync::Notify;
 
-use crate::cache::{Cache, Entry, Inflight, Lookup, TtlPolicy, STALE_TTL};
-use crate::config::Config;
+use crate::cache::{Cache, Entry, Inflight, Lookup, STALE_TTL};
+use crate::config::Settings;
 use crate::dns::{self, Key};
 use crate::doh::{self, Limits, Wanted};
-use crate::guard::{Budget, Guard};
+use crate::guard::{Budget, Conn, Guard, Verdict};
 use crate::hll::UniqueClients;
 use crate::metrics::Metrics;
-use crate::reject::{Outcome, Reject};
+use crate::reject::{Outcome, Reject, Transport};
 use crate::upstream::{Upstream, UpstreamError};
 
 /// How long a request that found an expired entry waits for its refresh
@@ -41,91 +41,145 @@ pub enum Resolution {
     Budget,
 }
 
-/// Everything a request needs, shared by all connections.
+/// Everything a request needs, shared by all connections and transports.
 pub struct App {
-    pub cfg: Config,
     pub limits: Limits,
+    pub verbose: u8,
+    pub max_requests_per_conn: u64,
     pub guard: Arc<Guard>,
     pub cache: Cache,
     pub inflight: Inflight<Resolution>,
     pub upstream: Upstream,
     pub metrics: Arc<Metrics>,
     pub unique: UniqueClients,
+    /// The background work requests start (refreshes, prefetches), so that
+    /// shutdown can wait for it.
+    pub tasks: tokio_util::task::TaskTracker,
 }
 
-/// What the pipeline knows of the connection a request came on.
-pub struct ConnInfo {
-    pub peer: IpAddr,
-    /// The client named by a PROXY protocol header, if any.
-    pub proxied: Option<IpAddr>,
-    pub requests: AtomicU64,
-    pub inflight: AtomicUsize,
-    /// Asks the connection to close gracefully (GOAWAY / `Connection: close`).
-    pub close: Notify,
+/// Where a request comes from: its connection, and the client a PROXY
+/// header named on it (`Some(None)` for `UNKNOWN`/`LOCAL`).
+#[derive(Debug, Clone)]
+pub struct Peer {
+    pub conn: Arc<Conn>,
+    pub proxied: Option<Option<IpAddr>>,
 }
 
-impl ConnInfo {
-    pub fn new(peer: IpAddr, proxied: Option<IpAddr>) -> ConnInfo {
-        ConnInfo {
-            peer,
-            proxied,
-            requests: AtomicU64::new(0),
-            inflight: AtomicUsize::new(0),
-            close: Notify::new(),
-        }
+impl Peer {
+    pub fn new(conn: Arc<Conn>, proxied: Option<Option<IpAddr>>) -> Peer {
+        Peer { conn, proxied }
     }
 }
 
-struct InflightGuard<'a>(&'a AtomicUsize);
-
-impl Drop for InflightGuard<'_> {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
-    }
+/// A DoH answer for the transport to write out.
+pub struct Reply {
+    pub response: Response<Bytes>,
+    /// A DNS answer (counted `answered` once delivered, `undelivered` if the
+    /// client never takes it), as opposed to a refusal (already counted).
+    pub answer: bool,
+    /// Close the connection after this response (gracefully).
+    pub close: bool,
 }
 
-pub type Body = Full<Bytes>;
+/// An answer to one DNS message.
+pub struct Served {
+    pub wire: Vec<u8>,
+    pub max_age: u32,
+}
 
 impl App {
-    pub fn new(cfg: Config, upstreams: &[std::net::SocketAddr]) -> App {
-        let metrics = Arc::new(Metrics::new(&Upstream::labels(upstreams)));
-        let policy = TtlPolicy {
-            min_ttl: cfg.min_ttl,
-            max_ttl: cfg.max_ttl,
-            err_ttl: cfg.err_ttl,
-            stale_secs: cfg.stale_secs,
-        };
+    pub fn new(s: &Settings, metrics: Arc<Metrics>) -> App {
         App {
-            limits: Limits {
-                path: cfg.path.clone(),
-                max_uri: cfg.max_uri,
-                max_body: cfg.max_body,
-                body_timeout: Duration::from_secs(cfg.handshake_timeout),
-            },
-            guard: Arc::new(Guard::new(&cfg, metrics.clone())),
-            cache: Cache::new(cfg.cache_size, policy),
+            limits: s.doh.clone(),
+            verbose: s.verbose,
+            max_requests_per_conn: s.server.max_requests_per_conn,
+            guard: Arc::new(Guard::new(s.guard.clone(), metrics.clone())),
+            cache: Cache::new(&s.cache),
             inflight: Inflight::default(),
-            upstream: Upstream::new(
-                upstreams,
-                cfg.upstream_timeout(),
-                cfg.upstream_qps,
-                metrics.clone(),
-            ),
+            upstream: Upstream::new(&s.upstream, metrics.clone()),
             metrics,
             unique: UniqueClients::default(),
-            cfg,
+            tasks: tokio_util::task::TaskTracker::new(),
         }
     }
 
-    /// Counts a refusal, scores it against the client, and builds its response.
-    fn refuse(&self, client: IpAddr, reason: Reject, retry_after: Option<u64>) -> Response<Body> {
-        self.metrics.request(reason.outcome(), false);
+    /// Counts a refusal, scores it against the client, logs it at `-v`.
+    pub fn refuse(&self, client: IpAddr, reason: Reject, transport: Transport) {
+        self.metrics.request(reason.outcome(), transport, false);
         self.metrics.reject(reason, false);
         self.guard.penalize(client, reason);
-        if self.cfg.verbose > 0 {
-            tracing::info!(client = %client, status = reason.status().as_u16(), reason = reason.label(), "refused");
+        if self.verbose > 0 {
+            tracing::info!(
+                client = %crate::net::client_label(client),
+                status = reason.status().as_u16(),
+                reason = reason.label(),
+                transport = transport.label(),
+                "refused"
+            );
         }
-        refusal(reason, retry_after)
+    }
+
+    /// The client of a request on `peer` with these headers.
+    pub fn client_of(&self, peer: &Peer, headers: &http::HeaderMap) -> IpAddr {
+        self.guard
+            .client_of(peer.conn.peer(), peer.proxied, headers)
+    }
+
+    /// Ban check and client budget, for any transport: `Err` is the
+    /// refusal (already counted and scored) with its `Retry-After`.
+    pub fn admit_request(
+        &self,
+        client: IpAddr,
+        transport: Transport,
+    ) -> Result<(), (Reject, Option<u64>)> {
+        self.unique.insert(&client);
+        match self.guard.banned(client) {
+            Verdict::Pass => {}
+            Verdict::Refuse => {
+                self.refuse(client, Reject::Banned, transport);
+                return Err((Reject::Banned, None));
+            }
+            Verdict::DryRun => {
+                self.metrics.reject(Reject::Banned, true);
+                self.metrics.request(Outcome::Banned, transport, true);
+            }
+        }
+        match self.guard.check_budget(client) {
+            Budget::Ok => Ok(()),
+            Budget::Over(secs) => {
+                self.refuse(client, Reject::RateLimited, transport);
+                Err((Reject::RateLimited, Some(secs)))
+            }
+            Budget::DryRun => {
+                self.metrics.reject(Reject::RateLimited, true);
+                self.metrics.request(Outcome::RateLimited, transport, true);
+                tracing::debug!(client = %client, "dry run: would rate-limit");
+                Ok(())
+            }
+        }
+    }
+
+    /// DNS validation, cache, coalescing, upstream: from the bytes of one
+    /// message to its answer.
+    pub async fn answer_message(
+        self: &Arc<Self>,
+        client: IpAddr,
+        msg: &[u8],
+    ) -> Result<Served, Reject> {
+        let query = dns::parse_query(msg).map_err(Reject::from)?;
+        let entry = self.answer(&query.key).await?;
+        let (wire, max_age) = entry.serve(query.id, query.question, self.cache.policy());
+        if self.verbose > 0 {
+            tracing::info!(
+                client = %crate::net::client_label(client),
+                name = %query.key.name(),
+                qtype = query.key.qtype(),
+                rcode = entry.rcode(),
+                max_age,
+                "answered"
+            );
+        }
+        Ok(Served { wire, max_age })
     }
 
     /// Finds or fetches the answer for `key`.
@@ -136,7 +190,7 @@ impl App {
                 if e.wants_prefetch() && e.claim_refresh(PREFETCH_EVERY) {
                     let app = self.clone();
                     let key = key.clone();
-                    tokio::spawn(async move { app.resolve(&key).await });
+                    self.tasks.spawn(async move { app.resolve(&key).await });
                 }
                 Ok(e)
             }
@@ -149,8 +203,8 @@ impl App {
                 if e.claim_refresh(Duration::from_secs(STALE_TTL.into())) {
                     let app = self.clone();
                     let k = key.clone();
-                    let refresh = tokio::spawn(async move { app.resolve(&k).await });
-                    let timer = CLIENT_TIMER.min(self.cfg.upstream_timeout());
+                    let refresh = self.tasks.spawn(async move { app.resolve(&k).await });
+                    let timer = CLIENT_TIMER.min(self.upstream.timeout());
                     if let Ok(Ok(Resolution::Answer(new))) =
                         tokio::time::timeout(timer, refresh).await
                     {
@@ -197,13 +251,98 @@ impl App {
         }
         res
     }
+
+    /// One DoH request: HTTP validation, budget, then the DNS message.
+    pub async fn doh<B>(
+        self: &Arc<Self>,
+        peer: &Peer,
+        transport: Transport,
+        req: Request<B>,
+    ) -> Reply
+    where
+        B: http_body::Body,
+        B::Error: std::error::Error + Send + Sync + 'static,
+    {
+        let (n, _inflight) = peer.conn.begin();
+        let head_only = req.method() == http::Method::HEAD;
+        let mut reply = self.doh_inner(peer, transport, req).await;
+        if head_only {
+            // A response to HEAD carries no body.
+            *reply.response.body_mut() = Bytes::new();
+        }
+        if n >= self.max_requests_per_conn {
+            reply.close = true;
+        }
+        if reply.close && transport == Transport::H1 {
+            reply
+                .response
+                .headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
+        reply
+    }
+
+    async fn doh_inner<B>(
+        self: &Arc<Self>,
+        peer: &Peer,
+        transport: Transport,
+        req: Request<B>,
+    ) -> Reply
+    where
+        B: http_body::Body,
+        B::Error: std::error::Error + Send + Sync + 'static,
+    {
+        let (parts, body) = req.into_parts();
+        let client = self.client_of(peer, &parts.headers);
+        let refused = |reason: Reject, retry_after: Option<u64>| {
+            // A banned client loses its connection too, unless the
+            // connection is a trusted proxy's carrying other clients.
+            let close = reason.closes()
+                && (peer.proxied.is_some() || !self.guard.is_trusted_proxy(peer.conn.peer()));
+            Reply {
+                response: refusal(reason, retry_after),
+                answer: false,
+                close,
+            }
+        };
+        let head = doh::check_head(&parts, &self.limits);
+        if let Err((reason, retry)) = self.admit_request(client, transport) {
+            return refused(reason, retry);
+        }
+        let bytes = match head {
+            Ok(Wanted::Get(v)) => Bytes::from(v),
+            Ok(Wanted::Post) => match Box::pin(doh::read_body(body, &self.limits)).await {
+                Ok(b) => b,
+                Err(r) => {
+                    self.refuse(client, r, transport);
+                    return refused(r, None);
+                }
+            },
+            Err(r) => {
+                self.refuse(client, r, transport);
+                return refused(r, None);
+            }
+        };
+        match self.answer_message(client, &bytes).await {
+            Ok(served) => Reply {
+                response: dns_response(served.wire, served.max_age),
+                answer: true,
+                close: false,
+            },
+            Err(r) => {
+                self.refuse(client, r, transport);
+                let retry = (r == Reject::UpstreamBudget).then_some(1);
+                refused(r, retry)
+            }
+        }
+    }
 }
 
 /// The response to a refused request: the status its reason maps to, no
 /// body (on HTTP/2 a single HEADERS frame), `Allow` for 405 and
 /// `Retry-After` for 429 and 503.
-fn refusal(reason: Reject, retry_after: Option<u64>) -> Response<Body> {
-    let mut resp = Response::new(Full::new(Bytes::new()));
+pub fn refusal(reason: Reject, retry_after: Option<u64>) -> Response<Bytes> {
+    let mut resp = Response::new(Bytes::new());
     *resp.status_mut() = reason.status();
     let h = resp.headers_mut();
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
@@ -216,8 +355,9 @@ fn refusal(reason: Reject, retry_after: Option<u64>) -> Response<Body> {
     resp
 }
 
-fn dns_response(wire: Vec<u8>, max_age: u32) -> Response<Body> {
-    let mut resp = Response::new(Full::new(Bytes::from(wire)));
+fn dns_response(wire: Vec<u8>, max_age: u32) -> Response<Bytes> {
+    let mut resp = Response::new(Bytes::from(wire));
+    *resp.status_mut() = StatusCode::OK;
     let h = resp.headers_mut();
     h.insert(
         header::CONTENT_TYPE,
@@ -228,91 +368,4 @@ fn dns_response(wire: Vec<u8>, max_age: u32) -> Response<Body> {
         h.insert(header::CACHE_CONTROL, v);
     }
     resp
-}
-
-/// The hyper service: one request in, one response out, never an error.
-pub async fn handle<B>(
-    app: Arc<App>,
-    conn: Arc<ConnInfo>,
-    req: Request<B>,
-) -> Result<Response<Body>, Infallible>
-where
-    B: hyper::body::Body,
-    B::Error: std::error::Error + Send + Sync + 'static,
-{
-    conn.inflight.fetch_add(1, Ordering::Relaxed);
-    let _inflight = InflightGuard(&conn.inflight);
-    let n = conn.requests.fetch_add(1, Ordering::Relaxed) + 1;
-    let version = req.version();
-    let head = req.method() == http::Method::HEAD;
-    let mut resp = process(&app, &conn, req).await;
-    if head {
-        // A response to HEAD carries no body (HTTP/2 peers reset the stream otherwise).
-        *resp.body_mut() = Full::new(Bytes::new());
-    }
-    // A banned client loses its connection too, unless the connection is a
-    // trusted proxy's that carries other clients' requests.
-    let banned = resp.status() == StatusCode::FORBIDDEN
-        && (conn.proxied.is_some() || !app.guard.is_trusted_proxy(conn.peer));
-    if n >= app.cfg.max_requests_per_conn || banned {
-        if version != http::Version::HTTP_2 {
-            resp.headers_mut()
-                .insert(header::CONNECTION, HeaderValue::from_static("close"));
-        }
-        conn.close.notify_one();
-    }
-    Ok(resp)
-}
-
-async fn process<B>(app: &Arc<App>, conn: &ConnInfo, req: Request<B>) -> Response<Body>
-where
-    B: hyper::body::Body,
-    B::Error: std::error::Error + Send + Sync + 'static,
-{
-    let (parts, body) = req.into_parts();
-    let client = conn
-        .proxied
-        .unwrap_or_else(|| app.guard.client_of(conn.peer, &parts.headers));
-    app.unique.insert(&client);
-
-    if app.guard.refuse_banned(client) {
-        return refusal(Reject::Banned, None);
-    }
-
-    let bytes = match doh::check_head(&parts, &app.limits) {
-        Ok(Wanted::Get(v)) => Bytes::from(v),
-        Ok(Wanted::Post) => match Box::pin(doh::read_body(body, &app.limits)).await {
-            Ok(b) => b,
-            Err(r) => return app.refuse(client, r, None),
-        },
-        Err(r) => return app.refuse(client, r, None),
-    };
-
-    if let Budget::Over(secs) = app.guard.check_budget(client) {
-        return app.refuse(client, Reject::RateLimited, Some(secs));
-    }
-
-    let query = match dns::parse_query(&bytes) {
-        Ok(q) => q,
-        Err(e) => return app.refuse(client, Reject::Dns(e), None),
-    };
-
-    match app.answer(&query.key).await {
-        Ok(entry) => {
-            let (wire, max_age) = entry.serve(query.id, query.question, app.cache.policy());
-            app.metrics.request(Outcome::Answered, false);
-            if app.cfg.verbose > 0 {
-                tracing::info!(
-                    client = %client,
-                    name = %query.key.name(),
-                    qtype = query.key.qtype(),
-                    rcode = entry.rcode(),
-                    max_age,
-                    "answered"
-                );
-            }
-            dns_response(wire, max_age)
-        }
-        Err(r) => app.refuse(client, r, Some(1)),
-    }
 }

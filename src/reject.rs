@@ -1,56 +1,16 @@
-//! Every reason a request is refused, in one place.
+//! Every reason a request or a connection is refused, in one table each.
 //!
-//! Each reason maps to exactly one HTTP status, one stable snake_case label
-//! (the `reason` of `doh_rejects_total`) and one request outcome. Adding a
-//! reason means adding one variant and three match arms here, nothing else.
+//! A row fixes everything about a reason: its HTTP status, its stable
+//! snake_case label (the `reason` of the metric), the request outcome it
+//! counts under, whether it adds to the client's penalty score and whether
+//! the connection it came on is closed. The enums, their `ALL` lists and
+//! every accessor are generated from the rows, so a reason cannot be
+//! declared without all of them and metric indices (`index()`) cover every
+//! reason by construction.
 
 use http::StatusCode;
 
 use crate::dns::QueryError;
-
-/// Why a request was refused before it could be answered.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Reject {
-    /// The path is not the DoH path.
-    NotFound,
-    /// A method other than GET or POST.
-    Method,
-    /// The request target is longer than `--max-uri`.
-    UriTooLong,
-    /// Request headers over 16 KiB in all.
-    HeadersTooLarge,
-    /// POST body longer than `--max-body` (or a Content-Length saying so).
-    BodyTooLarge,
-    /// The client took too long to send its POST body.
-    BodyTimeout,
-    /// POST with a Content-Type other than `application/dns-message`.
-    MediaType,
-    /// POST with a media type of an obsolete DoH draft
-    /// (`application/dns-udpwireformat`, `message/dns`).
-    ObsoleteMediaType,
-    /// Parameters of obsolete DoH drafts: `ct`, `body`, `content-type`,
-    /// `random_padding`.
-    ObsoleteDraft,
-    /// The JSON API (`name`, `type` parameters), which is not RFC 8484.
-    JsonApi,
-    /// GET without a `dns` parameter, or with an empty one.
-    MissingDns,
-    /// More than one `dns` parameter.
-    DuplicateDns,
-    /// `dns` is not valid base64url.
-    BadBase64,
-    /// POST with an empty body.
-    EmptyBody,
-    /// The DNS message is not one valid query.
-    Dns(QueryError),
-    /// The client is over its budget.
-    RateLimited,
-    /// The client is banned (seen behind a trusted proxy, or banned while
-    /// its connection was open).
-    Banned,
-    /// The upstream budget is spent and nothing, not even stale, is cached.
-    UpstreamBudget,
-}
 
 /// How a request ended, the `outcome` label of `doh_requests_total`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -60,16 +20,24 @@ pub enum Outcome {
     RateLimited,
     Banned,
     Overloaded,
+    /// An answer the client never took: its connection closed before the
+    /// answer could be written (a flow-control window never opened).
+    Undelivered,
 }
 
 impl Outcome {
-    pub const ALL: [Outcome; 5] = [
+    pub const ALL: [Outcome; 6] = [
         Outcome::Answered,
         Outcome::Rejected,
         Outcome::RateLimited,
         Outcome::Banned,
         Outcome::Overloaded,
+        Outcome::Undelivered,
     ];
+
+    pub fn index(self) -> usize {
+        self as usize
+    }
 
     pub fn label(self) -> &'static str {
         match self {
@@ -78,112 +46,273 @@ impl Outcome {
             Outcome::RateLimited => "rate_limited",
             Outcome::Banned => "banned",
             Outcome::Overloaded => "overloaded",
+            Outcome::Undelivered => "undelivered",
         }
     }
 }
 
-impl Reject {
-    /// Every reason, for pre-registering metrics.
-    pub const ALL: [Reject; 25] = [
-        Reject::NotFound,
-        Reject::Method,
-        Reject::UriTooLong,
-        Reject::HeadersTooLarge,
-        Reject::BodyTooLarge,
-        Reject::BodyTimeout,
-        Reject::MediaType,
-        Reject::ObsoleteMediaType,
-        Reject::ObsoleteDraft,
-        Reject::JsonApi,
-        Reject::MissingDns,
-        Reject::DuplicateDns,
-        Reject::BadBase64,
-        Reject::EmptyBody,
-        Reject::Dns(QueryError::TooShort),
-        Reject::Dns(QueryError::TrailingBytes),
-        Reject::Dns(QueryError::NotAQuery),
-        Reject::Dns(QueryError::Opcode),
-        Reject::Dns(QueryError::QuestionCount),
-        Reject::Dns(QueryError::UnexpectedRecords),
-        Reject::Dns(QueryError::BadName),
-        Reject::Dns(QueryError::Malformed),
-        Reject::RateLimited,
-        Reject::Banned,
-        Reject::UpstreamBudget,
-    ];
+/// The protocol a request came in on, the `transport` label of
+/// `doh_requests_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Transport {
+    /// HTTP/1.1, over TLS or plain.
+    H1,
+    /// HTTP/2, over TLS or h2c.
+    H2,
+    /// HTTP/3 over QUIC.
+    H3,
+    /// DNS over TLS.
+    Dot,
+}
 
-    /// The HTTP status this reason is answered with.
-    pub fn status(self) -> StatusCode {
-        match self {
-            Reject::NotFound => StatusCode::NOT_FOUND,
-            Reject::Method => StatusCode::METHOD_NOT_ALLOWED,
-            Reject::UriTooLong => StatusCode::URI_TOO_LONG,
-            Reject::HeadersTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
-            Reject::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
-            Reject::BodyTimeout => StatusCode::REQUEST_TIMEOUT,
-            Reject::MediaType | Reject::ObsoleteMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            Reject::ObsoleteDraft
-            | Reject::JsonApi
-            | Reject::MissingDns
-            | Reject::DuplicateDns
-            | Reject::BadBase64
-            | Reject::EmptyBody
-            | Reject::Dns(_) => StatusCode::BAD_REQUEST,
-            Reject::RateLimited => StatusCode::TOO_MANY_REQUESTS,
-            Reject::Banned => StatusCode::FORBIDDEN,
-            Reject::UpstreamBudget => StatusCode::SERVICE_UNAVAILABLE,
-        }
+impl Transport {
+    pub const ALL: [Transport; 4] = [Transport::H1, Transport::H2, Transport::H3, Transport::Dot];
+
+    pub fn index(self) -> usize {
+        self as usize
     }
 
-    /// The stable label used for `doh_rejects_total{reason}` and in logs.
     pub fn label(self) -> &'static str {
         match self {
-            Reject::NotFound => "not_found",
-            Reject::Method => "method_not_allowed",
-            Reject::UriTooLong => "uri_too_long",
-            Reject::HeadersTooLarge => "headers_too_large",
-            Reject::BodyTooLarge => "body_too_large",
-            Reject::BodyTimeout => "body_timeout",
-            Reject::MediaType => "unsupported_media_type",
-            Reject::ObsoleteMediaType => "obsolete_media_type",
-            Reject::ObsoleteDraft => "obsolete_draft",
-            Reject::JsonApi => "json_api",
-            Reject::MissingDns => "missing_dns",
-            Reject::DuplicateDns => "duplicate_dns",
-            Reject::BadBase64 => "bad_base64",
-            Reject::EmptyBody => "empty_body",
-            Reject::Dns(QueryError::TooShort) => "dns_too_short",
-            Reject::Dns(QueryError::TrailingBytes) => "dns_trailing_bytes",
-            Reject::Dns(QueryError::NotAQuery) => "dns_qr_set",
-            Reject::Dns(QueryError::Opcode) => "dns_opcode",
-            Reject::Dns(QueryError::QuestionCount) => "dns_qdcount",
-            Reject::Dns(QueryError::UnexpectedRecords) => "dns_records",
-            Reject::Dns(QueryError::BadName) => "dns_bad_name",
-            Reject::Dns(QueryError::Malformed) => "dns_malformed",
-            Reject::RateLimited => "rate_limited",
-            Reject::Banned => "banned",
-            Reject::UpstreamBudget => "upstream_budget",
+            Transport::H1 => "h1",
+            Transport::H2 => "h2",
+            Transport::H3 => "h3",
+            Transport::Dot => "dot",
         }
+    }
+}
+
+/// What the penalty box needs to know of any refusal.
+pub trait Refusal: Copy {
+    fn label(&self) -> &'static str;
+    fn scored(&self) -> bool;
+}
+
+/// What a row of a refusal table says.
+struct Row {
+    status: u16,
+    label: &'static str,
+    outcome: Outcome,
+    scored: bool,
+    closes: bool,
+}
+
+macro_rules! table {
+    (
+        $(#[$meta:meta])*
+        pub enum $name:ident {
+            $( $(#[doc = $doc:literal])* $variant:ident => ($status:literal, $label:literal, $outcome:ident, scored: $scored:literal, closes: $closes:literal), )*
+        }
+    ) => {
+        $(#[$meta])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+        pub enum $name {
+            $( $(#[doc = $doc])* $variant, )*
+        }
+
+        impl $name {
+            /// Every variant, in declaration order: `ALL[r.index()] == r`.
+            pub const ALL: &'static [$name] = &[$($name::$variant),*];
+
+            /// A dense index for per-reason metric handles.
+            pub fn index(self) -> usize {
+                self as usize
+            }
+
+            fn row(self) -> Row {
+                match self {
+                    $( $name::$variant => Row {
+                        status: $status,
+                        label: $label,
+                        outcome: Outcome::$outcome,
+                        scored: $scored,
+                        closes: $closes,
+                    }, )*
+                }
+            }
+
+            /// The stable label used in metrics and logs.
+            pub fn label(self) -> &'static str {
+                self.row().label
+            }
+
+            /// Whether this adds to the client's penalty score.
+            pub fn scored(self) -> bool {
+                self.row().scored
+            }
+
+            /// Whether the connection this came on is closed.
+            pub fn closes(self) -> bool {
+                self.row().closes
+            }
+        }
+
+        impl Refusal for $name {
+            fn label(&self) -> &'static str {
+                self.row().label
+            }
+            fn scored(&self) -> bool {
+                self.row().scored
+            }
+        }
+    };
+}
+
+table! {
+    /// Why a request was refused before it could be answered.
+    pub enum Reject {
+        /// The path is not the DoH path.
+        NotFound => (404, "not_found", Rejected, scored: true, closes: false),
+        /// A method other than GET or POST.
+        Method => (405, "method_not_allowed", Rejected, scored: true, closes: false),
+        /// The request target is longer than `--max-uri`.
+        UriTooLong => (414, "uri_too_long", Rejected, scored: true, closes: false),
+        /// Request headers over 16 KiB in all.
+        HeadersTooLarge => (431, "headers_too_large", Rejected, scored: true, closes: false),
+        /// POST body longer than `--max-body` (or a Content-Length saying so).
+        BodyTooLarge => (413, "body_too_large", Rejected, scored: true, closes: false),
+        /// The client took too long to send its POST body.
+        BodyTimeout => (408, "body_timeout", Rejected, scored: true, closes: false),
+        /// POST with a Content-Type other than `application/dns-message`.
+        MediaType => (415, "unsupported_media_type", Rejected, scored: true, closes: false),
+        /// POST with a media type of an obsolete DoH draft
+        /// (`application/dns-udpwireformat`, `message/dns`).
+        ObsoleteMediaType => (415, "obsolete_media_type", Rejected, scored: true, closes: false),
+        /// Parameters of obsolete DoH drafts: `ct`, `body`, `content-type`,
+        /// `random_padding`.
+        ObsoleteDraft => (400, "obsolete_draft", Rejected, scored: true, closes: false),
+        /// The JSON API (`name`, `type` parameters), which is not RFC 8484.
+        JsonApi => (400, "json_api", Rejected, scored: true, closes: false),
+        /// GET without a `dns` parameter, or with an empty one.
+        MissingDns => (400, "missing_dns", Rejected, scored: true, closes: false),
+        /// More than one `dns` parameter.
+        DuplicateDns => (400, "duplicate_dns", Rejected, scored: true, closes: false),
+        /// `dns` is not valid base64url.
+        BadBase64 => (400, "bad_base64", Rejected, scored: true, closes: false),
+        /// POST with an empty body.
+        EmptyBody => (400, "empty_body", Rejected, scored: true, closes: false),
+        /// The DNS message is shorter than a header and a question.
+        DnsTooShort => (400, "dns_too_short", Rejected, scored: true, closes: false),
+        /// Bytes after the last record.
+        DnsTrailingBytes => (400, "dns_trailing_bytes", Rejected, scored: true, closes: false),
+        /// QR set: a response, not a query.
+        DnsQrSet => (400, "dns_qr_set", Rejected, scored: true, closes: false),
+        /// An opcode other than QUERY.
+        DnsOpcode => (400, "dns_opcode", Rejected, scored: true, closes: false),
+        /// QDCOUNT is not 1.
+        DnsQdcount => (400, "dns_qdcount", Rejected, scored: true, closes: false),
+        /// Records in the answer, authority or additional section (but OPT).
+        DnsRecords => (400, "dns_records", Rejected, scored: true, closes: false),
+        /// An invalid question name.
+        DnsBadName => (400, "dns_bad_name", Rejected, scored: true, closes: false),
+        /// Anything else that does not decode.
+        DnsMalformed => (400, "dns_malformed", Rejected, scored: true, closes: false),
+        /// The client is over its budget.
+        RateLimited => (429, "rate_limited", RateLimited, scored: true, closes: false),
+        /// The client is banned (seen behind a trusted proxy, or banned while
+        /// its connection was open).
+        Banned => (403, "banned", Banned, scored: false, closes: true),
+        /// The upstream budget is spent and nothing, not even stale, is cached.
+        UpstreamBudget => (503, "upstream_budget", Overloaded, scored: false, closes: false),
+    }
+}
+
+impl Reject {
+    /// The HTTP status this reason is answered with.
+    pub fn status(self) -> StatusCode {
+        StatusCode::from_u16(self.row().status).unwrap_or(StatusCode::BAD_REQUEST)
     }
 
     /// The request outcome this reason counts under.
     pub fn outcome(self) -> Outcome {
-        match self {
-            Reject::RateLimited => Outcome::RateLimited,
-            Reject::Banned => Outcome::Banned,
-            Reject::UpstreamBudget => Outcome::Overloaded,
-            _ => Outcome::Rejected,
-        }
+        self.row().outcome
     }
 
-    /// Whether this reason adds to the client's penalty score. Malformed,
-    /// oversized and obsolete requests do, and so does going over budget; a
-    /// wrong path or method (a scanner, a typo) and our own overload do not.
-    pub fn penalized(self) -> bool {
-        !matches!(
+    /// Whether this is a mitigation that `--dry-run` only counts.
+    pub fn is_mitigation(self) -> bool {
+        matches!(self, Reject::RateLimited | Reject::Banned)
+    }
+}
+
+impl From<QueryError> for Reject {
+    fn from(e: QueryError) -> Reject {
+        match e {
+            QueryError::TooShort => Reject::DnsTooShort,
+            QueryError::TrailingBytes => Reject::DnsTrailingBytes,
+            QueryError::NotAQuery => Reject::DnsQrSet,
+            QueryError::Opcode => Reject::DnsOpcode,
+            QueryError::QuestionCount => Reject::DnsQdcount,
+            QueryError::UnexpectedRecords => Reject::DnsRecords,
+            QueryError::BadName => Reject::DnsBadName,
+            QueryError::Malformed => Reject::DnsMalformed,
+        }
+    }
+}
+
+table! {
+    /// Why a connection was closed at accept or before its first request.
+    /// The status column is unused (0): these never reach HTTP.
+    pub enum ConnReject {
+        /// The address or its prefix is banned.
+        Banned => (0, "banned", Banned, scored: false, closes: true),
+        /// Inside a static `--deny` range.
+        Denied => (0, "denied", Rejected, scored: false, closes: true),
+        /// The address holds `--max-conns-per-ip` connections.
+        PerIp => (0, "per_ip", Rejected, scored: false, closes: true),
+        /// The address's prefix holds 8 × `--max-conns-per-ip`.
+        PerPrefix => (0, "per_prefix", Rejected, scored: false, closes: true),
+        /// The address's wider network (IPv4 /16, IPv6 /48) holds its share
+        /// of `--max-conns`.
+        PerNetwork => (0, "per_network", Rejected, scored: false, closes: true),
+        /// `--max-conns` are open and none is idle enough to give way.
+        Global => (0, "global", Overloaded, scored: false, closes: true),
+        /// More new connections per second than `--per-ip-conn-rate` or
+        /// `--per-prefix-conn-rate`.
+        ConnRate => (0, "conn_rate", Rejected, scored: true, closes: true),
+        /// The TLS handshake did not complete within `--handshake-timeout`.
+        HandshakeTimeout => (0, "handshake_timeout", Rejected, scored: true, closes: true),
+        /// The TLS handshake failed (garbage, an alert, no common protocol).
+        HandshakeFailed => (0, "handshake_failed", Rejected, scored: true, closes: true),
+        /// No complete first request within `--handshake-timeout` of accept.
+        FirstRequestTimeout => (0, "first_request_timeout", Rejected, scored: true, closes: true),
+        /// A trusted proxy sent no valid PROXY header in time.
+        ProxyHeader => (0, "proxy_header", Rejected, scored: false, closes: true),
+    }
+}
+
+impl ConnReject {
+    /// Whether this is a mitigation that `--dry-run` only counts. Static
+    /// denials and protocol failures are always enforced.
+    pub fn is_mitigation(self) -> bool {
+        matches!(
             self,
-            Reject::NotFound | Reject::Method | Reject::Banned | Reject::UpstreamBudget
+            ConnReject::Banned
+                | ConnReject::PerIp
+                | ConnReject::PerPrefix
+                | ConnReject::PerNetwork
+                | ConnReject::Global
+                | ConnReject::ConnRate
         )
+    }
+}
+
+table! {
+    /// A connection-level protocol error the server detected (the
+    /// `kind` of `doh_protocol_errors_total`). Every one scores.
+    pub enum ProtocolError {
+        /// An HTTP/1.1 request that does not parse.
+        H1Parse => (0, "h1_parse", Rejected, scored: true, closes: true),
+        /// An HTTP/2 protocol error: GOAWAY with PROTOCOL_ERROR,
+        /// FRAME_SIZE_ERROR, COMPRESSION_ERROR or the like.
+        H2Protocol => (0, "h2_protocol", Rejected, scored: true, closes: true),
+        /// HTTP/2 GOAWAY with ENHANCE_YOUR_CALM (resets or errors beyond the limits).
+        H2Calm => (0, "h2_enhance_your_calm", Rejected, scored: true, closes: true),
+        /// A TLS alert or bad record after the handshake started.
+        TlsAlert => (0, "tls_alert", Rejected, scored: true, closes: true),
+        /// A DNS-over-TLS message that is not one valid query.
+        DotMalformed => (0, "dot_malformed", Rejected, scored: true, closes: true),
+        /// A QUIC or HTTP/3 connection closed for a protocol violation.
+        H3Protocol => (0, "h3_protocol", Rejected, scored: true, closes: true),
     }
 }
 
@@ -192,16 +321,35 @@ mod tests {
     use super::*;
     use std::collections::HashSet;
 
-    #[test]
-    fn labels_are_unique_snake_case() {
-        let labels: HashSet<_> = Reject::ALL.iter().map(|r| r.label()).collect();
-        assert_eq!(labels.len(), Reject::ALL.len());
-        for l in labels {
+    fn check_labels(labels: Vec<&'static str>) {
+        let n = labels.len();
+        let set: HashSet<_> = labels.into_iter().collect();
+        assert_eq!(set.len(), n, "labels are unique");
+        for l in set {
             assert!(
                 l.chars()
                     .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_'),
                 "{l}"
             );
+        }
+    }
+
+    #[test]
+    fn labels_are_unique_snake_case_and_indices_dense() {
+        check_labels(Reject::ALL.iter().map(|r| r.label()).collect());
+        check_labels(ConnReject::ALL.iter().map(|r| r.label()).collect());
+        check_labels(ProtocolError::ALL.iter().map(|r| r.label()).collect());
+        for (i, r) in Reject::ALL.iter().enumerate() {
+            assert_eq!(r.index(), i);
+        }
+        for (i, r) in ConnReject::ALL.iter().enumerate() {
+            assert_eq!(r.index(), i);
+        }
+        for (i, o) in Outcome::ALL.iter().enumerate() {
+            assert_eq!(o.index(), i);
+        }
+        for (i, t) in Transport::ALL.iter().enumerate() {
+            assert_eq!(t.index(), i);
         }
     }
 
@@ -219,6 +367,18 @@ mod tests {
         assert_eq!(Reject::RateLimited.status(), 429);
         assert_eq!(Reject::Banned.status(), 403);
         assert_eq!(Reject::UpstreamBudget.status(), 503);
-        assert_eq!(Reject::Dns(QueryError::TrailingBytes).status(), 400);
+        assert_eq!(Reject::from(QueryError::TrailingBytes).status(), 400);
+        for r in Reject::ALL {
+            assert!(r.status().as_u16() >= 400, "{r:?}");
+        }
+    }
+
+    #[test]
+    fn junk_scores_and_our_own_overload_does_not() {
+        assert!(Reject::NotFound.scored() && Reject::Method.scored());
+        assert!(!Reject::UpstreamBudget.scored() && !Reject::Banned.scored());
+        assert!(Reject::Banned.closes() && !Reject::RateLimited.closes());
+        assert!(ConnReject::ConnRate.scored() && !ConnReject::Global.scored());
+        assert!(!ConnReject::Denied.is_mitigation());
     }
 }

@@ -3,27 +3,45 @@
 //! Each query goes out over UDP from a fresh socket (so a random source
 //! port chosen by the kernel) with a random ID; only an answer whose ID and
 //! question match is accepted, anything else is dropped and the wait goes
-//! on. A truncated answer is retried over TCP. Upstreams are tried in turn
-//! on timeout, error or SERVFAIL until `--upstream-timeout` runs out. Every
-//! query sent spends one token of the global `--upstream-qps` budget.
+//! on. An answer larger than the payload size we advertise is dropped too,
+//! and a truncated or oversized one is retried over TCP. Upstreams are
+//! tried in turn on timeout, error or SERVFAIL until `--upstream-timeout`
+//! runs out. Every query sent spends one token of the global
+//! `--upstream-qps` budget.
+//!
+//! Whether an upstream is up is decided by the proxy's own probes only
+//! ([`Upstream::probe`]): queries for names a client chose can time out
+//! for reasons of their own (a dead authoritative server), and must not
+//! let clients mark a healthy upstream down.
 
 use std::net::SocketAddr;
 use std::num::NonZeroU32;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpStream, UdpSocket};
+use tokio::time::Instant;
 
 use crate::dns::{self, AnswerInfo, Key, RCODE_SERVFAIL};
 use crate::metrics::{Metrics, UpstreamResult};
 
-/// Consecutive failures after which an upstream is reported down.
+/// Consecutive failed probes after which an upstream is reported down.
 const DOWN_AFTER: u32 = 3;
 /// Shortest time given to one attempt.
 const MIN_ATTEMPT: Duration = Duration::from_millis(200);
+
+/// What the upstream side runs with.
+#[derive(Debug, Clone)]
+pub struct UpstreamSettings {
+    pub servers: Vec<SocketAddr>,
+    /// `--upstream-timeout`: the whole resolution, retries included.
+    pub timeout: Duration,
+    /// `--upstream-qps`: queries sent per second, in all.
+    pub qps: u32,
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum UpstreamError {
@@ -37,8 +55,8 @@ struct Server {
     addr: SocketAddr,
     failures: AtomicU32,
     up: AtomicBool,
-    /// Milliseconds since `Upstream::epoch` of the last accepted answer.
-    last_ok_ms: AtomicU64,
+    /// Milliseconds since `Upstream::epoch` of the last answered probe.
+    last_probe_ok_ms: AtomicU64,
 }
 
 pub struct Upstream {
@@ -55,24 +73,20 @@ enum Attempt {
 }
 
 impl Upstream {
-    pub fn new(
-        addrs: &[SocketAddr],
-        timeout: Duration,
-        qps: u32,
-        metrics: Arc<Metrics>,
-    ) -> Upstream {
-        let qps = NonZeroU32::new(qps).unwrap_or(NonZeroU32::MIN);
+    pub fn new(s: &UpstreamSettings, metrics: Arc<Metrics>) -> Upstream {
+        let qps = NonZeroU32::new(s.qps).unwrap_or(NonZeroU32::MIN);
         Upstream {
-            servers: addrs
+            servers: s
+                .servers
                 .iter()
                 .map(|&addr| Server {
                     addr,
                     failures: AtomicU32::new(0),
                     up: AtomicBool::new(true),
-                    last_ok_ms: AtomicU64::new(0),
+                    last_probe_ok_ms: AtomicU64::new(0),
                 })
                 .collect(),
-            timeout,
+            timeout: s.timeout,
             budget: RateLimiter::direct(Quota::per_second(qps).allow_burst(qps)),
             metrics,
             epoch: Instant::now(),
@@ -80,16 +94,20 @@ impl Upstream {
     }
 
     /// Labels for metrics, in the order of the servers.
-    pub fn labels(addrs: &[SocketAddr]) -> Vec<String> {
-        addrs.iter().map(|a| a.to_string()).collect()
+    pub fn labels(s: &UpstreamSettings) -> Vec<String> {
+        s.servers.iter().map(|a| a.to_string()).collect()
     }
 
-    /// Time since any upstream last gave an accepted answer.
-    pub fn since_last_answer(&self) -> Option<Duration> {
+    pub fn timeout(&self) -> Duration {
+        self.timeout
+    }
+
+    /// Time since any upstream last answered a probe.
+    pub fn since_last_probe(&self) -> Option<Duration> {
         let last = self
             .servers
             .iter()
-            .map(|s| s.last_ok_ms.load(Ordering::Relaxed))
+            .map(|s| s.last_probe_ok_ms.load(Ordering::Relaxed))
             .max()
             .unwrap_or(0);
         (last > 0).then(|| {
@@ -100,10 +118,10 @@ impl Upstream {
     }
 
     /// (address, up) for each server.
-    pub fn status(&self) -> Vec<(SocketAddr, bool)> {
+    pub fn status(&self) -> Vec<(String, bool)> {
         self.servers
             .iter()
-            .map(|s| (s.addr, s.up.load(Ordering::Relaxed)))
+            .map(|s| (s.addr.to_string(), s.up.load(Ordering::Relaxed)))
             .collect()
     }
 
@@ -114,7 +132,7 @@ impl Upstream {
         if n == 0 {
             return Err(UpstreamError::Failed);
         }
-        let deadline = tokio::time::Instant::now() + self.timeout;
+        let deadline = Instant::now() + self.timeout;
         let per_try = (self.timeout / n.max(2) as u32)
             .max(MIN_ATTEMPT)
             .min(self.timeout);
@@ -125,22 +143,20 @@ impl Upstream {
             .unwrap_or(0);
         let mut servfail = None;
         let mut attempt = 0;
-        while tokio::time::Instant::now() < deadline {
+        while Instant::now() < deadline {
             let idx = (first + attempt) % n;
             attempt += 1;
             if self.budget.check().is_err() {
                 self.metrics.upstream_budget_exhausted.inc();
                 return servfail.ok_or(UpstreamError::Budget);
             }
-            let server = &self.servers[idx];
-            let until = (tokio::time::Instant::now() + per_try).min(deadline);
+            let until = (Instant::now() + per_try).min(deadline);
             let started = Instant::now();
             let res = tokio::time::timeout_at(until, self.query(idx, key)).await;
             match res {
                 Ok(Attempt::Answer(wire, info)) if info.rcode == RCODE_SERVFAIL => {
                     self.metrics
                         .upstream(idx, UpstreamResult::Servfail, Some(started.elapsed()));
-                    self.mark(server, true);
                     servfail = Some((wire, info));
                     if attempt >= n {
                         break;
@@ -149,12 +165,10 @@ impl Upstream {
                 Ok(Attempt::Answer(wire, info)) => {
                     self.metrics
                         .upstream(idx, UpstreamResult::Ok, Some(started.elapsed()));
-                    self.mark(server, true);
                     return Ok((wire, info));
                 }
                 Ok(Attempt::Error) => {
                     self.metrics.upstream(idx, UpstreamResult::Error, None);
-                    self.mark(server, false);
                     // A refused port fails at once: do not spin on it.
                     if attempt >= n {
                         tokio::time::sleep_until(until).await;
@@ -162,17 +176,36 @@ impl Upstream {
                 }
                 Err(_) => {
                     self.metrics.upstream(idx, UpstreamResult::Timeout, None);
-                    self.mark(server, false);
                 }
             }
         }
         servfail.ok_or(UpstreamError::Failed)
     }
 
+    /// Probes every upstream once (the root's NS, outside the budget: a
+    /// spent budget must not make the proxy look dead); any answer, even
+    /// REFUSED or SERVFAIL, shows the upstream is there.
+    pub async fn probe(&self) {
+        let Some(key) = Key::new(".", 2, false) else {
+            return;
+        };
+        let probes = (0..self.servers.len()).map(|idx| {
+            let key = key.clone();
+            async move {
+                let ok = matches!(
+                    tokio::time::timeout(self.timeout, self.query(idx, &key)).await,
+                    Ok(Attempt::Answer(..))
+                );
+                self.mark(&self.servers[idx], ok);
+            }
+        });
+        futures_util::future::join_all(probes).await;
+    }
+
     fn mark(&self, s: &Server, ok: bool) {
         if ok {
             s.failures.store(0, Ordering::Relaxed);
-            s.last_ok_ms.store(
+            s.last_probe_ok_ms.store(
                 self.epoch.elapsed().as_millis().max(1) as u64,
                 Ordering::Relaxed,
             );
@@ -182,7 +215,7 @@ impl Upstream {
         } else {
             let f = s.failures.fetch_add(1, Ordering::Relaxed) + 1;
             if f >= DOWN_AFTER && s.up.swap(false, Ordering::Relaxed) {
-                tracing::warn!(upstream = %s.addr, failures = f, "upstream is down");
+                tracing::warn!(upstream = %s.addr, failures = f, "upstream is down (probes unanswered)");
             }
         }
     }
@@ -205,7 +238,8 @@ impl Upstream {
         }
     }
 
-    /// Returns `Ok(None)` when the answer was truncated.
+    /// Returns `Ok(None)` when the answer was truncated, or larger than the
+    /// payload size we advertised (then TCP is tried).
     async fn query_udp(
         &self,
         idx: usize,
@@ -221,20 +255,40 @@ impl Upstream {
         sock.connect(addr).await?;
         let id: u16 = rand::random();
         sock.send(&dns::upstream_query(id, key)).await?;
-        let mut buf = vec![0u8; 65535];
+        let limit = if key.flags.edns() {
+            usize::from(dns::EDNS_PAYLOAD)
+        } else {
+            512
+        };
+        // One byte more than allowed, to see an oversized datagram.
+        let mut buf = vec![0u8; limit + 1];
         loop {
             let n = sock.recv(&mut buf).await?;
-            match dns::check_answer(&buf[..n], id, key) {
-                Ok(info) if info.truncated => return Ok(None),
-                Ok(info) => {
-                    buf.truncate(n);
-                    return Ok(Some(Attempt::Answer(buf, info)));
-                }
+            if n > limit {
+                self.metrics.upstream(idx, UpstreamResult::Dropped, None);
+                tracing::debug!(upstream = %addr, "answer larger than advertised: retrying over TCP");
+                return Ok(None);
+            }
+            match accept(&buf[..n], id, key) {
+                Ok((_, info)) if info.truncated => return Ok(None),
+                Ok((wire, info)) => return Ok(Some(Attempt::Answer(wire, info))),
                 Err(e) => {
                     self.metrics.upstream(idx, UpstreamResult::Dropped, None);
                     tracing::debug!(upstream = %addr, error = %e, "dropped an answer");
                 }
             }
+        }
+    }
+}
+
+/// Checks an answer and strips what a client must not get.
+fn accept(wire: &[u8], id: u16, key: &Key) -> Result<(Vec<u8>, AnswerInfo), dns::AnswerError> {
+    let info = dns::check_answer(wire, id, key)?;
+    match dns::strip_extras(wire, key.flags.dnssec_ok()) {
+        None => Ok((wire.to_vec(), info)),
+        Some(stripped) => {
+            let info = dns::check_answer(&stripped, id, key)?;
+            Ok((stripped, info))
         }
     }
 }
@@ -251,8 +305,8 @@ async fn query_tcp(addr: SocketAddr, key: &Key) -> std::io::Result<Attempt> {
     let len = s.read_u16().await? as usize;
     let mut buf = vec![0u8; len];
     s.read_exact(&mut buf).await?;
-    match dns::check_answer(&buf, id, key) {
-        Ok(info) => Ok(Attempt::Answer(buf, info)),
+    match accept(&buf, id, key) {
+        Ok((wire, info)) => Ok(Attempt::Answer(wire, info)),
         Err(e) => Err(std::io::Error::new(std::io::ErrorKind::InvalidData, e)),
     }
 }

@@ -118,15 +118,7 @@ pub async fn get(
 
 /// A DNS query for `name`/`qtype`, with EDNS.
 pub fn query(name: &str, qtype: u16, id: u16) -> Vec<u8> {
-    let mut q = id.to_be_bytes().to_vec();
-    q.extend_from_slice(&[0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 1]);
-    for l in name.trim_end_matches('.').split('.') {
-        q.push(l.len() as u8);
-        q.extend_from_slice(l.as_bytes());
-    }
-    q.extend_from_slice(&[0, (qtype >> 8) as u8, qtype as u8, 0, 1]);
-    q.extend_from_slice(&[0, 0, 41, 0x04, 0xD0, 0, 0, 0, 0, 0, 0]);
-    q
+    doh_proxy::dns::query_message(name, qtype, id, true).unwrap_or_default()
 }
 
 pub fn dns_path(path: &str, name: &str, qtype: u16) -> String {

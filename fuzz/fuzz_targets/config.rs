@@ -10,10 +10,10 @@ fuzz_target!(|data: &[u8]| {
         return;
     };
     if let Ok(cfg) = Config::from_toml(text) {
-        // validate() reads no file unless tls_cert/tls_key are set; keep it
+        // settings() reads no file unless tls_cert/tls_key are set; keep it
         // off the file system.
         if cfg.tls_cert.is_none() && !cfg.upstream.is_empty() {
-            let _ = cfg.validate();
+            let _ = cfg.settings();
         }
     }
 });

@@ -51,6 +51,6 @@ fuzz_target!(|data: &[u8]| {
             .into_parts();
         assert_eq!(doh::check_head(&parts, &limits()), Ok(Wanted::Post));
         verdict(rest);
-        let _: Option<Reject> = dns::parse_query(rest).err().map(Reject::Dns);
+        let _: Option<Reject> = dns::parse_query(rest).err().map(Reject::from);
     }
 });

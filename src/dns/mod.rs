@@ -6,6 +6,12 @@
 //! keep; every message is additionally decoded with hickory-proto, so that
 //! anything hickory cannot read is refused too.
 
+mod answer;
+pub(crate) mod build;
+
+pub use answer::*;
+pub use build::query_message;
+
 use hickory_proto::op::Message;
 use hickory_proto::serialize::binary::{BinDecodable, BinDecoder};
 
@@ -18,13 +24,13 @@ pub const RCODE_NXDOMAIN: u8 = 3;
 /// UDP payload size advertised upstream (the DNS flag day 2020 value).
 pub const EDNS_PAYLOAD: u16 = 1232;
 
-const FLAG_QR: u16 = 0x8000;
-const FLAG_TC: u16 = 0x0200;
+pub(crate) const FLAG_QR: u16 = 0x8000;
+pub(crate) const FLAG_TC: u16 = 0x0200;
 const FLAG_RD: u16 = 0x0100;
-const FLAG_RA: u16 = 0x0080;
+pub(crate) const FLAG_RA: u16 = 0x0080;
 const FLAG_AD: u16 = 0x0020;
 const FLAG_CD: u16 = 0x0010;
-const EDNS_DO: u32 = 0x8000;
+pub(crate) const EDNS_DO: u32 = 0x8000;
 
 /// Why a client's DNS message is not one valid query.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, thiserror::Error)]
@@ -146,17 +152,17 @@ pub struct Query<'a> {
     pub key: Key,
 }
 
-fn u16_at(b: &[u8], i: usize) -> u16 {
+pub(crate) fn u16_at(b: &[u8], i: usize) -> u16 {
     u16::from_be_bytes([b[i], b[i + 1]])
 }
 
-fn u32_at(b: &[u8], i: usize) -> u32 {
+pub(crate) fn u32_at(b: &[u8], i: usize) -> u32 {
     u32::from_be_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]])
 }
 
 /// Skips a possibly compressed name starting at `pos`; returns the offset
 /// after it. Bounded: at most 128 labels.
-fn skip_name(b: &[u8], mut pos: usize) -> Option<usize> {
+pub(crate) fn skip_name(b: &[u8], mut pos: usize) -> Option<usize> {
     for _ in 0..128 {
         let len = *b.get(pos)?;
         match len & 0xC0 {
@@ -170,7 +176,7 @@ fn skip_name(b: &[u8], mut pos: usize) -> Option<usize> {
 }
 
 /// Parses an uncompressed question name at offset 12; returns its end.
-fn question_name_end(b: &[u8]) -> Result<usize, QueryError> {
+pub(crate) fn question_name_end(b: &[u8]) -> Result<usize, QueryError> {
     let mut pos = HEADER_LEN;
     loop {
         let len = *b.get(pos).ok_or(QueryError::TooShort)? as usize;
@@ -192,15 +198,21 @@ fn question_name_end(b: &[u8]) -> Result<usize, QueryError> {
     Ok(pos)
 }
 
-/// One resource record's fixed fields, as found by [`walk_record`].
-struct RecordAt {
-    rtype: u16,
-    ttl_at: usize,
-    rdata_at: usize,
-    end: usize,
+/// Length of the question section (name, type, class) of a message.
+pub fn question_len(b: &[u8]) -> Option<usize> {
+    let end = question_name_end(b).ok()? + 4;
+    (end <= b.len()).then_some(end - HEADER_LEN)
 }
 
-fn walk_record(b: &[u8], pos: usize) -> Option<RecordAt> {
+/// One resource record's fixed fields, as found by [`walk_record`].
+pub(crate) struct RecordAt {
+    pub rtype: u16,
+    pub ttl_at: usize,
+    pub rdata_at: usize,
+    pub end: usize,
+}
+
+pub(crate) fn walk_record(b: &[u8], pos: usize) -> Option<RecordAt> {
     let p = skip_name(b, pos)?;
     if p + 10 > b.len() {
         return None;
@@ -326,146 +338,16 @@ pub fn servfail(key: &Key) -> Vec<u8> {
     a
 }
 
-/// Why an upstream answer was dropped.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-pub enum AnswerError {
-    #[error("answer ID does not match")]
-    Id,
-    #[error("not a response to our question")]
-    Question,
-    #[error("malformed answer")]
-    Malformed,
-}
-
-/// What the cache needs to know of an accepted upstream answer.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct AnswerInfo {
-    pub rcode: u8,
-    pub truncated: bool,
-    pub answers: u16,
-    /// Offsets of the TTL of every record but OPT.
-    pub ttl_offsets: Vec<u16>,
-    /// RFC 2308 negative TTL: min(SOA TTL, SOA MINIMUM) of an authority SOA.
-    pub negative_ttl: Option<u32>,
-}
-
-impl AnswerInfo {
-    /// NXDOMAIN, or NOERROR with no answer records (NODATA).
-    pub fn is_negative(&self) -> bool {
-        self.rcode == RCODE_NXDOMAIN || (self.rcode == RCODE_NOERROR && self.answers == 0)
-    }
-}
-
-/// Checks that `b` answers exactly our query `id` for `key`, and locates
-/// its TTLs. Anything else (a spoof, a late answer, garbage) is an error and
-/// must be dropped.
-pub fn check_answer(b: &[u8], id: u16, key: &Key) -> Result<AnswerInfo, AnswerError> {
-    if b.len() < HEADER_LEN {
-        return Err(AnswerError::Malformed);
-    }
-    if u16_at(b, 0) != id {
-        return Err(AnswerError::Id);
-    }
-    let flags = u16_at(b, 2);
-    if flags & FLAG_QR == 0 || (flags >> 11) & 0xF != 0 || u16_at(b, 4) != 1 {
-        return Err(AnswerError::Question);
-    }
-    let q = &key.question;
-    let q_end = HEADER_LEN + q.len();
-    let Some(theirs) = b.get(HEADER_LEN..q_end) else {
-        return Err(AnswerError::Question);
-    };
-    let name_len = q.len() - 4;
-    if !theirs[..name_len].eq_ignore_ascii_case(&q[..name_len])
-        || theirs[name_len..] != q[name_len..]
-    {
-        return Err(AnswerError::Question);
-    }
-    let counts = [u16_at(b, 6), u16_at(b, 8), u16_at(b, 10)];
-    let mut info = AnswerInfo {
-        rcode: (flags & 0xF) as u8,
-        truncated: flags & FLAG_TC != 0,
-        answers: counts[0],
-        ttl_offsets: Vec::new(),
-        negative_ttl: None,
-    };
-    let mut pos = q_end;
-    for (section, &count) in counts.iter().enumerate() {
-        for _ in 0..count {
-            let r = walk_record(b, pos).ok_or(AnswerError::Malformed)?;
-            if r.rtype != TYPE_OPT {
-                info.ttl_offsets
-                    .push(u16::try_from(r.ttl_at).map_err(|_| AnswerError::Malformed)?);
-            }
-            if section == 1 && r.rtype == TYPE_SOA && r.end >= r.rdata_at + 22 {
-                let ttl = u32_at(b, r.ttl_at);
-                let minimum = u32_at(b, r.end - 4);
-                info.negative_ttl = Some(ttl.min(minimum));
-            }
-            pos = r.end;
-        }
-    }
-    if pos != b.len() || Message::from_vec(b).is_err() {
-        return Err(AnswerError::Malformed);
-    }
-    Ok(info)
-}
-
-/// TTLs are stored as sent on the wire: 32 bits, but RFC 2181 says values
-/// with the top bit set mean zero.
-pub fn read_ttl(b: &[u8], at: usize) -> u32 {
-    let t = u32_at(b, at);
-    if t & 0x8000_0000 != 0 {
-        0
-    } else {
-        t
-    }
-}
-
-pub fn write_ttl(b: &mut [u8], at: usize, ttl: u32) {
-    b[at..at + 4].copy_from_slice(&ttl.to_be_bytes());
-}
-
-/// Copies a stored answer for one client: its ID, its own question bytes
-/// (so 0x20 case comes back as sent), and every TTL mapped by `ttl`.
-/// Returns the message and the smallest TTL served (None without records).
-pub fn rewrite_for_client(
-    stored: &[u8],
-    ttl_offsets: &[u16],
-    id: u16,
-    question: &[u8],
-    mut ttl: impl FnMut(u32) -> u32,
-) -> (Vec<u8>, Option<u32>) {
-    let mut out = stored.to_vec();
-    out[0..2].copy_from_slice(&id.to_be_bytes());
-    if let Some(q) = out.get_mut(HEADER_LEN..HEADER_LEN + question.len()) {
-        q.copy_from_slice(question);
-    }
-    let mut min: Option<u32> = None;
-    for &off in ttl_offsets {
-        let at = off as usize;
-        let served = ttl(read_ttl(stored, at));
-        write_ttl(&mut out, at, served);
-        min = Some(min.map_or(served, |m| m.min(served)));
-    }
-    (out, min)
-}
-
-/// The response code of a message (low four bits).
-pub fn rcode(b: &[u8]) -> u8 {
-    b.get(3).map_or(0, |f| f & 0xF)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    /// `www.Example.test. A` with an OPT record, as a stub would send it.
+    /// `www.Example.test. A` with an OPT record (DO set), as a stub would
+    /// send it.
     pub fn sample_query(id: u16) -> Vec<u8> {
-        let mut q = id.to_be_bytes().to_vec();
-        q.extend_from_slice(&[0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 1]);
-        q.extend_from_slice(b"\x03www\x07Example\x04test\x00\x00\x01\x00\x01");
-        q.extend_from_slice(&[0, 0, 41, 0x10, 0, 0, 0, 0x80, 0, 0, 0]);
+        let mut q = query_message("www.Example.test.", 1, id, true).unwrap();
+        let n = q.len();
+        q[n - 4] |= 0x80; // the DO bit, in the OPT record's TTL
         q
     }
 
@@ -539,10 +421,7 @@ mod tests {
     #[test]
     fn rewrite_sets_id_case_and_ttls() {
         let key = Key::new("a.test", 1, false).unwrap();
-        let mut a = upstream_query(9, &key);
-        a[2] |= 0x80;
-        a[7] = 1; // ANCOUNT
-        a.extend_from_slice(&[0xC0, 12, 0, 1, 0, 1, 0, 0, 0, 5, 0, 4, 192, 0, 2, 1]);
+        let a = build::a_answer(&key, 5, 9);
         let info = check_answer(&a, 9, &key).unwrap();
         assert_eq!(info.ttl_offsets, vec![(a.len() - 10) as u16]);
         let client_q = b"\x01A\x04TeSt\x00\x00\x01\x00\x01";
@@ -555,17 +434,22 @@ mod tests {
 
     #[test]
     fn negative_ttl_from_soa() {
+        use hickory_proto::op::ResponseCode;
+        use hickory_proto::rr::rdata::SOA;
+        use hickory_proto::rr::{Name, RData, Record};
         let key = Key::new("nx.test", 1, false).unwrap();
-        let mut a = upstream_query(3, &key);
-        a[2] |= 0x80;
-        a[3] |= RCODE_NXDOMAIN;
-        a[9] = 1; // NSCOUNT
-                  // test. SOA, TTL 3600, minimum 5
-        a.extend_from_slice(&[0xC0, 15, 0, 6, 0, 1, 0, 0, 0x0E, 0x10, 0, 22]);
-        a.extend_from_slice(&[0, 0]); // mname ".", rname "."
-        for v in [1u32, 2, 3, 4, 5] {
-            a.extend_from_slice(&v.to_be_bytes());
-        }
+        let mut m = Message::from_vec(&upstream_query(3, &key)).unwrap();
+        m.metadata.message_type = hickory_proto::op::MessageType::Response;
+        m.metadata.response_code = ResponseCode::NXDomain;
+        // test. SOA, TTL 3600, minimum 5
+        let root = Name::root();
+        let soa = SOA::new(root.clone(), root, 1, 2, 3, 4, 5);
+        m.add_authority(Record::from_rdata(
+            Name::from_ascii("test.").unwrap(),
+            3600,
+            RData::SOA(soa),
+        ));
+        let a = m.to_vec().unwrap();
         let info = check_answer(&a, 3, &key).unwrap();
         assert!(info.is_negative());
         assert_eq!(info.negative_ttl, Some(5));

@@ -1,12 +1,10 @@
 //! The cache that spares the upstream: coalescing, TTL floor, negative
 //! caching, serve-stale, bounded size. The upstream counts every query.
 
-mod common;
-
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use doh_proxy::cache::{Cache, Entry, TtlPolicy};
 use doh_proxy::dns::Key;
 use hickory_proto::op::ResponseCode;
@@ -224,7 +222,7 @@ fn a_million_names_stay_within_cache_size() {
         err_ttl: 2,
         stale_secs: 86400,
     };
-    let cache = Cache::new(10_000, policy);
+    let cache = Cache::with_entries(10_000, policy);
     for i in 0..1_000_000u32 {
         let key = Key::new(&format!("n{i}.example.test"), 1, true).unwrap();
         cache.store(key.clone(), Arc::new(Entry::failure(&key, &policy)));

@@ -2,7 +2,6 @@
 //! upstream that counts what it is asked, the proxy on ephemeral loopback
 //! ports, and HTTP/1.1 and HTTP/2 clients over real TLS that can bind any
 //! 127.x.y.z source address to play many clients.
-#![allow(dead_code)]
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -15,6 +14,9 @@ use bytes::Bytes;
 use doh_proxy::config::Config;
 use doh_proxy::server::{self, Running};
 use hickory_proto::op::Message;
+use hickory_proto::op::{MessageType, OpCode, ResponseCode};
+use hickory_proto::rr::rdata::{A, SOA};
+use hickory_proto::rr::{Name, RData, Record};
 use http::{HeaderMap, Request};
 use http_body_util::{BodyExt, Full};
 use hyper_util::rt::TokioIo;
@@ -23,7 +25,6 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream, UdpSocket};
 
 pub struct Pki {
-    pub dir: PathBuf,
     pub cert: PathBuf,
     pub key: PathBuf,
     pub ca: PathBuf,
@@ -54,7 +55,6 @@ pub fn pki() -> &'static Pki {
             key: dir.join("key.pem"),
             ca: dir.join("ca.pem"),
             ca_der: ca.der().clone(),
-            dir,
         };
         std::fs::write(&pki.cert, leaf.pem()).unwrap();
         std::fs::write(&pki.key, leaf_key.serialize_pem()).unwrap();
@@ -68,6 +68,8 @@ pub fn pki() -> &'static Pki {
 /// - `short`: A 192.0.2.5, TTL 5 - `long`: A 192.0.2.36, TTL 3600 - `nx*`: NXDOMAIN with SOA minimum 5
 /// - `tc`: truncated over UDP, full over TCP - `spoof`: a wrong-ID answer first
 /// - `fail`: SERVFAIL - `slow`: answers after 300 ms - `nodata`: NOERROR, no answer
+/// - `dead*`: never answered (a name whose servers are gone)
+/// - `big*`: 60 KB of TXT, sent whole even over UDP - `mid*`: 12 KB of TXT
 /// - anything else: A 192.0.2.1, TTL 300
 pub struct MockUpstream {
     pub addr: SocketAddr,
@@ -114,6 +116,9 @@ impl MockUpstream {
                 let q = buf[..n].to_vec();
                 let Some(name) = qname(&q) else { continue };
                 total.fetch_add(1, Ordering::SeqCst);
+                if name.starts_with("dead") {
+                    continue;
+                }
                 *counts.lock().unwrap().entry(name.clone()).or_default() += 1;
                 let udp = udp.clone();
                 tokio::spawn(async move {
@@ -172,97 +177,85 @@ pub fn qname(q: &[u8]) -> Option<String> {
     Some(out)
 }
 
-fn question_end(q: &[u8]) -> usize {
-    let mut i = 12;
-    while q[i] != 0 {
-        i += 1 + q[i] as usize;
-    }
-    i + 5
-}
-
+/// The answers the mock sends for query `q` (its first label `first`).
 async fn answers(q: &[u8], name: &str, tcp: bool) -> Vec<Vec<u8>> {
-    let first = name.split('.').next().unwrap_or("");
-    let qend = question_end(q);
-    let edns = q[11] > 0;
-    let mut r = q[..qend].to_vec();
-    r[2] = 0x80 | (q[2] & 0x01); // QR, RD copied
-    r[3] = 0x80; // RA
-    r[6..12].copy_from_slice(&[0, 0, 0, 0, 0, 0]);
-    let a = |r: &mut Vec<u8>, ttl: u32, ip: [u8; 4]| {
-        r.extend_from_slice(&[0xC0, 12, 0, 1, 0, 1]);
-        r.extend_from_slice(&ttl.to_be_bytes());
-        r.extend_from_slice(&[0, 4]);
-        r.extend_from_slice(&ip);
+    let Ok(query) = Message::from_vec(q) else {
+        return Vec::new();
     };
-    let mut ancount = 0u16;
-    let mut nscount = 0u16;
+    let first = name.split('.').next().unwrap_or("");
+    let mut r = Message::new(query.metadata.id, MessageType::Response, OpCode::Query);
+    r.metadata.recursion_desired = query.metadata.recursion_desired;
+    r.metadata.recursion_available = true;
+    r.metadata.checking_disabled = query.metadata.checking_disabled;
+    let Some(question) = query.queries.first().cloned() else {
+        return Vec::new();
+    };
+    let qname = question.name().clone();
+    r.add_query(question);
+    let a = |ttl: u32, ip: [u8; 4]| {
+        Record::from_rdata(
+            qname.clone(),
+            ttl,
+            RData::A(A::new(ip[0], ip[1], ip[2], ip[3])),
+        )
+    };
     match first {
         "short" => {
-            a(&mut r, 5, [192, 0, 2, 5]);
-            ancount = 1;
+            r.add_answer(a(5, [192, 0, 2, 5]));
         }
         "long" => {
-            a(&mut r, 3600, [192, 0, 2, 36]);
-            ancount = 1;
+            r.add_answer(a(3600, [192, 0, 2, 36]));
         }
-        "tc" if !tcp => r[2] |= 0x02,
-        "fail" => r[3] |= 2,
+        "tc" if !tcp => r.metadata.truncation = true,
+        "fail" => r.metadata.response_code = ResponseCode::ServFail,
         "slow" => {
             tokio::time::sleep(Duration::from_millis(300)).await;
-            a(&mut r, 300, [192, 0, 2, 7]);
-            ancount = 1;
+            r.add_answer(a(300, [192, 0, 2, 7]));
         }
         "nodata" => {}
-        n if n.starts_with("nx") => {
-            r[3] |= 3;
-            // test. SOA, TTL 3600, minimum 5
-            let zone = qend - 4 - 6; // the last label "test." of the name
-            r.extend_from_slice(&[
-                0xC0 | (zone >> 8) as u8,
-                zone as u8,
-                0,
-                6,
-                0,
-                1,
-                0,
-                0,
-                0x0E,
-                0x10,
-                0,
-                22,
-                0,
-                0,
-            ]);
-            for v in [1u32, 3600, 600, 86400, 5] {
-                r.extend_from_slice(&v.to_be_bytes());
+        n if n.starts_with("big") || n.starts_with("mid") => {
+            let total = if n.starts_with("big") { 60_000 } else { 12_000 };
+            let strings: Vec<String> = (0..total / 250).map(|_| "x".repeat(249)).collect();
+            // Records of at most 15 KB each (RDLENGTH is 16 bits).
+            for chunk in strings.chunks(60) {
+                let part = chunk.to_vec();
+                r.add_answer(Record::from_rdata(
+                    qname.clone(),
+                    3600,
+                    RData::TXT(hickory_proto::rr::rdata::TXT::new(part)),
+                ));
             }
-            nscount = 1;
+        }
+        n if n.starts_with("nx") => {
+            r.metadata.response_code = ResponseCode::NXDomain;
+            // test. SOA, TTL 3600, minimum 5
+            let zone = Name::from_ascii("test.").unwrap();
+            let soa = SOA::new(zone.clone(), zone.clone(), 1, 3600, 600, 86400, 5);
+            r.add_authority(Record::from_rdata(zone, 3600, RData::SOA(soa)));
         }
         _ => {
-            a(&mut r, 300, [192, 0, 2, 1]);
-            ancount = 1;
+            r.add_answer(a(300, [192, 0, 2, 1]));
         }
     }
-    r[6..8].copy_from_slice(&ancount.to_be_bytes());
-    r[8..10].copy_from_slice(&nscount.to_be_bytes());
-    if edns {
-        r[11] = 1;
-        r.extend_from_slice(&[0, 0, 41, 0x04, 0xD0, 0, 0, 0, 0, 0, 0]);
+    if let Some(e) = &query.edns {
+        let mut e = e.clone();
+        e.set_max_payload(1232);
+        r.set_edns(e);
     }
+    let wire = r.to_vec().unwrap();
     if first == "spoof" && !tcp {
         let mut fake = r.clone();
-        fake[0] ^= 0x55;
-        let last = fake.len() - 1 - if edns { 11 } else { 0 };
-        fake[last] = 66; // a poisoned address
-        return vec![fake, r];
+        fake.metadata.id ^= 0x5555;
+        fake.answers = vec![a(300, [192, 0, 2, 66])]; // a poisoned address
+        return vec![fake.to_vec().unwrap(), wire];
     }
-    vec![r]
+    vec![wire]
 }
 
-/// The proxy on ephemeral loopback ports, TLS with the test PKI.
-pub async fn proxy(upstreams: &[SocketAddr], tweak: impl FnOnce(&mut Config)) -> Running {
+/// The test configuration: ephemeral loopback ports, TLS with the test PKI.
+pub fn test_config(upstreams: &[SocketAddr]) -> Config {
     let p = pki();
-    let mut cfg = Config {
+    Config {
         listen: vec!["127.0.0.1:0".parse().unwrap()],
         listen_http: vec!["127.0.0.1:0".parse().unwrap()],
         metrics_listen: "127.0.0.1:0".parse().unwrap(),
@@ -270,26 +263,24 @@ pub async fn proxy(upstreams: &[SocketAddr], tweak: impl FnOnce(&mut Config)) ->
         tls_key: Some(p.key.clone()),
         upstream: upstreams.to_vec(),
         upstream_timeout: 1000,
+        // Tests open many connections from one address quickly.
+        per_ip_conn_rate: 1000,
+        per_prefix_conn_rate: 10_000,
         ..Config::default()
-    };
+    }
+}
+
+/// The proxy on ephemeral loopback ports, TLS with the test PKI.
+pub async fn proxy(upstreams: &[SocketAddr], tweak: impl FnOnce(&mut Config)) -> Running {
+    let mut cfg = test_config(upstreams);
     tweak(&mut cfg);
-    cfg.validate().expect("test config is valid");
-    server::start(cfg).await.expect("proxy starts")
+    let (settings, _) = cfg.settings().expect("test config is valid");
+    server::start(settings).await.expect("proxy starts")
 }
 
 /// A DNS query as a stub would send it, case of `name` preserved, with EDNS.
 pub fn query(name: &str, qtype: u16, id: u16) -> Vec<u8> {
-    let mut q = id.to_be_bytes().to_vec();
-    q.extend_from_slice(&[0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 1]);
-    for l in name.trim_end_matches('.').split('.') {
-        q.push(l.len() as u8);
-        q.extend_from_slice(l.as_bytes());
-    }
-    q.push(0);
-    q.extend_from_slice(&qtype.to_be_bytes());
-    q.extend_from_slice(&[0, 1]);
-    q.extend_from_slice(&[0, 0, 41, 0x10, 0, 0, 0, 0, 0, 0, 0]);
-    q
+    doh_proxy::dns::query_message(name, qtype, id, true).expect("a valid name")
 }
 
 pub fn get_path(msg: &[u8]) -> String {
@@ -511,19 +502,42 @@ pub async fn admin(running: &Running, method: &str, path: &str, token: Option<&s
     }
 }
 
-/// The value of one exact metric line (`name{labels}`), 0 when absent.
+/// The sum of the series of a metric family whose labels include those of
+/// `series` (`name{k="v",...}` or `name`). Series counted only in dry-run
+/// (`dry_run="true"`) are left out unless `series` asks for them.
 pub async fn metric(running: &Running, series: &str) -> f64 {
     let text = admin(running, "GET", "/metrics", None).await.body;
-    let text = String::from_utf8_lossy(&text);
+    sum_series(&String::from_utf8_lossy(&text), series)
+}
+
+pub fn sum_series(text: &str, series: &str) -> f64 {
+    let (family, wanted) = split_series(series);
+    let dry = wanted.iter().any(|l| l.starts_with("dry_run="));
     text.lines()
-        .find_map(|l| {
-            l.strip_prefix(series)?
-                .strip_prefix(' ')?
-                .trim()
-                .parse()
-                .ok()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let (name_labels, value) = l.rsplit_once(' ')?;
+            let (name, labels) = split_series(name_labels);
+            (name == family
+                && wanted.iter().all(|w| labels.contains(w))
+                && (dry || !labels.iter().any(|x| x.starts_with("dry_run="))))
+            .then(|| value.trim().parse::<f64>().ok())
+            .flatten()
         })
-        .unwrap_or(0.0)
+        .sum()
+}
+
+fn split_series(s: &str) -> (&str, Vec<&str>) {
+    match s.split_once('{') {
+        Some((name, rest)) => (
+            name,
+            rest.trim_end_matches('}')
+                .split(',')
+                .filter(|x| !x.is_empty())
+                .collect(),
+        ),
+        None => (s, Vec::new()),
+    }
 }
 
 /// Resident set of this process, in bytes.

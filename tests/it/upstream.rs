@@ -1,12 +1,10 @@
 //! Forwarding against a real UDP/TCP upstream: TC fallback, spoofed
 //! answers, timeouts, failover, case preservation.
 
-mod common;
-
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 use hickory_proto::op::ResponseCode;
 
 #[tokio::test]

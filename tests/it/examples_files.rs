@@ -1,12 +1,10 @@
 //! The alerting rules and the Grafana dashboard in examples/ are valid and
 //! only use metric names the proxy really exposes.
 
-mod common;
-
 use std::collections::BTreeSet;
 use std::process::Command;
 
-use common::*;
+use crate::common::*;
 
 const RULES: &str = concat!(
     env!("CARGO_MANIFEST_DIR"),

@@ -2,11 +2,9 @@
 //! plain HTTP on the TLS port, huge header blocks, huge bodies, huge URIs,
 //! and clients that connect and say nothing.
 
-mod common;
-
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 

@@ -2,9 +2,7 @@
 //! (and over the plain listener with HTTP/1.1 and h2c), against a real
 //! UDP/TCP upstream.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use hickory_proto::op::ResponseCode;
 
 const ALL: [Proto; 4] = [Proto::H1, Proto::H2, Proto::PlainH1, Proto::PlainH2];
@@ -233,7 +231,8 @@ async fn size_limits_413_414_431() {
 #[tokio::test]
 async fn method_and_path() {
     let up = MockUpstream::start().await;
-    let p = proxy(&[up.addr], |_| {}).await;
+    // Junk scores (tests/it/hardening.rs); here only the statuses matter.
+    let p = proxy(&[up.addr], |c| c.ban_after = 1000).await;
     let path = get_path(&query("www.example.test", 1, 1));
     for proto in ALL {
         for m in ["PUT", "DELETE", "HEAD", "OPTIONS"] {

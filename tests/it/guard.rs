@@ -2,12 +2,10 @@
 //! addresses: budgets, allowlist, penalty box, connection caps, trusted
 //! proxies, the upstream budget, dry run, and a replay of incident 1.
 
-mod common;
-
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 #[tokio::test]

@@ -1,0 +1,319 @@
+//! From what the user typed to what the program runs with: every check
+//! that can be made without binding a socket or sending a packet, done
+//! once, into one settings value per component.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use super::{system_nameservers, Config, ConfigError, LogFormat};
+use crate::admin::AdminSettings;
+use crate::cache::{CacheSettings, TtlPolicy};
+use crate::doh::Limits;
+use crate::guard::GuardSettings;
+use crate::net::overlaps;
+use crate::server::{ServerSettings, TlsSource};
+use crate::upstream::UpstreamSettings;
+
+/// Sound but suspicious settings, for `check` and the start-up log.
+pub type Warnings = Vec<String>;
+
+/// The validated configuration, one part per component. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub server: ServerSettings,
+    pub doh: Limits,
+    pub cache: CacheSettings,
+    pub upstream: UpstreamSettings,
+    pub guard: GuardSettings,
+    pub admin: AdminSettings,
+    /// `-v`: 1 logs a line per request, 2 and more debug.
+    pub verbose: u8,
+    pub log_format: LogFormat,
+}
+
+/// Largest answer the cache keeps; larger ones are served, not cached.
+pub const MAX_CACHED_ANSWER: usize = 16 * 1024;
+/// Connections the admin listener serves at once.
+pub const ADMIN_MAX_CONNS: usize = 16;
+
+fn bad<T>(m: String) -> Result<T, ConfigError> {
+    Err(ConfigError::Invalid(m))
+}
+
+impl Config {
+    /// Checks everything that can be checked without binding a socket or
+    /// sending a packet, and builds the settings; returns warnings for
+    /// sound but suspicious values.
+    pub fn settings(&self) -> Result<(Settings, Warnings), ConfigError> {
+        let mut warnings = Vec::new();
+        if self.listen.is_empty() && self.listen_http.is_empty() {
+            return bad("no listener: give --listen or --listen-http".into());
+        }
+        if !self.path.starts_with('/') || self.path.contains(['?', '#', ' ']) {
+            return bad(format!(
+                "path `{}` must start with `/` and hold no `?`, `#` or space",
+                self.path
+            ));
+        }
+        let tls = match (&self.tls_cert, &self.tls_key) {
+            (Some(cert), Some(key)) => {
+                crate::tls::load_pair(cert, key)
+                    .map_err(|e| ConfigError::Invalid(e.to_string()))?;
+                TlsSource::Files {
+                    cert: cert.clone(),
+                    key: key.clone(),
+                }
+            }
+            (None, None) => TlsSource::SelfSigned,
+            _ => return bad("--tls-cert and --tls-key go together".into()),
+        };
+        if self.upstream_timeout == 0 {
+            return bad("upstream_timeout must be at least 1 ms".into());
+        }
+        if self.min_ttl > self.max_ttl {
+            return bad(format!(
+                "min_ttl ({}) is above max_ttl ({})",
+                self.min_ttl, self.max_ttl
+            ));
+        }
+        if self.max_body == 0 || self.max_body > 65535 {
+            return bad("max_body must be between 1 and 65535".into());
+        }
+        if self.max_uri < 64 {
+            return bad("max_uri must be at least 64 bytes".into());
+        }
+        for (name, v) in [
+            ("cache_size", self.cache_size),
+            ("per_ip_qps", self.per_ip_qps.into()),
+            ("per_ip_burst", self.per_ip_burst.into()),
+            ("per_prefix_qps", self.per_prefix_qps.into()),
+            ("per_ip_conn_rate", self.per_ip_conn_rate.into()),
+            ("per_prefix_conn_rate", self.per_prefix_conn_rate.into()),
+            ("upstream_qps", self.upstream_qps.into()),
+            ("max_conns_per_ip", self.max_conns_per_ip.into()),
+            ("max_conns", self.max_conns.into()),
+            ("ban_after", self.ban_after.into()),
+            ("ban_secs", self.ban_secs),
+            ("handshake_timeout", self.handshake_timeout),
+            ("idle_timeout", self.idle_timeout),
+            ("max_requests_per_conn", self.max_requests_per_conn),
+        ] {
+            if v == 0 {
+                return bad(format!("{name} must be at least 1"));
+            }
+        }
+        if self.cache_memory.0 < 1 << 20 {
+            return bad(format!(
+                "cache_memory {} is below the smallest useful cache, 1MiB",
+                self.cache_memory
+            ));
+        }
+        if self.prefix_v4 == 0 || self.prefix_v4 > 32 {
+            return bad(format!("prefix_v4 {} is not in 1..=32", self.prefix_v4));
+        }
+        if self.prefix_v6 == 0 || self.prefix_v6 > 128 {
+            return bad(format!("prefix_v6 {} is not in 1..=128", self.prefix_v6));
+        }
+        for (kind, list) in [
+            ("allow", &self.allow),
+            ("trusted_proxy", &self.trusted_proxy),
+        ] {
+            for r in list {
+                if let Some(d) = self.deny.iter().find(|d| overlaps(&d.0, &r.0)) {
+                    return bad(format!(
+                        "{kind} range {r} would be blocked by the static deny range {d}"
+                    ));
+                }
+            }
+        }
+        if self.admin_token.is_none() && !self.metrics_listen.ip().is_loopback() {
+            return bad(format!(
+                "the admin listener {} is not a loopback address: set admin_token",
+                self.metrics_listen
+            ));
+        }
+        if matches!(&self.admin_token, Some(t) if t.trim().is_empty()) {
+            return bad("admin_token is empty".into());
+        }
+        if !self.listen_http.is_empty() && self.trusted_proxy.is_empty() {
+            warnings.push(
+                "listen_http is set but no trusted_proxy: every client behind the reverse proxy \
+                 will look like the proxy itself and share one budget"
+                    .into(),
+            );
+        }
+        if self.proxy_protocol && self.trusted_proxy.is_empty() {
+            warnings.push(
+                "proxy_protocol is set but no trusted_proxy: PROXY headers will never be read"
+                    .into(),
+            );
+        }
+        let servers = if self.upstream.is_empty() {
+            match system_nameservers(Path::new("/etc/resolv.conf")) {
+                Ok(v) if !v.is_empty() => {
+                    warnings.push(format!(
+                        "no upstream given: using the nameservers of /etc/resolv.conf ({})",
+                        list(&v)
+                    ));
+                    v
+                }
+                _ => {
+                    return bad("no upstream given and /etc/resolv.conf names no nameserver".into())
+                }
+            }
+        } else {
+            self.upstream.clone()
+        };
+        let upstream_timeout = Duration::from_millis(self.upstream_timeout);
+        if let Some(w) = descriptor_warning(self, upstream_timeout) {
+            warnings.push(w);
+        }
+        let settings = Settings {
+            server: ServerSettings {
+                tls_listen: self.listen.clone(),
+                http_listen: self.listen_http.clone(),
+                tls,
+                handshake_timeout: Duration::from_secs(self.handshake_timeout),
+                idle_timeout: Duration::from_secs(self.idle_timeout),
+                max_requests_per_conn: self.max_requests_per_conn,
+                proxy_protocol: self.proxy_protocol,
+            },
+            doh: Limits {
+                path: self.path.clone(),
+                max_uri: self.max_uri,
+                max_body: self.max_body,
+                body_timeout: Duration::from_secs(self.handshake_timeout),
+            },
+            cache: CacheSettings {
+                policy: TtlPolicy {
+                    min_ttl: self.min_ttl,
+                    max_ttl: self.max_ttl,
+                    err_ttl: self.err_ttl,
+                    stale_secs: self.stale_secs,
+                },
+                max_entries: self.cache_size,
+                max_bytes: self.cache_memory.0,
+                max_answer: MAX_CACHED_ANSWER,
+            },
+            upstream: UpstreamSettings {
+                servers,
+                timeout: upstream_timeout,
+                qps: self.upstream_qps,
+            },
+            guard: GuardSettings {
+                allow: self.allow.clone(),
+                deny: self.deny.clone(),
+                trusted: self.trusted_proxy.clone(),
+                forwarded_header: self.forwarded_header,
+                proxy_protocol: self.proxy_protocol,
+                dry_run: self.dry_run,
+                prefix_v4: self.prefix_v4,
+                prefix_v6: self.prefix_v6,
+                per_ip_qps: self.per_ip_qps,
+                per_ip_burst: self.per_ip_burst,
+                per_prefix_qps: self.per_prefix_qps,
+                max_conns: self.max_conns,
+                max_conns_per_ip: self.max_conns_per_ip,
+                per_ip_conn_rate: self.per_ip_conn_rate,
+                per_prefix_conn_rate: self.per_prefix_conn_rate,
+                ban_after: self.ban_after,
+                ban_secs: self.ban_secs,
+                ban_file: self.ban_file.clone(),
+                ports: Vec::new(),
+            },
+            admin: AdminSettings {
+                listen: self.metrics_listen,
+                token: self.admin_token.clone(),
+                max_conns: ADMIN_MAX_CONNS,
+            },
+            verbose: self.verbose,
+            log_format: self.log_format,
+        };
+        Ok((settings, warnings))
+    }
+}
+
+fn list(v: &[SocketAddr]) -> String {
+    v.iter()
+        .map(|a| a.to_string())
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// Descriptors the proxy may need at once: every client connection, every
+/// upstream query in flight (the upstream budget over the timeout, one
+/// socket each), the admin connections and a margin for listeners and
+/// files.
+pub fn descriptors_needed(max_conns: u32, upstream_qps: u32, upstream_timeout: Duration) -> u64 {
+    let upstream = (f64::from(upstream_qps) * upstream_timeout.as_secs_f64()).ceil() as u64;
+    u64::from(max_conns) + upstream + ADMIN_MAX_CONNS as u64 + 64
+}
+
+fn descriptor_warning(cfg: &Config, upstream_timeout: Duration) -> Option<String> {
+    let (_, hard) = crate::server::nofile_limit()?;
+    let needed = descriptors_needed(cfg.max_conns, cfg.upstream_qps, upstream_timeout);
+    (hard < needed).then(|| {
+        format!(
+            "max_conns ({}) plus upstream sockets (upstream_qps × upstream_timeout) need about \
+             {needed} file descriptors, but the hard limit is {hard}: raise LimitNOFILE (or \
+             ulimit -Hn) or lower max_conns",
+            cfg.max_conns
+        )
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings(extra: &str) -> Result<(Settings, Warnings), ConfigError> {
+        Config::from_toml(&format!("upstream=[\"127.0.0.1:53\"]\n{extra}"))
+            .unwrap()
+            .settings()
+    }
+
+    #[test]
+    fn bad_values_get_one_line_reasons() {
+        let e = settings("path = \"dns-query\"").unwrap_err().to_string();
+        assert!(e.contains("path"), "{e}");
+        let e = settings("min_ttl = 10\nmax_ttl = 5")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("min_ttl"), "{e}");
+        let e = settings("per_ip_conn_rate = 0").unwrap_err().to_string();
+        assert!(e.contains("per_ip_conn_rate"), "{e}");
+        let e = settings("cache_memory = \"4KiB\"").unwrap_err().to_string();
+        assert!(e.contains("cache_memory"), "{e}");
+        assert!(settings("").is_ok());
+    }
+
+    #[test]
+    fn allow_inside_deny_is_refused() {
+        let e = settings("allow=[\"192.0.2.7\"]\ndeny=[\"192.0.2.0/24\"]")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("192.0.2.7/32") && e.contains("192.0.2.0/24"),
+            "{e}"
+        );
+        assert!(settings("trusted_proxy=[\"10.0.0.0/8\"]\ndeny=[\"10.1.0.0/16\"]").is_err());
+    }
+
+    #[test]
+    fn public_admin_listener_needs_a_token() {
+        let e = settings("metrics_listen=\"0.0.0.0:9153\"")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("admin_token"), "{e}");
+        assert!(settings("metrics_listen=\"0.0.0.0:9153\"\nadmin_token=\"s3cret\"").is_ok());
+    }
+
+    #[test]
+    fn descriptor_needs_count_upstream_sockets() {
+        assert_eq!(
+            descriptors_needed(10_000, 1000, Duration::from_millis(2500)),
+            10_000 + 2500 + 16 + 64
+        );
+    }
+}

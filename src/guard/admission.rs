@@ -1,0 +1,475 @@
+//! Admission of connections, before any TLS work, and the table of open
+//! connections.
+//!
+//! A new connection meets, in order: its address's and its prefix's
+//! new-connection rates, the caps on open connections per address, per
+//! prefix and per wider network (IPv4 /16, IPv6 /48, so one network cannot
+//! take the whole table while staying under every narrower cap), and the
+//! global cap. At the global cap the connection idle the longest — no
+//! request in flight, measured from its last request, or from accept if it
+//! never sent one — is closed to make room; only when none is idle is the
+//! new one refused. A [`ConnTicket`] holds a connection's place and gives it
+//! back when dropped.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use ipnet::IpNet;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use super::budget::{quota, KeyedRate};
+use super::GuardSettings;
+use crate::metrics::Metrics;
+use crate::net::prefix_of;
+use crate::reject::ConnReject;
+
+/// Prefix lengths of the wider network capped as a whole.
+pub const NET_V4: u8 = 16;
+pub const NET_V6: u8 = 48;
+/// A connection's new-connection burst, in seconds of its rate.
+const CONN_BURST_SECS: u32 = 5;
+
+/// One open client connection, as the guard, the pipeline and the
+/// connection's own task see it. Activity is requests, nothing else:
+/// control frames and stray bytes do not keep a connection alive.
+#[derive(Debug)]
+pub struct Conn {
+    peer: IpAddr,
+    born: Instant,
+    /// Milliseconds after `born` of the last request start or end.
+    last_ms: AtomicU64,
+    inflight: AtomicU32,
+    requests: AtomicU64,
+    close: CancellationToken,
+    /// Whether this connection still holds a place in the global count.
+    counted: AtomicBool,
+}
+
+/// Why the watchdog closes a connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Expiry {
+    /// No complete request within the first-request deadline.
+    FirstRequest,
+    /// Nothing in flight and nothing started for the idle timeout.
+    Idle,
+}
+
+impl Conn {
+    fn new(peer: IpAddr) -> Conn {
+        Conn {
+            peer,
+            born: Instant::now(),
+            last_ms: AtomicU64::new(0),
+            inflight: AtomicU32::new(0),
+            requests: AtomicU64::new(0),
+            close: CancellationToken::new(),
+            counted: AtomicBool::new(false),
+        }
+    }
+
+    /// A connection outside the table (tests, tools).
+    pub fn detached(peer: IpAddr) -> Arc<Conn> {
+        Arc::new(Conn::new(peer))
+    }
+
+    pub fn peer(&self) -> IpAddr {
+        self.peer
+    }
+
+    fn touch(&self) {
+        let ms = self.born.elapsed().as_millis().min(u64::MAX.into()) as u64;
+        self.last_ms.store(ms, Ordering::Relaxed);
+    }
+
+    /// A request starts; returns its number on this connection (1-based)
+    /// and a guard that marks its end when dropped.
+    pub fn begin(self: &Arc<Self>) -> (u64, InFlight) {
+        self.inflight.fetch_add(1, Ordering::Relaxed);
+        self.touch();
+        let n = self.requests.fetch_add(1, Ordering::Relaxed) + 1;
+        (n, InFlight(self.clone()))
+    }
+
+    pub fn requests(&self) -> u64 {
+        self.requests.load(Ordering::Relaxed)
+    }
+
+    pub fn inflight(&self) -> u32 {
+        self.inflight.load(Ordering::Relaxed)
+    }
+
+    /// Asks the connection's task to close it.
+    pub fn close(&self) {
+        self.close.cancel();
+    }
+
+    /// Resolves when the connection was asked to close.
+    pub fn closing(&self) -> tokio_util::sync::WaitForCancellationFuture<'_> {
+        self.close.cancelled()
+    }
+
+    pub fn is_closing(&self) -> bool {
+        self.close.is_cancelled()
+    }
+
+    /// Since when the connection has been idle, or `None` while a request
+    /// is in flight.
+    fn idle_since(&self) -> Option<Instant> {
+        if self.inflight() > 0 {
+            return None;
+        }
+        Some(self.born + Duration::from_millis(self.last_ms.load(Ordering::Relaxed)))
+    }
+
+    /// When the watchdog must close the connection if nothing happens
+    /// before, and why; `None` while a request is in flight.
+    pub fn deadline(&self, first: Duration, idle: Duration) -> Option<(Instant, Expiry)> {
+        if self.inflight() > 0 {
+            return None;
+        }
+        if self.requests() == 0 {
+            return Some((self.born + first, Expiry::FirstRequest));
+        }
+        self.idle_since().map(|t| (t + idle, Expiry::Idle))
+    }
+}
+
+/// A request in flight on a connection; its drop ends the request.
+#[derive(Debug)]
+pub struct InFlight(Arc<Conn>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.touch();
+        self.0.inflight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+#[derive(Default)]
+struct Table {
+    per_ip: HashMap<IpAddr, u32>,
+    per_prefix: HashMap<IpNet, u32>,
+    per_net: HashMap<IpNet, u32>,
+    live: HashMap<u64, Arc<Conn>>,
+}
+
+fn inc<K: std::hash::Hash + Eq>(map: &mut HashMap<K, u32>, key: K) {
+    *map.entry(key).or_default() += 1;
+}
+
+fn dec<K: std::hash::Hash + Eq>(map: &mut HashMap<K, u32>, key: &K) {
+    if let Some(n) = map.get_mut(key) {
+        *n = n.saturating_sub(1);
+        if *n == 0 {
+            map.remove(key);
+        }
+    }
+}
+
+/// Whom a connection is admitted as.
+pub struct Candidate {
+    pub ip: IpAddr,
+    /// Subject to rates and caps (not allowlisted, not a trusted proxy).
+    pub limited: bool,
+    /// Takes a place in the global count (a real socket, not a client
+    /// named by a PROXY header on an already counted one).
+    pub global: bool,
+    /// Exempt from the global cap (allowlisted).
+    pub exempt: bool,
+}
+
+pub struct Admission {
+    open: AtomicUsize,
+    table: Mutex<Table>,
+    next_id: AtomicU64,
+    ip_rate: KeyedRate<IpAddr>,
+    prefix_rate: KeyedRate<IpNet>,
+    metrics: Arc<Metrics>,
+}
+
+impl Admission {
+    pub fn new(s: &GuardSettings, metrics: Arc<Metrics>) -> Admission {
+        Admission {
+            open: AtomicUsize::new(0),
+            table: Mutex::default(),
+            next_id: AtomicU64::new(1),
+            ip_rate: KeyedRate::new("per-address connection", conn_quota(s.per_ip_conn_rate)),
+            prefix_rate: KeyedRate::new(
+                "per-prefix connection",
+                conn_quota(s.per_prefix_conn_rate),
+            ),
+            metrics,
+        }
+    }
+
+    /// Takes new rates from reloaded settings.
+    pub fn reconfigure(&self, s: &GuardSettings) {
+        self.ip_rate.set_quota(conn_quota(s.per_ip_conn_rate));
+        self.prefix_rate
+            .set_quota(conn_quota(s.per_prefix_conn_rate));
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Table> {
+        self.table.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Counts a mitigation; returns whether to enforce it.
+    fn enforce(&self, reason: ConnReject, ip: IpAddr, s: &GuardSettings) -> bool {
+        let dry = s.dry_run && reason.is_mitigation();
+        self.metrics.conn_rejected(reason, dry);
+        if dry {
+            tracing::info!(client = %ip, reason = reason.label(), "dry run: would close connection");
+        }
+        !dry
+    }
+
+    pub fn admit(
+        self: &Arc<Self>,
+        who: Candidate,
+        s: &GuardSettings,
+    ) -> Result<ConnTicket, ConnReject> {
+        let ip = who.ip;
+        let prefix = prefix_of(ip, s.prefix_v4, s.prefix_v6);
+        let net = prefix_of(ip, NET_V4, NET_V6);
+        if who.limited {
+            let over = self.ip_rate.check(&ip).is_err() || self.prefix_rate.check(&prefix).is_err();
+            if over && self.enforce(ConnReject::ConnRate, ip, s) {
+                return Err(ConnReject::ConnRate);
+            }
+        }
+        let mut t = self.lock();
+        if who.limited {
+            let n_ip = t.per_ip.get(&ip).copied().unwrap_or(0);
+            let n_prefix = t.per_prefix.get(&prefix).copied().unwrap_or(0);
+            let n_net = t.per_net.get(&net).copied().unwrap_or(0);
+            if n_ip >= s.max_conns_per_ip && self.enforce(ConnReject::PerIp, ip, s) {
+                return Err(ConnReject::PerIp);
+            }
+            if n_prefix >= s.max_conns_per_prefix() && self.enforce(ConnReject::PerPrefix, ip, s) {
+                return Err(ConnReject::PerPrefix);
+            }
+            if n_net >= s.max_conns_per_net() && self.enforce(ConnReject::PerNetwork, ip, s) {
+                return Err(ConnReject::PerNetwork);
+            }
+        }
+        let mut evicted = None;
+        if who.global && !who.exempt && self.open.load(Ordering::Relaxed) >= s.max_conns as usize {
+            evicted = idlest(&mut t);
+            if evicted.is_none() && self.enforce(ConnReject::Global, ip, s) {
+                return Err(ConnReject::Global);
+            }
+        }
+        let mut counted = None;
+        if who.limited {
+            inc(&mut t.per_ip, ip);
+            inc(&mut t.per_prefix, prefix);
+            inc(&mut t.per_net, net);
+            counted = Some((ip, prefix, net));
+        }
+        let conn = Arc::new(Conn::new(ip));
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        if who.global {
+            conn.counted.store(true, Ordering::Relaxed);
+            t.live.insert(id, conn.clone());
+            self.open.fetch_add(1, Ordering::Relaxed);
+            self.metrics.connections_open.inc();
+        }
+        drop(t);
+        if let Some(victim) = evicted {
+            self.uncount(&victim);
+            victim.close();
+            self.metrics.connections_evicted.inc();
+            tracing::debug!(peer = %victim.peer, "idle connection closed to make room");
+        }
+        Ok(ConnTicket {
+            admission: self.clone(),
+            conn,
+            id,
+            counted,
+        })
+    }
+
+    fn uncount(&self, conn: &Conn) {
+        if conn.counted.swap(false, Ordering::Relaxed) {
+            self.open.fetch_sub(1, Ordering::Relaxed);
+            self.metrics.connections_open.dec();
+        }
+    }
+
+    /// Open connections in all.
+    pub fn open(&self) -> usize {
+        self.open.load(Ordering::Relaxed)
+    }
+
+    /// Asks every open connection to close (shutdown).
+    pub fn close_all(&self) {
+        for c in self.lock().live.values() {
+            c.close();
+        }
+    }
+
+    pub fn prune(&self) {
+        self.ip_rate.prune();
+        self.prefix_rate.prune();
+    }
+}
+
+/// Takes the connection idle the longest out of the table, if any is idle.
+fn idlest(t: &mut Table) -> Option<Arc<Conn>> {
+    let id = t
+        .live
+        .iter()
+        .filter(|(_, c)| !c.is_closing())
+        .filter_map(|(id, c)| c.idle_since().map(|since| (since, *id)))
+        .min()
+        .map(|(_, id)| id)?;
+    t.live.remove(&id)
+}
+
+fn conn_quota(rate: u32) -> governor::Quota {
+    quota(rate, rate.saturating_mul(CONN_BURST_SECS))
+}
+
+/// Where a connection's place is held; dropping it frees the place.
+pub struct ConnTicket {
+    admission: Arc<Admission>,
+    conn: Arc<Conn>,
+    id: u64,
+    counted: Option<(IpAddr, IpNet, IpNet)>,
+}
+
+impl ConnTicket {
+    pub fn conn(&self) -> &Arc<Conn> {
+        &self.conn
+    }
+}
+
+impl Drop for ConnTicket {
+    fn drop(&mut self) {
+        let a = &self.admission;
+        {
+            let mut t = a.lock();
+            if let Some((ip, prefix, net)) = &self.counted {
+                dec(&mut t.per_ip, ip);
+                dec(&mut t.per_prefix, prefix);
+                dec(&mut t.per_net, net);
+            }
+            t.live.remove(&self.id);
+        }
+        a.uncount(&self.conn);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+
+    fn settings(extra: &str) -> GuardSettings {
+        Config::from_toml(&format!("upstream=[\"127.0.0.1:53\"]\n{extra}"))
+            .unwrap()
+            .settings()
+            .unwrap()
+            .0
+            .guard
+    }
+
+    fn limited(ip: &str) -> Candidate {
+        Candidate {
+            ip: ip.parse().unwrap(),
+            limited: true,
+            global: true,
+            exempt: false,
+        }
+    }
+
+    fn admission(s: &GuardSettings) -> Arc<Admission> {
+        Arc::new(Admission::new(s, Arc::new(Metrics::new(&[]))))
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_longest_idle_connection_gives_way() {
+        let s = settings("max_conns = 3\nper_ip_conn_rate = 1000");
+        let a = admission(&s);
+        let t1 = a.admit(limited("192.0.2.1"), &s).unwrap();
+        tokio::time::advance(Duration::from_secs(1)).await;
+        let t2 = a.admit(limited("192.0.2.2"), &s).unwrap();
+        let (_, busy) = t2.conn().begin();
+        let t3 = a.admit(limited("192.0.2.3"), &s).unwrap();
+        // Full: the oldest idle one (t1) is closed, the busy one never.
+        let t4 = a.admit(limited("198.51.100.1"), &s).unwrap();
+        assert!(t1.conn().is_closing());
+        assert!(!t2.conn().is_closing());
+        assert_eq!(a.open(), 3);
+        drop(t1);
+        assert_eq!(a.open(), 3, "an evicted ticket is not uncounted twice");
+        // t3 and t4 idle, t2 busy: t3 goes next (older).
+        let _t5 = a.admit(limited("198.51.100.2"), &s).unwrap();
+        assert!(t3.conn().is_closing() && !t4.conn().is_closing());
+        drop(busy);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn all_busy_means_refused() {
+        let s = settings("max_conns = 1");
+        let a = admission(&s);
+        let t1 = a.admit(limited("192.0.2.1"), &s).unwrap();
+        let _busy = t1.conn().begin();
+        assert_eq!(
+            a.admit(limited("192.0.2.2"), &s).err(),
+            Some(ConnReject::Global)
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn wider_network_cap() {
+        // max_conns 64: a /16 holds at most max(64/4, 8*2) = 16.
+        let s = settings("max_conns = 64\nmax_conns_per_ip = 2\nper_ip_conn_rate = 1000\nper_prefix_conn_rate = 1000");
+        let a = admission(&s);
+        let mut held = Vec::new();
+        for i in 0..16 {
+            held.push(a.admit(limited(&format!("10.9.{i}.1")), &s).unwrap());
+        }
+        assert_eq!(
+            a.admit(limited("10.9.200.1"), &s).err(),
+            Some(ConnReject::PerNetwork)
+        );
+        assert!(a.admit(limited("10.8.0.1"), &s).is_ok());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn connection_rate_per_address() {
+        let s = settings("per_ip_conn_rate = 2");
+        let a = admission(&s);
+        let mut ok = 0;
+        for _ in 0..30 {
+            if a.admit(limited("192.0.2.9"), &s).is_ok() {
+                ok += 1;
+            }
+        }
+        assert_eq!(ok, 10, "burst of 5 s at 2/s");
+        assert!(a.admit(limited("192.0.2.10"), &s).is_ok());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn watchdog_deadlines_follow_requests_only() {
+        let c = Conn::detached("192.0.2.1".parse().unwrap());
+        let first = Duration::from_secs(5);
+        let idle = Duration::from_secs(30);
+        let (at, why) = c.deadline(first, idle).unwrap();
+        assert_eq!(why, Expiry::FirstRequest);
+        assert_eq!(at, c.born + first);
+        tokio::time::advance(Duration::from_secs(2)).await;
+        let (_, req) = c.begin();
+        assert!(c.deadline(first, idle).is_none(), "busy");
+        tokio::time::advance(Duration::from_secs(3)).await;
+        drop(req);
+        let (at, why) = c.deadline(first, idle).unwrap();
+        assert_eq!(why, Expiry::Idle);
+        assert_eq!(at, c.born + Duration::from_secs(5) + idle);
+    }
+}

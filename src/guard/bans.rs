@@ -1,0 +1,365 @@
+//! Bans in force, indexed by target and by expiry.
+//!
+//! Adding, lifting, expiring or evicting a ban is O(log n): the expiry
+//! index (a B-tree of `(expires, target)`) gives the ban closest to expiry
+//! at once, so neither the cap nor the once-a-second expiry ever scans the
+//! table, and readers (every accept, every request of a proxied client)
+//! never wait behind such a scan. Host bans are counted per prefix, so
+//! that enough banned hosts in one prefix ban the prefix; every way a ban
+//! leaves the table goes through [`Table::remove`], which keeps those
+//! counts right.
+
+use std::collections::{BTreeSet, HashMap};
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::RwLock;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use ipnet::IpNet;
+use tokio::time::Instant;
+
+use crate::net::{client_label, is_host, UNKNOWN_CLIENT};
+
+/// Bans kept at most; above it the ban closest to expiry gives way.
+pub const MAX_BANS: usize = 200_000;
+/// Banned addresses in one prefix that get the whole prefix banned.
+pub const PREFIX_BAN_HOSTS: u32 = 8;
+
+/// One ban in force.
+#[derive(Debug)]
+struct Ban {
+    reason: &'static str,
+    since: SystemTime,
+    expires: Instant,
+    /// For a host ban, the prefix it counts towards.
+    prefix: Option<IpNet>,
+    hits: AtomicU64,
+}
+
+/// A ban as the admin API and the state file show it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct BanView {
+    pub target: String,
+    pub reason: &'static str,
+    /// Unix seconds.
+    pub since: u64,
+    /// Unix seconds.
+    pub expires: u64,
+    pub remaining_secs: u64,
+    pub hits: u64,
+}
+
+#[derive(Default)]
+struct Table {
+    by_target: HashMap<IpNet, Ban>,
+    by_expiry: BTreeSet<(Instant, IpNet)>,
+    hosts_per_prefix: HashMap<IpNet, u32>,
+    /// Prefix bans in force per (is IPv6, prefix length), so that a lookup
+    /// tries only the lengths in use.
+    prefix_lens: HashMap<(bool, u8), usize>,
+}
+
+impl Table {
+    fn remove(&mut self, target: &IpNet) -> bool {
+        let Some(ban) = self.by_target.remove(target) else {
+            return false;
+        };
+        self.by_expiry.remove(&(ban.expires, *target));
+        if let Some(p) = ban.prefix {
+            if let Some(n) = self.hosts_per_prefix.get_mut(&p) {
+                *n = n.saturating_sub(1);
+                if *n == 0 {
+                    self.hosts_per_prefix.remove(&p);
+                }
+            }
+        }
+        if !is_host(target) {
+            let k = (target.addr().is_ipv6(), target.prefix_len());
+            if let Some(n) = self.prefix_lens.get_mut(&k) {
+                *n = n.saturating_sub(1);
+                if *n == 0 {
+                    self.prefix_lens.remove(&k);
+                }
+            }
+        }
+        true
+    }
+
+    fn hit(&self, target: &IpNet, now: Instant) -> bool {
+        self.by_target
+            .get(target)
+            .filter(|b| b.expires > now)
+            .map(|b| b.hits.fetch_add(1, Ordering::Relaxed))
+            .is_some()
+    }
+}
+
+/// What adding a ban did.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Added {
+    /// The prefix whose banned hosts now reach [`PREFIX_BAN_HOSTS`].
+    pub escalate: Option<IpNet>,
+    /// The ban that gave way to stay within the cap.
+    pub evicted: Option<IpNet>,
+}
+
+pub struct Bans {
+    table: RwLock<Table>,
+    /// Bans per target within the last day, for escalation.
+    offences: moka::sync::Cache<IpNet, u32>,
+    dirty: AtomicBool,
+    max: usize,
+}
+
+fn unix(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+impl Bans {
+    pub fn new(max: usize) -> Bans {
+        Bans {
+            table: RwLock::default(),
+            offences: moka::sync::Cache::builder()
+                .max_capacity(max as u64)
+                .time_to_live(Duration::from_secs(86400))
+                .build(),
+            dirty: AtomicBool::new(true),
+            max: max.max(1),
+        }
+    }
+
+    /// Whether `ip`, or a banned prefix holding it, is banned; counts the hit.
+    pub fn covers(&self, ip: IpAddr) -> bool {
+        let t = self.table.read().unwrap_or_else(|p| p.into_inner());
+        if t.by_target.is_empty() {
+            return false;
+        }
+        let now = Instant::now();
+        if t.hit(&IpNet::from(ip), now) {
+            return true;
+        }
+        t.prefix_lens.keys().any(|&(v6, len)| {
+            v6 == ip.is_ipv6()
+                && IpNet::new(ip, len)
+                    .map(|n| t.hit(&n.trunc(), now))
+                    .unwrap_or(false)
+        })
+    }
+
+    /// How many times `target` was banned within the last day.
+    pub fn offences(&self, target: &IpNet) -> u32 {
+        self.offences.get(target).unwrap_or(0)
+    }
+
+    /// Records one more offence of `target`; returns the count before.
+    pub fn count_offence(&self, target: IpNet) -> u32 {
+        let n = self.offences(&target);
+        self.offences.insert(target, n.saturating_add(1));
+        n
+    }
+
+    /// Bans `target` for `secs`. `prefix` is, for a host, the prefix it
+    /// counts towards.
+    pub fn add(
+        &self,
+        target: IpNet,
+        reason: &'static str,
+        secs: u64,
+        prefix: Option<IpNet>,
+    ) -> Added {
+        let now = Instant::now();
+        let ban = Ban {
+            reason,
+            since: SystemTime::now(),
+            expires: now + Duration::from_secs(secs),
+            prefix: prefix.filter(|_| is_host(&target)),
+            hits: AtomicU64::new(0),
+        };
+        let mut added = Added::default();
+        let mut t = self.table.write().unwrap_or_else(|p| p.into_inner());
+        t.remove(&target);
+        if t.by_target.len() >= self.max {
+            if let Some(&(_, soonest)) = t.by_expiry.iter().next() {
+                t.remove(&soonest);
+                added.evicted = Some(soonest);
+            }
+        }
+        if let Some(p) = ban.prefix {
+            let n = t.hosts_per_prefix.entry(p).or_default();
+            *n += 1;
+            if *n >= PREFIX_BAN_HOSTS && !t.by_target.contains_key(&p) {
+                added.escalate = Some(p);
+            }
+        }
+        if !is_host(&target) {
+            *t.prefix_lens
+                .entry((target.addr().is_ipv6(), target.prefix_len()))
+                .or_default() += 1;
+        }
+        t.by_expiry.insert((ban.expires, target));
+        t.by_target.insert(target, ban);
+        self.dirty.store(true, Ordering::Relaxed);
+        added
+    }
+
+    /// Lifts the ban on exactly `target`; returns whether there was one.
+    pub fn remove(&self, target: &IpNet) -> bool {
+        let removed = self
+            .table
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(target);
+        if removed {
+            self.dirty.store(true, Ordering::Relaxed);
+        }
+        removed
+    }
+
+    /// Removes the bans whose time is over; returns them.
+    pub fn expire(&self) -> Vec<IpNet> {
+        let now = Instant::now();
+        {
+            let t = self.table.read().unwrap_or_else(|p| p.into_inner());
+            match t.by_expiry.iter().next() {
+                Some(&(first, _)) if first <= now => {}
+                _ => return Vec::new(),
+            }
+        }
+        let mut t = self.table.write().unwrap_or_else(|p| p.into_inner());
+        let mut gone = Vec::new();
+        while let Some(&(at, target)) = t.by_expiry.iter().next() {
+            if at > now {
+                break;
+            }
+            t.remove(&target);
+            gone.push(target);
+        }
+        if !gone.is_empty() {
+            self.dirty.store(true, Ordering::Relaxed);
+        }
+        gone
+    }
+
+    pub fn len(&self) -> usize {
+        self.table
+            .read()
+            .map(|t| t.by_target.len())
+            .unwrap_or_default()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Whether bans changed since the last call.
+    pub fn take_dirty(&self) -> bool {
+        self.dirty.swap(false, Ordering::Relaxed)
+    }
+
+    pub fn mark_dirty(&self) {
+        self.dirty.store(true, Ordering::Relaxed);
+    }
+
+    /// Active bans, soonest to expire first.
+    pub fn views(&self) -> Vec<BanView> {
+        let t = self.table.read().unwrap_or_else(|p| p.into_inner());
+        let now = Instant::now();
+        let wall = SystemTime::now();
+        t.by_expiry
+            .iter()
+            .filter(|(at, _)| *at > now)
+            .filter_map(|(at, net)| {
+                let b = t.by_target.get(net)?;
+                let remaining = at.saturating_duration_since(now);
+                Some(BanView {
+                    target: if *net == IpNet::from(UNKNOWN_CLIENT) {
+                        client_label(UNKNOWN_CLIENT)
+                    } else {
+                        net.to_string()
+                    },
+                    reason: b.reason,
+                    since: unix(b.since),
+                    expires: unix(wall + remaining),
+                    remaining_secs: remaining.as_secs(),
+                    hits: b.hits.load(Ordering::Relaxed),
+                })
+            })
+            .collect()
+    }
+
+    /// (target, seconds left) of every ban that a firewall can hold: real
+    /// addresses and prefixes, not the shared `unknown` key.
+    pub fn for_firewall(&self) -> Vec<(IpNet, u64)> {
+        let t = self.table.read().unwrap_or_else(|p| p.into_inner());
+        let now = Instant::now();
+        t.by_expiry
+            .iter()
+            .filter(|(at, net)| *at > now && *net != IpNet::from(UNKNOWN_CLIENT))
+            .map(|(at, net)| (*net, at.saturating_duration_since(now).as_secs()))
+            .collect()
+    }
+
+    /// Banned hosts counted towards `prefix` (for tests and checks).
+    pub fn hosts_in(&self, prefix: &IpNet) -> u32 {
+        self.table
+            .read()
+            .map(|t| t.hosts_per_prefix.get(prefix).copied().unwrap_or(0))
+            .unwrap_or(0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn net(s: &str) -> IpNet {
+        s.parse().unwrap()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn expire_in_order_and_counts_stay_right() {
+        let b = Bans::new(100);
+        let p = net("192.0.2.0/24");
+        b.add(net("192.0.2.1/32"), "t", 10, Some(p));
+        b.add(net("192.0.2.2/32"), "t", 20, Some(p));
+        assert_eq!(b.hosts_in(&p), 2);
+        assert!(b.covers("192.0.2.1".parse().unwrap()));
+        assert!(!b.covers("192.0.2.3".parse().unwrap()));
+        tokio::time::advance(Duration::from_secs(11)).await;
+        assert_eq!(b.expire(), vec![net("192.0.2.1/32")]);
+        assert_eq!(b.hosts_in(&p), 1);
+        assert!(!b.covers("192.0.2.1".parse().unwrap()));
+        assert_eq!(b.views().len(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_cap_evicts_the_soonest_with_its_bookkeeping() {
+        let b = Bans::new(3);
+        let p = net("198.51.100.0/24");
+        b.add(net("198.51.100.1/32"), "t", 5, Some(p));
+        b.add(net("198.51.100.2/32"), "t", 50, Some(p));
+        b.add(net("198.51.100.3/32"), "t", 60, Some(p));
+        let added = b.add(net("203.0.113.9/32"), "t", 70, None);
+        assert_eq!(added.evicted, Some(net("198.51.100.1/32")));
+        assert_eq!(b.len(), 3);
+        assert_eq!(b.hosts_in(&p), 2, "eviction keeps the per-prefix count");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn eight_hosts_escalate_and_prefix_bans_cover() {
+        let b = Bans::new(100);
+        let p = net("203.0.113.0/24");
+        let mut escalate = None;
+        for i in 1..=8 {
+            escalate = b
+                .add(net(&format!("203.0.113.{i}/32")), "t", 60, Some(p))
+                .escalate;
+        }
+        assert_eq!(escalate, Some(p));
+        b.add(p, "prefix", 60, None);
+        assert!(b.covers("203.0.113.200".parse().unwrap()));
+        assert!(!b.covers("203.0.112.1".parse().unwrap()));
+        assert!(b.remove(&p));
+        assert!(!b.covers("203.0.113.200".parse().unwrap()));
+    }
+}

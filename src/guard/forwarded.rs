@@ -1,0 +1,189 @@
+//! Who a request behind a trusted proxy comes from.
+//!
+//! Only the header chosen with `--forwarded-header` is read; the other is
+//! ignored, so a client cannot pick whichever header the proxy forgot to
+//! overwrite. The client is the right-most hop that is not itself a trusted
+//! proxy. A hop that names no usable address (`garbage`, empty, a trailing
+//! comma, `unknown`, `_hidden`, a zone-indexed IPv6) ends the walk with the
+//! shared key [`UNKNOWN_CLIENT`]: a request is never attributed to the
+//! trusted proxy because its header was unreadable.
+
+use std::net::{IpAddr, Ipv4Addr};
+
+use http::HeaderMap;
+
+use crate::config::ForwardedHeader;
+use crate::net::{canonical, UNKNOWN_CLIENT};
+
+/// The client named by `headers` for a request that a trusted proxy
+/// `peer` forwarded; `peer` itself when the header is absent (the proxy's
+/// own request, a health check).
+pub fn client(
+    peer: IpAddr,
+    headers: &HeaderMap,
+    which: ForwardedHeader,
+    is_trusted: impl Fn(IpAddr) -> bool,
+) -> IpAddr {
+    let mut hops: Vec<Option<IpAddr>> = Vec::new();
+    match which {
+        ForwardedHeader::Xff => {
+            for v in headers.get_all("x-forwarded-for") {
+                match v.to_str() {
+                    Ok(s) => hops.extend(s.split(',').map(parse_hop)),
+                    Err(_) => hops.push(None),
+                }
+            }
+        }
+        ForwardedHeader::Forwarded => {
+            for v in headers.get_all(http::header::FORWARDED) {
+                let Ok(s) = v.to_str() else {
+                    hops.push(None);
+                    continue;
+                };
+                for elem in s.split(',') {
+                    let hop = elem.split(';').find_map(|kv| {
+                        let (k, v) = kv.split_once('=')?;
+                        k.trim().eq_ignore_ascii_case("for").then(|| v.trim())
+                    });
+                    hops.push(hop.and_then(parse_hop));
+                }
+            }
+        }
+    }
+    if hops.is_empty() {
+        return peer;
+    }
+    let mut client = peer;
+    for hop in hops.iter().rev() {
+        match hop {
+            Some(ip) => {
+                client = canonical(*ip);
+                if !is_trusted(client) {
+                    return client;
+                }
+            }
+            None => return UNKNOWN_CLIENT,
+        }
+    }
+    client
+}
+
+/// Whether `headers` carry any forwarding header at all.
+pub fn has_forwarding(headers: &HeaderMap) -> bool {
+    headers.contains_key("x-forwarded-for") || headers.contains_key(http::header::FORWARDED)
+}
+
+/// Parses one hop: `1.2.3.4`, `1.2.3.4:5678`, `[::1]:80`, `"[2001:db8::1]"`
+/// (Forwarded quotes IPv6). Anything else is `None`.
+fn parse_hop(s: &str) -> Option<IpAddr> {
+    let s = s.trim();
+    let s = s
+        .strip_prefix('"')
+        .and_then(|x| x.strip_suffix('"'))
+        .unwrap_or(s);
+    if s.is_empty() || s.contains('%') {
+        return None;
+    }
+    if let Ok(ip) = s.parse::<IpAddr>() {
+        return Some(ip);
+    }
+    if let Some(rest) = s.strip_prefix('[') {
+        let (inner, after) = rest.split_once(']')?;
+        if !(after.is_empty() || after.strip_prefix(':')?.parse::<u16>().is_ok()) {
+            return None;
+        }
+        return inner.parse().ok();
+    }
+    let (host, port) = s.rsplit_once(':')?;
+    port.parse::<u16>().ok()?;
+    host.parse::<Ipv4Addr>().ok().map(IpAddr::V4)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    fn trusted(ip: IpAddr) -> bool {
+        ip == "127.0.0.1".parse::<IpAddr>().unwrap() || ip.to_string().starts_with("10.")
+    }
+
+    fn xff(v: &str) -> IpAddr {
+        let mut h = HeaderMap::new();
+        h.insert("x-forwarded-for", v.parse().unwrap());
+        client(ip("127.0.0.1"), &h, ForwardedHeader::Xff, trusted)
+    }
+
+    fn fwd(v: &str) -> IpAddr {
+        let mut h = HeaderMap::new();
+        h.insert("forwarded", v.parse().unwrap());
+        client(ip("127.0.0.1"), &h, ForwardedHeader::Forwarded, trusted)
+    }
+
+    #[test]
+    fn right_most_untrusted_hop() {
+        assert_eq!(xff("203.0.113.7, 10.1.1.1"), ip("203.0.113.7"));
+        assert_eq!(xff("198.51.100.1, 203.0.113.7"), ip("203.0.113.7"));
+        assert_eq!(xff("203.0.113.7:4711"), ip("203.0.113.7"));
+        assert_eq!(xff("[2001:db8::1]:443"), ip("2001:db8::1"));
+        assert_eq!(
+            fwd("for=\"[2001:db8::1]:4711\";proto=https"),
+            ip("2001:db8::1")
+        );
+        assert_eq!(
+            fwd("for=192.0.2.60;proto=http;by=203.0.113.43"),
+            ip("192.0.2.60")
+        );
+        assert_eq!(xff("10.0.0.1, 127.0.0.1"), ip("10.0.0.1"), "all trusted");
+    }
+
+    #[test]
+    fn unreadable_hops_are_unknown_never_the_proxy() {
+        for v in [
+            "garbage",
+            "",
+            " ",
+            "203.0.113.7,",
+            "fe80::1%eth0",
+            "[fe80::1%25eth0]:80",
+            "1.2.3.4:99999",
+        ] {
+            assert_eq!(xff(v), UNKNOWN_CLIENT, "{v:?}");
+        }
+        for v in [
+            "for=unknown",
+            "for=_hidden",
+            "proto=https",
+            "for=\"\"",
+            "for=garbage",
+        ] {
+            assert_eq!(fwd(v), UNKNOWN_CLIENT, "{v:?}");
+        }
+    }
+
+    #[test]
+    fn only_the_chosen_header_counts() {
+        let mut h = HeaderMap::new();
+        h.insert("x-forwarded-for", "203.0.113.1".parse().unwrap());
+        h.insert("forwarded", "for=198.51.100.2".parse().unwrap());
+        let peer = ip("127.0.0.1");
+        assert_eq!(
+            client(peer, &h, ForwardedHeader::Xff, trusted),
+            ip("203.0.113.1")
+        );
+        assert_eq!(
+            client(peer, &h, ForwardedHeader::Forwarded, trusted),
+            ip("198.51.100.2")
+        );
+        let mut only_fwd = HeaderMap::new();
+        only_fwd.insert("forwarded", "for=198.51.100.2".parse().unwrap());
+        assert_eq!(
+            client(peer, &only_fwd, ForwardedHeader::Xff, trusted),
+            peer,
+            "no XFF: the proxy's own request"
+        );
+    }
+}

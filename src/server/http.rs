@@ -1,0 +1,228 @@
+//! HTTP/1.1 and HTTP/2 (over TLS, or plain with h2c) with hyper: the one
+//! place that knows hyper. Requests go to [`App::doh`]; answers go out in
+//! a body that counts whether the client took them.
+
+use std::convert::Infallible;
+use std::error::Error as StdError;
+use std::net::IpAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body::{Frame, SizeHint};
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+use hyper_util::server::conn::auto;
+use tokio_util::sync::CancellationToken;
+
+use super::watchdog;
+use crate::guard::Expiry;
+use crate::metrics::Metrics;
+use crate::pipeline::{App, Peer};
+use crate::reject::{ConnReject, Outcome, ProtocolError, Transport};
+
+/// How long in-flight requests get to finish when a connection closes.
+pub const DRAIN: Duration = Duration::from_secs(5);
+/// HTTP/2 header list limit; HTTP/1.1 headers are limited to 16 KiB by the
+/// pipeline, inside a 64 KiB read buffer so that a long target gets its 414.
+const H2_MAX_HEADER_LIST: u32 = 16 * 1024;
+const H1_MAX_BUF: usize = 64 * 1024;
+pub const H2_MAX_STREAMS: u32 = 100;
+
+/// What a connection's HTTP layer needs to know.
+pub struct HttpConn {
+    pub app: Arc<App>,
+    pub peer: Peer,
+    /// ALPN's choice: `Some(true)` h2, `Some(false)` HTTP/1.1, `None` to
+    /// detect (plain listeners: HTTP/1.1 or h2c with prior knowledge).
+    pub h2: Option<bool>,
+    pub tls: bool,
+    pub first_request: Duration,
+    pub idle: Duration,
+    /// Added to every response (Alt-Svc).
+    pub extra_headers: Arc<http::HeaderMap>,
+}
+
+/// Serves HTTP on one connection until it ends, is closed by the
+/// watchdog, or the server shuts down.
+pub async fn serve<I>(c: HttpConn, io: I, shutdown: CancellationToken)
+where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(c.first_request)
+        .max_buf_size(H1_MAX_BUF)
+        .keep_alive(true);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(H2_MAX_STREAMS)
+        .max_header_list_size(H2_MAX_HEADER_LIST)
+        .max_pending_accept_reset_streams(Some(32))
+        .max_local_error_reset_streams(Some(64))
+        .max_send_buf_size(64 * 1024);
+    let builder = match c.h2 {
+        Some(true) => builder.http2_only(),
+        Some(false) => builder.http1_only(),
+        None => builder,
+    };
+    let (app, peer) = (c.app.clone(), c.peer.clone());
+    let extra = c.extra_headers.clone();
+    let svc = service_fn(move |req: http::Request<hyper::body::Incoming>| {
+        let (app, peer, extra) = (app.clone(), peer.clone(), extra.clone());
+        async move {
+            let transport = if req.version() == http::Version::HTTP_2 {
+                Transport::H2
+            } else {
+                Transport::H1
+            };
+            let reply = app.doh(&peer, transport, req).await;
+            if reply.close {
+                peer.conn.close();
+            }
+            let track = reply.answer.then(|| (app.metrics.clone(), transport));
+            let mut resp = reply.response.map(|b| AnswerBody::new(b, track));
+            for (k, v) in extra.iter() {
+                resp.headers_mut().insert(k.clone(), v.clone());
+            }
+            Ok::<_, Infallible>(resp)
+        }
+    });
+    let conn = builder.serve_connection(io, svc);
+    tokio::pin!(conn);
+    let watch = watchdog::expired(&c.peer.conn, c.first_request, c.idle);
+    tokio::pin!(watch);
+    tokio::select! {
+        r = conn.as_mut() => {
+            if let Err(e) = r {
+                if let Some(kind) = classify(e.as_ref(), c.tls) {
+                    c.app.metrics.protocol_error(kind);
+                    c.app.guard.penalize(scored_client(&c.peer), kind);
+                    tracing::debug!(peer = %c.peer.conn.peer(), kind = kind.label(), error = %e, "protocol error");
+                }
+            }
+        }
+        _ = shutdown.cancelled() => {
+            conn.as_mut().graceful_shutdown();
+            let _ = tokio::time::timeout(DRAIN, conn.as_mut()).await;
+        }
+        _ = c.peer.conn.closing() => {
+            conn.as_mut().graceful_shutdown();
+            let _ = tokio::time::timeout(DRAIN, conn.as_mut()).await;
+        }
+        why = &mut watch => {
+            if why == Expiry::FirstRequest {
+                c.app.metrics.conn_rejected(ConnReject::FirstRequestTimeout, false);
+                c.app.guard.penalize(scored_client(&c.peer), ConnReject::FirstRequestTimeout);
+            }
+            // Nothing in flight: close at once, without waiting for a
+            // client that sends nothing.
+        }
+    }
+}
+
+/// Who a connection-level offence is scored against: the client a PROXY
+/// header named, else the peer.
+pub fn scored_client(peer: &Peer) -> IpAddr {
+    match peer.proxied {
+        Some(Some(ip)) => ip,
+        Some(None) => crate::net::UNKNOWN_CLIENT,
+        None => peer.conn.peer(),
+    }
+}
+
+/// Which protocol error, if any, ended a connection.
+fn classify(err: &(dyn StdError + 'static), tls: bool) -> Option<ProtocolError> {
+    let mut e: Option<&(dyn StdError + 'static)> = Some(err);
+    while let Some(x) = e {
+        if let Some(h) = x.downcast_ref::<hyper::Error>() {
+            if h.is_parse() || h.is_parse_too_large() || h.is_parse_version_h2() {
+                return Some(ProtocolError::H1Parse);
+            }
+        }
+        if let Some(h2e) = x.downcast_ref::<h2::Error>() {
+            if !h2e.is_remote() && !h2e.is_io() {
+                return match h2e.reason() {
+                    Some(h2::Reason::ENHANCE_YOUR_CALM) => Some(ProtocolError::H2Calm),
+                    Some(h2::Reason::NO_ERROR) | None => None,
+                    Some(_) => Some(ProtocolError::H2Protocol),
+                };
+            }
+        }
+        if let Some(io) = x.downcast_ref::<std::io::Error>() {
+            if tls && io.kind() == std::io::ErrorKind::InvalidData {
+                return Some(ProtocolError::TlsAlert);
+            }
+        }
+        e = x.source();
+    }
+    None
+}
+
+/// A response body of at most one chunk that, for a DNS answer, counts the
+/// request `answered` once hyper takes the data to send it, or
+/// `undelivered` if the body is dropped first (the client never opened its
+/// flow-control window, or went away).
+pub struct AnswerBody {
+    data: Option<Bytes>,
+    track: Option<(Arc<Metrics>, Transport)>,
+}
+
+impl AnswerBody {
+    fn new(data: Bytes, track: Option<(Arc<Metrics>, Transport)>) -> AnswerBody {
+        let mut body = AnswerBody {
+            data: (!data.is_empty()).then_some(data),
+            track,
+        };
+        if body.data.is_none() {
+            body.delivered();
+        }
+        body
+    }
+
+    fn delivered(&mut self) {
+        if let Some((m, t)) = self.track.take() {
+            m.request(Outcome::Answered, t, false);
+        }
+    }
+}
+
+impl http_body::Body for AnswerBody {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        _: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        let this = self.get_mut();
+        match this.data.take() {
+            Some(d) => {
+                this.delivered();
+                Poll::Ready(Some(Ok(Frame::data(d))))
+            }
+            None => Poll::Ready(None),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.data.is_none()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        SizeHint::with_exact(self.data.as_ref().map_or(0, |d| d.len() as u64))
+    }
+}
+
+impl Drop for AnswerBody {
+    fn drop(&mut self) {
+        if let Some((m, t)) = self.track.take() {
+            m.request(Outcome::Undelivered, t, false);
+        }
+    }
+}

@@ -1,0 +1,293 @@
+//! Listeners and their lifecycle: binding, serving, background work and a
+//! tracked shutdown.
+//!
+//! Every task — accept loops, connections, housekeeping, the refreshes
+//! requests start — is spawned on a [`TaskTracker`]; [`Running::stop`]
+//! cancels one token, lets in-flight requests finish within a bound, and
+//! waits for the tracker to empty.
+//!
+//! - [`tcp`]: the HTTPS and plain-HTTP listeners (accept, admission,
+//!   PROXY header, TLS).
+//! - [`http`]: HTTP/1.1 and HTTP/2 with hyper.
+//! - [`io`]: write batching on the client's TCP stream.
+//! - [`watchdog`]: the request-driven clock that closes slow and idle
+//!   connections, shared by every transport.
+
+pub mod http;
+pub mod io;
+pub mod tcp;
+pub mod watchdog;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::Settings;
+use crate::metrics::Metrics;
+use crate::pipeline::App;
+use crate::upstream::Upstream;
+use crate::{admin, tls};
+
+/// How long shutdown waits for tasks once connections were asked to close.
+const STOP_GRACE: Duration = Duration::from_secs(7);
+/// How often the upstreams are probed.
+const PROBE_EVERY: Duration = Duration::from_secs(2);
+
+/// Where the TLS certificate comes from.
+#[derive(Debug, Clone)]
+pub enum TlsSource {
+    Files {
+        cert: PathBuf,
+        key: PathBuf,
+    },
+    /// A self-signed certificate for `localhost`, generated at start.
+    SelfSigned,
+}
+
+/// What the listeners run with.
+#[derive(Debug, Clone)]
+pub struct ServerSettings {
+    pub tls_listen: Vec<SocketAddr>,
+    pub http_listen: Vec<SocketAddr>,
+    pub tls: TlsSource,
+    /// From accept to the first complete request.
+    pub handshake_timeout: Duration,
+    /// With nothing in flight and nothing started.
+    pub idle_timeout: Duration,
+    pub max_requests_per_conn: u64,
+    pub proxy_protocol: bool,
+}
+
+/// A running proxy: its bound addresses and the means to stop it.
+pub struct Running {
+    pub tls_addrs: Vec<SocketAddr>,
+    pub http_addrs: Vec<SocketAddr>,
+    pub admin_addr: SocketAddr,
+    pub app: Arc<App>,
+    shutdown: CancellationToken,
+    tasks: TaskTracker,
+}
+
+impl Running {
+    /// Stops accepting, asks every connection to close once its in-flight
+    /// requests are done (a few seconds at most), and waits for every task.
+    pub async fn stop(self) {
+        self.shutdown.cancel();
+        self.tasks.close();
+        self.app.tasks.close();
+        let all = async {
+            self.tasks.wait().await;
+            self.app.tasks.wait().await;
+        };
+        if tokio::time::timeout(STOP_GRACE, all).await.is_err() {
+            tracing::warn!("some connections did not finish in time");
+        }
+    }
+}
+
+/// Binds every listener and starts serving. Fails if a listener cannot be
+/// bound or the TLS identity cannot be loaded.
+pub async fn start(settings: Settings) -> anyhow::Result<Running> {
+    raise_nofile();
+    let tls = if settings.server.tls_listen.is_empty() {
+        None
+    } else {
+        let id = match &settings.server.tls {
+            TlsSource::Files { cert, key } => tls::load_pair(cert, key)?,
+            TlsSource::SelfSigned => {
+                let id = tls::self_signed()?;
+                tracing::warn!(
+                    fingerprint = %id.fingerprint(),
+                    "NO CERTIFICATE GIVEN: serving a self-signed certificate for localhost \
+                     generated at start. Clients will not trust it; use --tls-cert/--tls-key."
+                );
+                id
+            }
+        };
+        Some(TlsAcceptor::from(tls::server_config(id)?))
+    };
+    let s = &settings.server;
+    let tls_listeners = s
+        .tls_listen
+        .iter()
+        .map(|a| tcp::bind(*a))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let http_listeners = s
+        .http_listen
+        .iter()
+        .map(|a| tcp::bind(*a))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let admin_listener = tcp::bind(settings.admin.listen)?;
+    let addrs = |ls: &[tokio::net::TcpListener]| -> Vec<SocketAddr> {
+        ls.iter().filter_map(|l| l.local_addr().ok()).collect()
+    };
+    let tls_addrs = addrs(&tls_listeners);
+    let http_addrs = addrs(&http_listeners);
+
+    let metrics = Arc::new(Metrics::new(&Upstream::labels(&settings.upstream)));
+    let app = Arc::new(App::new(&settings, metrics));
+    // The ban file's rule names the bound ports (port 0 in the
+    // configuration becomes the one the kernel chose).
+    app.guard.set_ports(
+        tls_addrs
+            .iter()
+            .chain(&http_addrs)
+            .map(|a| a.port())
+            .collect(),
+    );
+    let shutdown = CancellationToken::new();
+    let tasks = TaskTracker::new();
+    let running = Running {
+        admin_addr: admin_listener.local_addr()?,
+        tls_addrs,
+        http_addrs,
+        app: app.clone(),
+        shutdown: shutdown.clone(),
+        tasks: tasks.clone(),
+    };
+    let listener = |tls: Option<TlsAcceptor>| tcp::Listener {
+        app: app.clone(),
+        tls,
+        handshake: s.handshake_timeout,
+        idle: s.idle_timeout,
+        proxy_protocol: s.proxy_protocol,
+        extra_headers: Arc::new(::http::HeaderMap::new()),
+    };
+    for l in tls_listeners {
+        let run = listener(tls.clone()).run(l, tasks.clone(), shutdown.clone());
+        tasks.spawn(run);
+    }
+    for l in http_listeners {
+        let run = listener(None).run(l, tasks.clone(), shutdown.clone());
+        tasks.spawn(run);
+    }
+    tasks.spawn(admin::serve(
+        app.clone(),
+        settings.admin.clone(),
+        admin_listener,
+        shutdown.clone(),
+    ));
+    tasks.spawn(every(Duration::from_secs(1), shutdown.clone(), {
+        let app = app.clone();
+        move || {
+            app.guard.tick();
+            std::future::ready(())
+        }
+    }));
+    tasks.spawn(every(PROBE_EVERY, shutdown.clone(), {
+        let app = app.clone();
+        move || {
+            let app = app.clone();
+            async move { app.upstream.probe().await }
+        }
+    }));
+    tasks.spawn(summary(app.clone(), shutdown.clone()));
+    for a in &running.tls_addrs {
+        tracing::info!(listen = %a, "serving DoH over TLS");
+    }
+    for a in &running.http_addrs {
+        tracing::info!(listen = %a, "serving DoH over plain HTTP");
+    }
+    tracing::info!(listen = %running.admin_addr, "admin listener (/metrics, /healthz, /bans)");
+    Ok(running)
+}
+
+/// Runs `work` every `period` until shutdown.
+async fn every<F, Fut>(period: Duration, shutdown: CancellationToken, mut work: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    let mut tick = tokio::time::interval(period);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = shutdown.cancelled() => return,
+        }
+        tokio::select! {
+            _ = work() => {}
+            _ = shutdown.cancelled() => return,
+        }
+    }
+}
+
+/// One line a minute that tells an operator what is going on.
+async fn summary(app: Arc<App>, shutdown: CancellationToken) {
+    use crate::reject::Outcome;
+    let every = Duration::from_secs(60);
+    let mut tick = tokio::time::interval(every);
+    tick.tick().await;
+    let mut last_upstream = 0u64;
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = shutdown.cancelled() => return,
+        }
+        let m = &app.metrics;
+        let mut rejects = m.rejects_by_reason();
+        rejects.sort_by_key(|r| std::cmp::Reverse(r.1));
+        let top: Vec<String> = rejects
+            .iter()
+            .filter(|r| r.1 > 0)
+            .take(3)
+            .map(|(l, n)| format!("{l}={n}"))
+            .collect();
+        let hits = m.cache_hits.get();
+        let misses = m.cache_misses.get();
+        let sent = m.upstream_sent();
+        let qps = sent.saturating_sub(last_upstream) as f64 / every.as_secs_f64();
+        last_upstream = sent;
+        tracing::info!(
+            requests = Outcome::ALL.iter().map(|o| m.requests_by_outcome(*o)).sum::<u64>(),
+            answered = m.requests_by_outcome(Outcome::Answered),
+            rejected = m.requests_by_outcome(Outcome::Rejected),
+            rate_limited = m.requests_by_outcome(Outcome::RateLimited),
+            top_rejects = %top.join(","),
+            hit_ratio = format!("{:.3}", hits as f64 / (hits + misses).max(1) as f64),
+            upstream_qps = format!("{qps:.1}"),
+            unique_clients = app.unique.estimate(),
+            bans_active = app.guard.bans().len(),
+            connections = app.guard.open_connections(),
+            cache_bytes = app.cache.bytes(),
+            "summary"
+        );
+    }
+}
+
+/// The soft and hard `RLIMIT_NOFILE`.
+pub fn nofile_limit() -> Option<(u64, u64)> {
+    let l = rustix::process::getrlimit(rustix::process::Resource::Nofile);
+    Some((l.current.unwrap_or(u64::MAX), l.maximum.unwrap_or(u64::MAX)))
+}
+
+/// Raises the soft `RLIMIT_NOFILE` to the hard limit: the usual soft limit
+/// of 1024 would make `--max-conns` unreachable (accept fails with EMFILE,
+/// and upstream queries find no socket).
+pub fn raise_nofile() {
+    let Some((soft, hard)) = nofile_limit() else {
+        return;
+    };
+    if soft >= hard {
+        return;
+    }
+    // An unlimited hard limit is still bounded by the kernel's nr_open.
+    let nr_open = std::fs::read_to_string("/proc/sys/fs/nr_open")
+        .ok()
+        .and_then(|s| s.trim().parse::<u64>().ok())
+        .unwrap_or(1 << 20);
+    let target = hard.min(nr_open);
+    let new = rustix::process::Rlimit {
+        current: Some(target),
+        maximum: Some(hard),
+    };
+    match rustix::process::setrlimit(rustix::process::Resource::Nofile, new) {
+        Ok(()) => tracing::info!(from = soft, to = target, "raised the open file limit"),
+        Err(e) => tracing::warn!(error = %e, soft, hard, "cannot raise the open file limit"),
+    }
+}

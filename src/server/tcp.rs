@@ -1,0 +1,165 @@
+//! TCP listeners for DoH: accept, admission, then everything else in the
+//! connection's own task.
+//!
+//! The accept loop does nothing but accept and ask the guard whether the
+//! peer may connect: a refused connection is closed before any byte is
+//! read. The PROXY header, the TLS handshake and HTTP run in the
+//! connection's task, all within `--handshake-timeout` of accept, so one
+//! client that says nothing delays nobody.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper_util::rt::TokioIo;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::time::Instant;
+use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use super::http::{self, HttpConn};
+use super::io::ConnIo;
+use crate::guard::ConnTicket;
+use crate::metrics::{AcceptError, Handshake};
+use crate::pipeline::{App, Peer};
+use crate::proxyproto;
+use crate::reject::ConnReject;
+
+/// What every TCP DoH listener shares.
+#[derive(Clone)]
+pub struct Listener {
+    pub app: Arc<App>,
+    /// `None` for plain HTTP.
+    pub tls: Option<TlsAcceptor>,
+    pub handshake: Duration,
+    pub idle: Duration,
+    pub proxy_protocol: bool,
+    pub extra_headers: Arc<::http::HeaderMap>,
+}
+
+/// Binds a TCP listener (SO_REUSEADDR, backlog 1024).
+pub fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
+    let sock = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    sock.set_reuseaddr(true)?;
+    sock.bind(addr)
+        .map_err(|e| anyhow::anyhow!("cannot bind {addr}: {e}"))?;
+    Ok(sock.listen(1024)?)
+}
+
+impl Listener {
+    pub async fn run(self, listener: TcpListener, tasks: TaskTracker, shutdown: CancellationToken) {
+        loop {
+            let (stream, peer) = tokio::select! {
+                r = listener.accept() => match r {
+                    Ok(x) => x,
+                    Err(e) => {
+                        // Out of descriptors or similar: count, back off,
+                        // do not spin.
+                        let kind = AcceptError::of(&e);
+                        self.app.metrics.accept_error(kind);
+                        tracing::warn!(error = %e, kind = kind.label(), "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                },
+                _ = shutdown.cancelled() => return,
+            };
+            let ticket = match self.app.guard.admit(peer.ip()) {
+                Ok(t) => t,
+                Err(reason) => {
+                    if self.app.verbose > 0 {
+                        tracing::info!(peer = %peer, reason = reason.label(), "connection refused");
+                    }
+                    continue;
+                }
+            };
+            let this = self.clone();
+            let shutdown = shutdown.clone();
+            tasks.spawn(async move { this.serve(ticket, stream, peer, shutdown).await });
+        }
+    }
+
+    async fn serve(
+        self,
+        ticket: ConnTicket,
+        mut stream: TcpStream,
+        peer: SocketAddr,
+        shutdown: CancellationToken,
+    ) {
+        let _ = stream.set_nodelay(true);
+        let app = &self.app;
+        let conn = ticket.conn().clone();
+        let deadline = Instant::now() + self.handshake;
+        let mut proxied = None;
+        if self.proxy_protocol && app.guard.is_trusted_proxy(peer.ip()) {
+            match tokio::time::timeout_at(deadline, proxyproto::read_header(&mut stream)).await {
+                Ok(Ok(client)) => proxied = Some(client),
+                _ => {
+                    app.metrics.conn_rejected(ConnReject::ProxyHeader, false);
+                    return;
+                }
+            }
+        }
+        // The client a PROXY header names meets its own bans, rates and caps.
+        let _client_ticket = match proxied {
+            Some(Some(client)) => match app.guard.admit_proxied(client) {
+                Ok(t) => Some(t),
+                Err(_) => return,
+            },
+            Some(None) => match app.guard.admit_proxied(crate::net::UNKNOWN_CLIENT) {
+                Ok(t) => Some(t),
+                Err(_) => return,
+            },
+            None => None,
+        };
+        let peer = Peer::new(conn, proxied);
+        let io = ConnIo::new(stream);
+        let mut c = HttpConn {
+            app: app.clone(),
+            peer,
+            h2: None,
+            tls: self.tls.is_some(),
+            first_request: self.handshake,
+            idle: self.idle,
+            extra_headers: self.extra_headers.clone(),
+        };
+        match &self.tls {
+            Some(acceptor) => {
+                let accepted = tokio::select! {
+                    r = tokio::time::timeout_at(deadline, acceptor.accept(io)) => r,
+                    _ = c.peer.conn.closing() => return,
+                };
+                let tls = match accepted {
+                    Ok(Ok(s)) => s,
+                    Ok(Err(e)) => {
+                        app.metrics.handshake(Handshake::Failed);
+                        app.metrics
+                            .conn_rejected(ConnReject::HandshakeFailed, false);
+                        app.guard
+                            .penalize(http::scored_client(&c.peer), ConnReject::HandshakeFailed);
+                        tracing::debug!(peer = %c.peer.conn.peer(), error = %e, "TLS handshake failed");
+                        return;
+                    }
+                    Err(_) => {
+                        app.metrics.handshake(Handshake::Timeout);
+                        app.metrics
+                            .conn_rejected(ConnReject::HandshakeTimeout, false);
+                        app.guard
+                            .penalize(http::scored_client(&c.peer), ConnReject::HandshakeTimeout);
+                        return;
+                    }
+                };
+                app.metrics.handshake(Handshake::Ok);
+                c.h2 = Some(tls.get_ref().1.alpn_protocol() == Some(b"h2"));
+                http::serve(c, TokioIo::new(tls), shutdown).await;
+            }
+            None => http::serve(c, TokioIo::new(io), shutdown).await,
+        }
+        drop(ticket);
+    }
+}

@@ -1,0 +1,14 @@
+//! The integration tests, one binary: real TLS, real HTTP/1.1 and HTTP/2,
+//! a real UDP/TCP upstream, clients on many 127.x.y.z source addresses,
+//! and (in `e2e`) real DNS software and clients.
+
+mod common;
+
+mod admin;
+mod cache;
+mod e2e;
+mod examples_files;
+mod guard;
+mod hostile;
+mod http_rows;
+mod upstream;
