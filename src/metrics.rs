@@ -131,6 +131,8 @@ pub struct Metrics {
     pub connections_evicted: Counter,
     pub cache_entries: Gauge,
     pub cache_bytes: Gauge,
+    pub cache_max_bytes: Gauge,
+    pub connections_max: Gauge,
     pub unique_clients: Gauge,
     pub bans_active: Gauge,
     pub connections_open: Gauge,
@@ -216,6 +218,8 @@ impl Metrics {
             connections_evicted: Counter::default(),
             cache_entries: Gauge::default(),
             cache_bytes: Gauge::default(),
+            cache_max_bytes: Gauge::default(),
+            connections_max: Gauge::default(),
             unique_clients: Gauge::default(),
             bans_active: Gauge::default(),
             connections_open: Gauge::default(),
@@ -278,6 +282,12 @@ impl Metrics {
             Unit::Bytes,
             m.cache_bytes.clone(),
         );
+        registry.register_with_unit(
+            "doh_cache_max",
+            "The cache's bound, --cache-memory",
+            Unit::Bytes,
+            m.cache_max_bytes.clone(),
+        );
         registry.register(
             "doh_upstream_queries",
             "Queries sent upstream by upstream and result",
@@ -309,6 +319,11 @@ impl Metrics {
             "doh_connections_open",
             "Client connections open",
             m.connections_open.clone(),
+        );
+        registry.register(
+            "doh_connections_max",
+            "Client connections allowed in all, --max-conns",
+            m.connections_max.clone(),
         );
         registry.register(
             "doh_connections_rejected",

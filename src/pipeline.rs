@@ -89,6 +89,10 @@ pub struct Served {
 
 impl App {
     pub fn new(s: &Settings, metrics: Arc<Metrics>) -> App {
+        metrics
+            .cache_max_bytes
+            .set(i64::try_from(s.cache.max_bytes).unwrap_or(i64::MAX));
+        metrics.connections_max.set(i64::from(s.guard.max_conns));
         App {
             limits: s.doh.clone(),
             verbose: s.verbose,

@@ -755,6 +755,25 @@ mod tests {
     }
 
     #[test]
+    fn the_example_file_is_exactly_the_defaults() {
+        // doh-proxy.toml says it changes nothing until edited: hold it to it.
+        let example = include_str!("../../doh-proxy.toml");
+        let parsed = Config::from_toml(example).unwrap();
+        assert_eq!(format!("{parsed:?}"), format!("{:?}", Config::default()));
+        // And it names every key (commented out or not).
+        let defaults = toml::Value::try_from(Config::default()).unwrap();
+        for key in defaults.as_table().unwrap().keys() {
+            assert!(
+                example.contains(&format!("\n{key} =")) || example.contains(&format!("# {key} =")),
+                "doh-proxy.toml does not mention `{key}`"
+            );
+        }
+        for key in ["upstream", "tls_cert", "tls_key", "ban_file", "admin_token"] {
+            assert!(example.contains(&format!("# {key} =")), "{key}");
+        }
+    }
+
+    #[test]
     fn byte_sizes() {
         assert_eq!("256MiB".parse::<ByteSize>().unwrap(), ByteSize(256 << 20));
         assert_eq!("1GiB".parse::<ByteSize>().unwrap(), ByteSize(1 << 30));

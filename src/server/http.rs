@@ -165,9 +165,16 @@ fn classify(err: &(dyn StdError + 'static), tls: bool) -> Option<ProtocolError> 
 }
 
 /// A response body of at most one chunk that, for a DNS answer, counts the
-/// request `answered` once hyper takes the data to send it, or
-/// `undelivered` if the body is dropped first (the client never opened its
-/// flow-control window, or went away).
+/// request `answered` once the answer goes out, or `undelivered` if the
+/// body is dropped first (the client never opened its flow-control
+/// window, or went away).
+///
+/// HTTP/1.1 writes the chunk as soon as it is taken. HTTP/2 (hyper's
+/// pipe) takes the chunk first and then waits for send capacity; so over
+/// HTTP/2 the body reports itself unfinished after its chunk, and counts
+/// the answer delivered when hyper, having handed the chunk to the
+/// stream, asks for more (the end of stream then goes out as an empty
+/// DATA frame).
 pub struct AnswerBody {
     data: Option<Bytes>,
     track: Option<(Arc<Metrics>, Transport)>,
@@ -190,6 +197,10 @@ impl AnswerBody {
             m.request(Outcome::Answered, t, false);
         }
     }
+
+    fn confirms_at_end(&self) -> bool {
+        matches!(self.track, Some((_, Transport::H2)))
+    }
 }
 
 impl http_body::Body for AnswerBody {
@@ -201,17 +212,18 @@ impl http_body::Body for AnswerBody {
         _: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
         let this = self.get_mut();
-        match this.data.take() {
-            Some(d) => {
+        if let Some(d) = this.data.take() {
+            if !this.confirms_at_end() {
                 this.delivered();
-                Poll::Ready(Some(Ok(Frame::data(d))))
             }
-            None => Poll::Ready(None),
+            return Poll::Ready(Some(Ok(Frame::data(d))));
         }
+        this.delivered();
+        Poll::Ready(None)
     }
 
     fn is_end_stream(&self) -> bool {
-        self.data.is_none()
+        self.data.is_none() && self.track.is_none()
     }
 
     fn size_hint(&self) -> SizeHint {

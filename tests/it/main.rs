@@ -9,6 +9,7 @@ mod cache;
 mod e2e;
 mod examples_files;
 mod guard;
+mod hardening;
 mod hostile;
 mod http_rows;
 mod upstream;

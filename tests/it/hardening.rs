@@ -1,0 +1,628 @@
+//! The proxy's own policy under attack, each attack run against the proxy
+//! while a legitimate client on another address is measured: the
+//! legitimate client keeps being served, and the defence fires (a metric
+//! moves, the attacker is refused or banned).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rustls::pki_types::ServerName;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::common::*;
+
+const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// One HTTP/2 frame.
+fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+    let len = payload.len() as u32;
+    let mut f = vec![(len >> 16) as u8, (len >> 8) as u8, len as u8, kind, flags];
+    f.extend_from_slice(&stream.to_be_bytes());
+    f.extend_from_slice(payload);
+    f
+}
+
+fn settings(pairs: &[(u16, u32)]) -> Vec<u8> {
+    let mut p = Vec::new();
+    for (id, v) in pairs {
+        p.extend_from_slice(&id.to_be_bytes());
+        p.extend_from_slice(&v.to_be_bytes());
+    }
+    frame(4, 0, 0, &p)
+}
+
+fn ping() -> Vec<u8> {
+    frame(6, 0, 0, &[1, 2, 3, 4, 5, 6, 7, 8])
+}
+
+/// A HEADERS frame for `GET path` on `stream`, HPACK without Huffman or
+/// the dynamic table.
+fn get_headers(stream: u32, path: &str) -> Vec<u8> {
+    let mut h = vec![0x82, 0x87]; // :method GET, :scheme https
+    for (index, value) in [(4u8, path), (1, "localhost")] {
+        h.push(index); // literal without indexing, indexed name
+        assert!(value.len() < 127, "one-byte HPACK length");
+        h.push(value.len() as u8);
+        h.extend_from_slice(value.as_bytes());
+    }
+    frame(1, 0x05, stream, &h) // END_STREAM | END_HEADERS
+}
+
+/// A TLS connection with ALPN h2 from `source`, nothing sent yet.
+async fn h2_tls(
+    addr: SocketAddr,
+    source: &str,
+) -> std::io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
+    let tcp = tcp_from(Some(source.parse().unwrap()), addr).await?;
+    tls_connector(b"h2")
+        .connect(ServerName::try_from("localhost").unwrap(), tcp)
+        .await
+}
+
+/// Whether the server closed `s` within `wait`.
+async fn closed<S: tokio::io::AsyncRead + Unpin>(s: &mut S, wait: Duration) -> bool {
+    let mut buf = [0u8; 4096];
+    let until = tokio::time::Instant::now() + wait;
+    loop {
+        match tokio::time::timeout_at(until, s.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => return true,
+            Ok(Ok(_)) => continue,
+            Err(_) => return false,
+        }
+    }
+}
+
+/// A legitimate request from `source` on a fresh connection: its status
+/// and how long it took.
+async fn legit(p: &doh_proxy::server::Running, source: &str, name: &str) -> (u16, Duration) {
+    let t = Instant::now();
+    let r = tokio::time::timeout(
+        Duration::from_secs(10),
+        send_from(p, Proto::H2, source, get(&ok_path(name))),
+    )
+    .await;
+    let status = match r {
+        Ok(Ok(r)) => r.status,
+        _ => 0,
+    };
+    (status, t.elapsed())
+}
+
+/// Unique names whose answers are 12 KB (cached) and 60 KB (served, never
+/// cached) against a 32 MiB cache: the cache holds its bound in bytes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_answers_cannot_grow_the_cache_past_its_bytes() {
+    let up = MockUpstream::start().await;
+    let p = Arc::new(
+        proxy(&[up.addr], |c| {
+            c.cache_memory = "32MiB".parse().unwrap();
+            c.min_ttl = 1800;
+            c.per_ip_qps = 1_000_000;
+            c.per_ip_burst = 1_000_000;
+            c.per_prefix_qps = 1_000_000;
+            c.upstream_qps = 100_000;
+        })
+        .await,
+    );
+    let rss_before = rss_bytes();
+    let mut tasks = Vec::new();
+    for w in 0..8 {
+        let p = p.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut c = Client::connect(&p, Proto::H2, Some("127.0.50.1".parse().unwrap()))
+                .await
+                .unwrap();
+            let mut sizes = (0usize, 0usize);
+            for i in 0..375 {
+                let r = c
+                    .send(get(&ok_path(&format!("mid{w}-{i}.example.test"))))
+                    .await
+                    .unwrap();
+                assert_eq!(r.status, 200);
+                sizes.0 = sizes.0.max(r.body.len());
+                let r = c
+                    .send(get(&ok_path(&format!("big{w}-{i}.example.test"))))
+                    .await
+                    .unwrap();
+                assert_eq!(r.status, 200);
+                sizes.1 = sizes.1.max(r.body.len());
+            }
+            sizes
+        }));
+    }
+    for t in tasks {
+        let (mid, big) = t.await.unwrap();
+        assert!(mid > 11_000 && big > 59_000, "{mid} {big}");
+    }
+    p.app.cache.sync();
+    let bytes = metric(&p, "doh_cache_bytes").await;
+    let entries = metric(&p, "doh_cache_entries").await;
+    assert!(bytes <= (32 << 20) as f64, "{bytes} bytes cached");
+    assert!(bytes >= (24 << 20) as f64, "the cache is used: {bytes}");
+    assert!(
+        entries < 3000.0,
+        "{entries} entries: 60 KB answers are never cached"
+    );
+    let grown = rss_bytes().saturating_sub(rss_before);
+    assert!(grown < 160 << 20, "RSS grew by {} MiB", grown >> 20);
+    // The 60 KB answers came over TCP: over UDP they exceed what we
+    // advertise and were dropped.
+    assert!(up.tcp_queries.load(std::sync::atomic::Ordering::SeqCst) >= 3000);
+    assert_eq!(legit(&p, "127.0.51.1", "www.example.test").await.0, 200);
+}
+
+/// Incident 5, distributed: connections that only ever send PINGs fill the
+/// table; they are closed at the first-request deadline, and before that
+/// the idlest gives way to a new client.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ping_only_connections_do_not_hold_the_table() {
+    let up = MockUpstream::start().await;
+    let p = proxy(&[up.addr], |c| {
+        c.max_conns = 120;
+        c.idle_timeout = 8;
+    })
+    .await;
+    let addr = p.tls_addrs[0];
+    let mut attackers = Vec::new();
+    for i in 0..120 {
+        // 12 addresses in 3 /24s, under every per-address and prefix cap.
+        let src = format!("127.0.{}.{}", 60 + i % 3, 1 + i % 12);
+        let mut s = h2_tls(addr, &src).await.unwrap();
+        s.write_all(PREFACE).await.unwrap();
+        s.write_all(&settings(&[])).await.unwrap();
+        attackers.push(s);
+    }
+    assert_eq!(p.app.guard.open_connections(), 120);
+    let pinger = tokio::spawn(async move {
+        let mut closed_at = Vec::new();
+        let start = Instant::now();
+        for _ in 0..20 {
+            for s in attackers.iter_mut() {
+                let _ = s.write_all(&ping()).await;
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        for s in attackers.iter_mut() {
+            if closed(s, Duration::from_millis(10)).await {
+                closed_at.push(start.elapsed());
+            }
+        }
+        closed_at.len()
+    });
+    // The table is full: a new client is served at once, the idlest
+    // attacker giving way.
+    let (status, took) = legit(&p, "127.1.0.1", "www.example.test").await;
+    assert_eq!(status, 200);
+    assert!(took < Duration::from_secs(3), "{took:?}");
+    assert!(metric(&p, "doh_connections_evicted_total").await >= 1.0);
+    // Within the first-request deadline (5 s) every PING-only connection
+    // is gone, PINGs notwithstanding.
+    assert_eq!(pinger.await.unwrap(), 120);
+    assert!(
+        metric(
+            &p,
+            "doh_connections_rejected_total{reason=\"first_request_timeout\"}"
+        )
+        .await
+            >= 100.0
+    );
+    assert_eq!(legit(&p, "127.1.0.2", "www.example.test").await.0, 200);
+}
+
+/// A client that asked once, then keeps its connection with PINGs, is
+/// closed after the idle timeout.
+#[tokio::test]
+async fn pings_after_a_request_do_not_keep_a_connection() {
+    let up = MockUpstream::start().await;
+    let p = proxy(&[up.addr], |c| c.idle_timeout = 2).await;
+    let mut s = h2_tls(p.tls_addrs[0], "127.0.62.1").await.unwrap();
+    s.write_all(PREFACE).await.unwrap();
+    s.write_all(&settings(&[])).await.unwrap();
+    s.write_all(&get_headers(1, &ok_path("www.example.test")))
+        .await
+        .unwrap();
+    let t = Instant::now();
+    let mut is_closed = false;
+    while t.elapsed() < Duration::from_secs(6) {
+        let _ = s.write_all(&ping()).await;
+        if closed(&mut s, Duration::from_millis(300)).await {
+            is_closed = true;
+            break;
+        }
+    }
+    assert!(is_closed, "closed despite PINGs");
+    assert!(
+        t.elapsed() >= Duration::from_millis(1800),
+        "{:?}",
+        t.elapsed()
+    );
+}
+
+/// One byte at a time: the h2 preface after TLS, the plain listener's
+/// version detection, HTTP/1.1 headers. Each is closed at the
+/// first-request deadline.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drips_are_closed_at_the_first_request_deadline() {
+    let up = MockUpstream::start().await;
+    let p = proxy(&[up.addr], |c| c.handshake_timeout = 2).await;
+    let tls = p.tls_addrs[0];
+    let plain = p.http_addrs[0];
+    let drip = |bytes: &'static [u8]| {
+        move |mut s: Box<dyn AsyncRw>| async move {
+            let t = Instant::now();
+            for b in bytes.iter().cycle() {
+                if s.write_all(&[*b]).await.is_err() {
+                    break;
+                }
+                if closed(&mut s, Duration::from_millis(250)).await {
+                    return t.elapsed();
+                }
+                if t.elapsed() > Duration::from_secs(8) {
+                    break;
+                }
+            }
+            t.elapsed()
+        }
+    };
+    let h2_over_tls: Box<dyn AsyncRw> = Box::new(h2_tls(tls, "127.0.63.1").await.unwrap());
+    let plain_detect: Box<dyn AsyncRw> = Box::new(
+        tcp_from(Some("127.0.63.2".parse().unwrap()), plain)
+            .await
+            .unwrap(),
+    );
+    let h1_headers: Box<dyn AsyncRw> = Box::new(
+        tcp_from(Some("127.0.63.3".parse().unwrap()), plain)
+            .await
+            .unwrap(),
+    );
+    let a = tokio::spawn(drip(PREFACE)(h2_over_tls));
+    let b = tokio::spawn(drip(PREFACE)(plain_detect));
+    let c = tokio::spawn(drip(b"GET /dns-query?dns=AAAA HTTP/1.1\r\nX-Slow: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa")(h1_headers));
+    let (status, took) = legit(&p, "127.0.64.1", "www.example.test").await;
+    assert_eq!(status, 200);
+    assert!(took < Duration::from_secs(2), "{took:?}");
+    for (what, t) in [
+        ("h2 preface", a),
+        ("version detection", b),
+        ("h1 headers", c),
+    ] {
+        let took = t.await.unwrap();
+        assert!(
+            took >= Duration::from_millis(1500) && took < Duration::from_secs(4),
+            "{what}: closed after {took:?}"
+        );
+    }
+    assert!(
+        metric(
+            &p,
+            "doh_connections_rejected_total{reason=\"first_request_timeout\"}"
+        )
+        .await
+            >= 2.0
+    );
+}
+
+trait AsyncRw: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> AsyncRw for T {}
+
+/// Wrong paths and methods spend the budget and score like any junk.
+#[tokio::test]
+async fn wrong_paths_are_limited_and_banned() {
+    let up = MockUpstream::start().await;
+    let p = proxy(&[up.addr], |_| {}).await;
+    let mut c = Client::connect(&p, Proto::H2, Some("127.0.65.1".parse().unwrap()))
+        .await
+        .unwrap();
+    let mut statuses = Vec::new();
+    for i in 0..400 {
+        let path = if i % 2 == 0 { "/wp-login.php" } else { "/" };
+        match c.send(get(path)).await {
+            Ok(r) => statuses.push(r.status),
+            Err(_) => break,
+        }
+    }
+    assert!(
+        statuses.len() < 400,
+        "the connection was closed: {} requests",
+        statuses.len()
+    );
+    assert!(statuses.iter().any(|s| *s == 404));
+    assert!(metric(&p, "doh_bans_total{kind=\"address\"}").await >= 1.0);
+    assert!(
+        Client::connect(&p, Proto::H2, Some("127.0.65.1".parse().unwrap()))
+            .await
+            .is_err(),
+        "banned: refused at accept"
+    );
+    assert_eq!(legit(&p, "127.0.65.2", "www.example.test").await.0, 200);
+}
+
+/// A burst of full TLS handshakes from one address: most are refused at
+/// accept, before any TLS work; the address ends up banned; its neighbour
+/// is served throughout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn handshake_bursts_are_refused_at_accept() {
+    let up = MockUpstream::start().await;
+    let p = Arc::new(
+        proxy(&[up.addr], |c| {
+            c.per_ip_conn_rate = 10;
+            c.per_prefix_conn_rate = 100;
+        })
+        .await,
+    );
+    let addr = p.tls_addrs[0];
+    let mut handshakes = 0;
+    for _ in 0..300 {
+        if let Ok(Ok(s)) =
+            tokio::time::timeout(Duration::from_secs(2), h2_tls(addr, "127.0.66.1")).await
+        {
+            handshakes += 1;
+            drop(s);
+        }
+    }
+    assert!(
+        handshakes <= 60,
+        "{handshakes} of 300 completed a handshake"
+    );
+    assert!(metric(&p, "doh_connections_rejected_total{reason=\"conn_rate\"}").await >= 20.0);
+    assert!(metric(&p, "doh_bans_total{kind=\"address\"}").await >= 1.0);
+    let (status, took) = legit(&p, "127.0.67.1", "www.example.test").await;
+    assert_eq!(status, 200);
+    assert!(took < Duration::from_secs(2), "{took:?}");
+}
+
+/// HTTP/2 protocol errors and HTTP/1.1 parse errors score: enough of them
+/// and the address is banned.
+#[tokio::test]
+async fn protocol_errors_score() {
+    let up = MockUpstream::start().await;
+    let p = proxy(&[up.addr], |c| c.ban_after = 5).await;
+    for _ in 0..3 {
+        let mut s = h2_tls(p.tls_addrs[0], "127.0.68.1").await.unwrap();
+        s.write_all(PREFACE).await.unwrap();
+        s.write_all(&settings(&[])).await.unwrap();
+        // DATA on stream 0 is a connection error (PROTOCOL_ERROR).
+        s.write_all(&frame(0, 0, 0, b"x")).await.unwrap();
+        assert!(closed(&mut s, Duration::from_secs(3)).await);
+    }
+    for _ in 0..2 {
+        let mut s = tcp_from(Some("127.0.68.1".parse().unwrap()), p.http_addrs[0])
+            .await
+            .unwrap();
+        s.write_all(b"GET / HTTP/1.1\r\nHost x\r\n\0\0\r\n\r\n")
+            .await
+            .unwrap();
+        assert!(closed(&mut s, Duration::from_secs(3)).await);
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(
+        metric(&p, "doh_protocol_errors_total{kind=\"h2_protocol\"}").await,
+        3.0
+    );
+    assert_eq!(
+        metric(&p, "doh_protocol_errors_total{kind=\"h1_parse\"}").await,
+        2.0
+    );
+    let bans = String::from_utf8_lossy(&admin(&p, "GET", "/bans", None).await.body).to_string();
+    assert!(bans.contains("127.0.68.1/32"), "{bans}");
+}
+
+/// Behind a trusted proxy, a hop that names no client is the shared key
+/// `unknown`, with the normal per-client budget; never the proxy itself.
+#[tokio::test]
+async fn unparseable_forwarded_hops_share_one_limited_key() {
+    let up = MockUpstream::start().await;
+    let p = proxy(&[up.addr], |c| {
+        c.trusted_proxy = vec!["127.0.0.1".parse().unwrap()];
+        c.per_ip_qps = 1;
+        c.per_ip_burst = 3;
+        c.ban_after = 1000;
+    })
+    .await;
+    let mut c = Client::connect(&p, Proto::PlainH1, Some("127.0.0.1".parse().unwrap()))
+        .await
+        .unwrap();
+    let forms = [
+        ("x-forwarded-for", "garbage"),
+        ("x-forwarded-for", ""),
+        ("x-forwarded-for", "198.51.100.1,"),
+        ("x-forwarded-for", "fe80::1%eth0"),
+        ("x-forwarded-for", "unknown"),
+    ];
+    let mut statuses = Vec::new();
+    for (h, v) in forms {
+        let req = http::Request::get(ok_path("www.example.test"))
+            .header(h, v)
+            .body(Default::default())
+            .unwrap();
+        statuses.push(c.send(req).await.unwrap().status);
+    }
+    assert_eq!(&statuses[..3], &[200, 200, 200]);
+    assert_eq!(&statuses[3..], &[429, 429], "{statuses:?}");
+    // A real client behind the same proxy has its own budget.
+    let r = c
+        .send(get_xff(&ok_path("www.example.test"), "203.0.113.9"))
+        .await
+        .unwrap();
+    assert_eq!(r.status, 200);
+    // Only the chosen header counts: with `forwarded`, XFF is ignored.
+    let p2 = proxy(&[up.addr], |c| {
+        c.trusted_proxy = vec!["127.0.0.1".parse().unwrap()];
+        c.forwarded_header = doh_proxy::config::ForwardedHeader::Forwarded;
+        c.per_ip_qps = 1;
+        c.per_ip_burst = 2;
+    })
+    .await;
+    let mut c = Client::connect(&p2, Proto::PlainH1, Some("127.0.0.1".parse().unwrap()))
+        .await
+        .unwrap();
+    let mut statuses = Vec::new();
+    for i in 0..3 {
+        let req = http::Request::get(ok_path("www.example.test"))
+            .header("x-forwarded-for", format!("203.0.113.{i}"))
+            .header("forwarded", "for=_hidden")
+            .body(Default::default())
+            .unwrap();
+        statuses.push(c.send(req).await.unwrap().status);
+    }
+    assert_eq!(
+        statuses,
+        vec![200, 200, 429],
+        "XFF did not spread the budget"
+    );
+}
+
+/// A PROXY header alone names the client; UNKNOWN is the shared key.
+#[tokio::test]
+async fn proxy_unknown_is_the_shared_key() {
+    let up = MockUpstream::start().await;
+    let p = proxy(&[up.addr], |c| {
+        c.trusted_proxy = vec!["127.0.0.1".parse().unwrap()];
+        c.proxy_protocol = true;
+        c.per_ip_qps = 1;
+        c.per_ip_burst = 2;
+    })
+    .await;
+    let mut tcp = tcp_from(Some("127.0.0.1".parse().unwrap()), p.http_addrs[0])
+        .await
+        .unwrap();
+    tcp.write_all(b"PROXY UNKNOWN\r\n").await.unwrap();
+    let (mut send, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let mut statuses = Vec::new();
+    for i in 0..3 {
+        // A forwarding header on a PROXY connection is ignored.
+        let req = http::Request::get(ok_path("www.example.test"))
+            .header("host", "localhost")
+            .header("x-forwarded-for", format!("203.0.113.{i}"))
+            .body(http_body_util::Full::new(bytes::Bytes::new()))
+            .unwrap();
+        statuses.push(send.send_request(req).await.unwrap().status().as_u16());
+    }
+    assert_eq!(statuses, vec![200, 200, 429]);
+}
+
+/// Clients asking for names whose servers never answer cannot make the
+/// proxy look unhealthy: health follows the proxy's own probes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_names_do_not_mark_the_upstream_down() {
+    let up = MockUpstream::start().await;
+    let p = Arc::new(
+        proxy(&[up.addr], |c| {
+            c.upstream_timeout = 500;
+            c.per_ip_burst = 1000;
+            c.per_ip_qps = 1000;
+        })
+        .await,
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut tasks = Vec::new();
+    for i in 0..60 {
+        let p = p.clone();
+        tasks.push(tokio::spawn(async move {
+            for round in 0..6 {
+                let r = send_from(
+                    &p,
+                    Proto::H2,
+                    &format!("127.0.69.{}", i + 1),
+                    get(&ok_path(&format!("dead{i}-{round}.example.test"))),
+                )
+                .await
+                .unwrap();
+                assert_eq!(r.status, 200);
+                assert_eq!(
+                    r.dns().metadata.response_code,
+                    hickory_proto::op::ResponseCode::ServFail
+                );
+            }
+        }));
+    }
+    let mut probes = Vec::new();
+    let t = Instant::now();
+    while t.elapsed() < Duration::from_secs(3) {
+        probes.push(admin(&p, "GET", "/healthz", None).await.status);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    probes.push(admin(&p, "GET", "/healthz", None).await.status);
+    assert!(probes.iter().all(|s| *s == 200), "{probes:?}");
+}
+
+/// An answer the client never opens its window for counts as undelivered.
+#[tokio::test]
+async fn a_closed_window_means_undelivered() {
+    let up = MockUpstream::start().await;
+    let p = proxy(&[up.addr], |c| c.idle_timeout = 1).await;
+    let mut s = h2_tls(p.tls_addrs[0], "127.0.70.1").await.unwrap();
+    s.write_all(PREFACE).await.unwrap();
+    // SETTINGS_INITIAL_WINDOW_SIZE = 0: no stream may send DATA.
+    s.write_all(&settings(&[(4, 0)])).await.unwrap();
+    s.write_all(&get_headers(1, &ok_path("www.example.test")))
+        .await
+        .unwrap();
+    assert!(closed(&mut s, Duration::from_secs(5)).await);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        metric(&p, "doh_requests_total{outcome=\"undelivered\"}").await,
+        1.0
+    );
+    assert_eq!(
+        metric(&p, "doh_requests_total{outcome=\"answered\"}").await,
+        0.0
+    );
+}
+
+/// Started under the usual soft limit of 1024 descriptors, the proxy
+/// raises it to the hard limit.
+#[test]
+fn the_descriptor_limit_is_raised_at_start() {
+    use std::process::{Command, Stdio};
+    let hard = std::fs::read_to_string("/proc/self/limits")
+        .unwrap()
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .and_then(|l| l.split_whitespace().nth(4).map(str::to_string))
+        .unwrap();
+    if Command::new("prlimit").arg("--version").output().is_err() {
+        panic!("prlimit (util-linux) is needed");
+    }
+    let mut child = Command::new("prlimit")
+        .arg(format!("--nofile=1024:{hard}"))
+        .arg(env!("CARGO_BIN_EXE_doh-proxy"))
+        .args([
+            "-l",
+            "127.0.0.1:0",
+            "--metrics-listen",
+            "127.0.0.1:0",
+            "-u",
+            "127.0.0.1:9",
+        ])
+        .env("DOH_PROXY_LOG", "info")
+        .current_dir(std::env::temp_dir())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    let mut soft = String::new();
+    for _ in 0..50 {
+        std::thread::sleep(Duration::from_millis(100));
+        if let Ok(limits) = std::fs::read_to_string(format!("/proc/{pid}/limits")) {
+            if let Some(l) = limits.lines().find(|l| l.starts_with("Max open files")) {
+                soft = l.split_whitespace().nth(3).unwrap_or("").to_string();
+                if soft == hard {
+                    break;
+                }
+            }
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    assert_eq!(soft, hard, "soft limit raised to the hard one");
+}
