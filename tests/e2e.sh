@@ -146,6 +146,11 @@ chk "dnspython dns.query.https over TLS (POST)" \
   "$PY -c \"import dns.message,dns.query,dns.rcode; r=dns.query.https(dns.message.make_query('nope.example.test','A'),'$TLS_IP',verify='$CA',timeout=5); assert r.rcode()==dns.rcode.NXDOMAIN\""
 chk "dnspython dns.query.https over the plain listener" \
   "$PY -c \"import dns.message,dns.query; r=dns.query.https(dns.message.make_query('short.example.test','A'),'$PLAIN',timeout=5); assert r.answer[0][0].address=='192.0.2.5'\""
+chk "answers keep no authority NS nor glue (NSD sends both)" \
+  "dig @127.0.0.1 -p $NSD_PORT multi.example.test | grep -q 'AUTHORITY: 1, ADDITIONAL: 2' &&
+   dig @127.0.0.1 -p $TLS_PORT +https +tls-ca=$CA +tls-hostname=localhost multi.example.test | grep -q 'AUTHORITY: 0, ADDITIONAL: 1'"
+chk "negative answers keep their SOA" \
+  "dig @127.0.0.1 -p $TLS_PORT +https +tls-ca=$CA +tls-hostname=localhost nothere.example.test | grep -q 'AUTHORITY: 1, ADDITIONAL: 1'"
 chk "obsolete draft (ct=) gets 400" \
   "test \$(curl -s -o /dev/null -w '%{http_code}' --cacert $CA '$TLS?ct=application/dns-udpwireformat&dns=$Q') = 400"
 chk "obsolete media type gets 415" \
