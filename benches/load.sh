@@ -6,6 +6,11 @@
 #
 #   bash benches/load.sh                 # N=100000 requests per cache-hit run
 #   N=20000 bash benches/load.sh         # quicker
+#   SCEN="hit_h2 hit_h2_idle" bash benches/load.sh   # only some scenarios
+#
+# Scenarios: hit_h2, hit_h1, reject, miss, hit_h2_idle (cache hits while
+# examples/idle_conns holds 10,000 idle connections open, doh-proxy and
+# dnsdist only).
 #
 # Prints a Markdown table: requests/s, p99 latency, CPU seconds per 100k
 # requests for each server and scenario, peak RSS, and the ratio of
@@ -13,6 +18,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 N=${N:-100000}
+SCEN=${SCEN:-hit_h2 hit_h1 reject miss hit_h2_idle}
+IDLE=${IDLE:-10000}
+want() { [[ " $SCEN " == *" $1 "* ]]; }
 PEERS=${PEERS:-../shared/peers/peers.sh}
 export BASE=${BASE:-/tmp/doh-peers}
 OUT=$(mktemp -d /tmp/doh-load.XXXXXX)
@@ -23,12 +31,13 @@ echo "== peers (NSD, dnsdist, unbound, the doh-proxy crate)" >&2
 WITH_DNSCRYPT=0 WITH_PY=0 WITH_DOH_PROXY=1 bash "$PEERS" > "$OUT/peers.log" 2>&1 ||
   { tail -20 "$OUT/peers.log"; exit 1; }
 echo "== building doh-proxy (release)" >&2
-cargo build --release --quiet
+cargo build --release --quiet --bin doh-proxy --example idle_conns
 target/release/doh-proxy -l 127.0.0.1:8443 --listen-http 127.0.0.1:8088 -u 127.0.0.1:5300 \
   --tls-cert "$BASE/tls/cert.pem" --tls-key "$BASE/tls/key.pem" --metrics-listen 127.0.0.1:9199 \
   --per-ip-qps 100000000 --per-ip-burst 100000000 --per-prefix-qps 100000000 \
-  --upstream-qps 1000000 --max-conns-per-ip 10000 --ban-after 4294967295 \
-  > "$OUT/ours.log" 2>&1 &
+  --per-ip-conn-rate 100000000 --per-prefix-conn-rate 100000000 \
+  --upstream-qps 1000000 --max-conns-per-ip 10000 --max-conns $((IDLE + 2000)) \
+  --ban-after 4294967295 > "$OUT/ours.log" 2>&1 &
 OURS=$!
 trap 'kill $OURS 2>/dev/null; rm -rf "$OUT"' EXIT
 for _ in $(seq 1 100); do curl -sf http://127.0.0.1:9199/healthz >/dev/null 2>&1 && break; sleep 0.1; done
@@ -89,14 +98,26 @@ for s in "${SERVERS[@]}"; do
   echo "== $name" >&2
   url="https://127.0.0.1:$tls/dns-query?dns=$Q"
   curl -s --cacert "$CA" -H "$H" "$url" -o /dev/null   # warm the cache
-  run hit_h2 "$name" "$pid" -n "$N" -c 10 -m 10 "$url"
-  if [ "$name" != unbound ]; then  # unbound's DoH is HTTP/2 only
+  want hit_h2 && run hit_h2 "$name" "$pid" -n "$N" -c 10 -m 10 "$url"
+  if want hit_h1 && [ "$name" != unbound ]; then  # unbound's DoH is HTTP/2 only
     run hit_h1 "$name" "$pid" -n "$((N / 2))" -c 10 -m 1 --h1 "$url"
   fi
-  run reject "$name" "$pid" -n "$N" -c 10 -m 10 \
+  want reject && run reject "$name" "$pid" -n "$N" -c 10 -m 10 \
     "https://127.0.0.1:$tls/dns-query?ct=application/dns-udpwireformat&dns=$Q"
-  mkuris "$tls" "m$RANDOM-$name-" "$((N / 5))" > "$OUT/uris-$name"
-  run miss "$name" "$pid" -n "$((N / 5))" -c 10 -m 10 -i "$OUT/uris-$name"
+  if want miss; then
+    mkuris "$tls" "m$RANDOM-$name-" "$((N / 5))" > "$OUT/uris-$name"
+    run miss "$name" "$pid" -n "$((N / 5))" -c 10 -m 10 -i "$OUT/uris-$name"
+  fi
+  if want hit_h2_idle && [[ $name == doh-proxy || $name == dnsdist ]]; then
+    target/release/examples/idle_conns --addr "127.0.0.1:$tls" --conns "$IDLE" --ca "$CA" \
+      > "$OUT/idle-$name.out" 2>&1 &
+    idle=$!
+    for _ in $(seq 1 600); do grep -q '^ready' "$OUT/idle-$name.out" && break; sleep 0.2; done
+    echo "   idle connections: $(head -1 "$OUT/idle-$name.out")" >&2
+    run hit_h2_idle "$name" "$pid" -n "$N" -c 10 -m 10 "$url"
+    kill $idle 2>/dev/null; wait $idle 2>/dev/null || true
+    sleep 2
+  fi
   echo -e "rss\t$name\t$(awk '/VmHWM/ {print $2}' "/proc/$pid/status")" >> "$OUT/results.tsv"
 done
 
@@ -107,6 +128,7 @@ res = {(r[0], r[1]): r for r in rows if r[0] != "rss"}
 rss = {r[1]: int(r[2]) for r in rows if r[0] == "rss"}
 servers = ["doh-proxy", "dnsdist", "unbound", "doh-proxy-crate"]
 names = {"hit_h2": "cache hit, TLS HTTP/2 (10 conns x 10 streams)",
+         "hit_h2_idle": "cache hits with 10,000 idle connections open, TLS HTTP/2",
          "hit_h1": "cache hit, TLS HTTP/1.1 (10 conns)",
          "reject": "obsolete-draft request (`ct=`), TLS HTTP/2",
          "miss": "unique names (misses), TLS HTTP/2"}
@@ -114,11 +136,12 @@ print(f"Requests per cache-hit run: {sys.argv[2]}; status columns are 2xx/3xx/4x
 print("| scenario | server | req/s | p99 ms | CPU s / 100k req | statuses | doh-proxy req/s ratio |")
 print("|---|---|---:|---:|---:|---|---:|")
 for scen in names:
+    if not any(k[0] == scen for k in res):
+        continue
     ours = res.get((scen, "doh-proxy"))
     for s in servers:
         r = res.get((scen, s))
         if not r:
-            print(f"| {names[scen]} | {s} | n/a | | | | |")
             continue
         ratio = ""
         if s != "doh-proxy" and ours and float(r[2]) > 0:
