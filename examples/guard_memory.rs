@@ -33,7 +33,7 @@ fn main() {
         ..Config::default()
     };
     let (settings, _) = cfg.settings().expect("a valid configuration");
-    let guard = Guard::new(settings.guard, Arc::new(Metrics::new(&[])));
+    let guard = Guard::new(settings.guard, Arc::new(Metrics::new()));
     // IPv6 /64s spread over many /56 prefixes: the worst case for the
     // prefix limiter too.
     let addr = |i: u32| {

@@ -6,6 +6,7 @@
 //! of [`crate::reject`] make cover every reason. What `--dry-run` only
 //! counted carries the extra label `dry_run="true"` under the same names.
 
+use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 
 use prometheus_client::encoding::text::encode;
@@ -23,22 +24,30 @@ type Labels = Vec<(&'static str, String)>;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum UpstreamResult {
     Ok,
+    /// SERVFAIL or REFUSED.
     Servfail,
+    /// No answer by the deadline.
     Timeout,
     Error,
     /// An answer that did not match (wrong ID or question, too large) and
-    /// was dropped.
+    /// was dropped (counted per answer, beside the query's own result).
     Dropped,
+    /// Still unanswered when another attempt's answer won.
+    Abandoned,
 }
 
 impl UpstreamResult {
-    const ALL: [UpstreamResult; 5] = [
+    const ALL: [UpstreamResult; 6] = [
         UpstreamResult::Ok,
         UpstreamResult::Servfail,
         UpstreamResult::Timeout,
         UpstreamResult::Error,
         UpstreamResult::Dropped,
+        UpstreamResult::Abandoned,
     ];
+    fn index(self) -> usize {
+        self as usize
+    }
     fn label(self) -> &'static str {
         match self {
             UpstreamResult::Ok => "ok",
@@ -46,8 +55,69 @@ impl UpstreamResult {
             UpstreamResult::Timeout => "timeout",
             UpstreamResult::Error => "error",
             UpstreamResult::Dropped => "dropped",
+            UpstreamResult::Abandoned => "abandoned",
         }
     }
+}
+
+/// The metric handles of one upstream, resolved once.
+#[derive(Clone)]
+pub struct UpstreamMetrics {
+    results: Vec<Counter>,
+    duration: Histogram,
+    /// Attempts sent while another was still waiting.
+    pub hedges: Counter,
+    /// Hedged attempts whose answer won.
+    pub hedges_won: Counter,
+    /// Stream connections opened (TCP, TLS, HTTPS).
+    pub connections: Counter,
+    rtt: Gauge<f64, AtomicU64>,
+    pub up: Gauge,
+}
+
+impl UpstreamMetrics {
+    pub fn result(&self, r: UpstreamResult, took: Option<Duration>) {
+        if let Some(c) = self.results.get(r.index()) {
+            c.inc();
+        }
+        if let Some(t) = took {
+            self.duration.observe(t.as_secs_f64());
+        }
+    }
+
+    pub fn dropped(&self) {
+        self.result(UpstreamResult::Dropped, None);
+    }
+
+    pub fn set_rtt(&self, srtt: Option<Duration>) {
+        if let Some(d) = srtt {
+            self.rtt.set(d.as_secs_f64());
+        }
+    }
+
+    fn sent(&self) -> u64 {
+        [
+            UpstreamResult::Ok,
+            UpstreamResult::Servfail,
+            UpstreamResult::Timeout,
+            UpstreamResult::Error,
+            UpstreamResult::Abandoned,
+        ]
+        .iter()
+        .map(|r| self.results[r.index()].get())
+        .sum()
+    }
+}
+
+/// The per-upstream families, from which each upstream's handles are made.
+struct UpstreamFamilies {
+    queries: Family<Labels, Counter>,
+    duration: Family<Labels, Histogram>,
+    hedges: Family<Labels, Counter>,
+    hedges_won: Family<Labels, Counter>,
+    connections: Family<Labels, Counter>,
+    rtt: Family<Labels, Gauge<f64, AtomicU64>>,
+    up: Family<Labels, Gauge>,
 }
 
 /// How a TLS handshake ended, the `result` of `doh_tls_handshakes_total`.
@@ -104,11 +174,6 @@ impl AcceptError {
     }
 }
 
-struct UpstreamHandles {
-    results: Vec<Counter>,
-    duration: Histogram,
-}
-
 /// A pair of handles: enforced, and only counted under `--dry-run`.
 type Pair = [Counter; 2];
 
@@ -136,7 +201,8 @@ pub struct Metrics {
     pub unique_clients: Gauge,
     pub bans_active: Gauge,
     pub connections_open: Gauge,
-    upstreams: Vec<UpstreamHandles>,
+    upstream_families: UpstreamFamilies,
+    upstreams: std::sync::Mutex<Vec<UpstreamMetrics>>,
 }
 
 fn pair(family: &Family<Labels, Counter>, labels: &[(&'static str, &str)]) -> Pair {
@@ -156,9 +222,15 @@ fn one(family: &Family<Labels, Counter>, key: &'static str, value: &str) -> Coun
         .clone()
 }
 
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}
+
 impl Metrics {
-    /// Registers every family; `upstreams` are the labels of the upstreams.
-    pub fn new(upstreams: &[String]) -> Metrics {
+    /// Registers every family.
+    pub fn new() -> Metrics {
         let mut registry = Registry::default();
         let requests_f = Family::<Labels, Counter>::default();
         let rejects_f = Family::<Labels, Counter>::default();
@@ -167,10 +239,17 @@ impl Metrics {
         let handshake_f = Family::<Labels, Counter>::default();
         let accept_f = Family::<Labels, Counter>::default();
         let bans_f = Family::<Labels, Counter>::default();
-        let upstream_f = Family::<Labels, Counter>::default();
-        let duration_f = Family::<Labels, Histogram>::new_with_constructor(
-            (|| Histogram::new(exponential_buckets(0.0005, 2.0, 14))) as fn() -> Histogram,
-        );
+        let fams = UpstreamFamilies {
+            queries: Family::default(),
+            duration: Family::<Labels, Histogram>::new_with_constructor(
+                (|| Histogram::new(exponential_buckets(0.0005, 2.0, 14))) as fn() -> Histogram,
+            ),
+            hedges: Family::default(),
+            hedges_won: Family::default(),
+            connections: Family::default(),
+            rtt: Family::default(),
+            up: Family::default(),
+        };
         let m = Metrics {
             requests: Outcome::ALL
                 .iter()
@@ -223,25 +302,16 @@ impl Metrics {
             unique_clients: Gauge::default(),
             bans_active: Gauge::default(),
             connections_open: Gauge::default(),
-            upstreams: upstreams
-                .iter()
-                .map(|u| UpstreamHandles {
-                    results: UpstreamResult::ALL
-                        .iter()
-                        .map(|r| {
-                            upstream_f
-                                .get_or_create(&vec![
-                                    ("upstream", u.clone()),
-                                    ("result", r.label().to_string()),
-                                ])
-                                .clone()
-                        })
-                        .collect(),
-                    duration: duration_f
-                        .get_or_create(&vec![("upstream", u.clone())])
-                        .clone(),
-                })
-                .collect(),
+            upstream_families: UpstreamFamilies {
+                queries: fams.queries.clone(),
+                duration: fams.duration.clone(),
+                hedges: fams.hedges.clone(),
+                hedges_won: fams.hedges_won.clone(),
+                connections: fams.connections.clone(),
+                rtt: fams.rtt.clone(),
+                up: fams.up.clone(),
+            },
+            upstreams: std::sync::Mutex::new(Vec::new()),
             registry: Registry::default(),
         };
         registry.register(
@@ -290,14 +360,41 @@ impl Metrics {
         );
         registry.register(
             "doh_upstream_queries",
-            "Queries sent upstream by upstream and result",
-            upstream_f,
+            "Queries sent upstream by upstream and result (ok, servfail, timeout, error, \
+             abandoned when another attempt won; dropped counts answers that did not match)",
+            fams.queries,
         );
         registry.register_with_unit(
             "doh_upstream_duration",
             "Time to an accepted upstream answer",
             Unit::Seconds,
-            duration_f,
+            fams.duration,
+        );
+        registry.register(
+            "doh_upstream_hedges",
+            "Attempts sent while an earlier one was still waiting",
+            fams.hedges,
+        );
+        registry.register(
+            "doh_upstream_hedges_won",
+            "Hedged attempts whose answer came first",
+            fams.hedges_won,
+        );
+        registry.register(
+            "doh_upstream_connections",
+            "Connections opened to stream upstreams (TCP, TLS, HTTPS)",
+            fams.connections,
+        );
+        registry.register_with_unit(
+            "doh_upstream_rtt",
+            "Smoothed round-trip time of each upstream",
+            Unit::Seconds,
+            fams.rtt,
+        );
+        registry.register(
+            "doh_upstream_up",
+            "Whether the proxy's own probes find the upstream up",
+            fams.up,
         );
         registry.register(
             "doh_upstream_budget_exhausted",
@@ -387,17 +484,31 @@ impl Metrics {
         self.bans[prefix as usize][dry_run as usize].inc();
     }
 
-    pub fn upstream(&self, server: usize, result: UpstreamResult, took: Option<Duration>) {
-        let Some(h) = self.upstreams.get(server) else {
-            return;
+    /// The handles of the upstream labelled `label` (created on first use,
+    /// so that reloaded upstreams get theirs).
+    pub fn upstream_handles(&self, label: &str) -> UpstreamMetrics {
+        let f = &self.upstream_families;
+        let l = || vec![("upstream", label.to_string())];
+        let h = UpstreamMetrics {
+            results: UpstreamResult::ALL
+                .iter()
+                .map(|r| {
+                    let mut labels = l();
+                    labels.push(("result", r.label().to_string()));
+                    f.queries.get_or_create(&labels).clone()
+                })
+                .collect(),
+            duration: f.duration.get_or_create(&l()).clone(),
+            hedges: f.hedges.get_or_create(&l()).clone(),
+            hedges_won: f.hedges_won.get_or_create(&l()).clone(),
+            connections: f.connections.get_or_create(&l()).clone(),
+            rtt: f.rtt.get_or_create(&l()).clone(),
+            up: f.up.get_or_create(&l()).clone(),
         };
-        let i = UpstreamResult::ALL.iter().position(|r| *r == result);
-        if let Some(c) = i.and_then(|i| h.results.get(i)) {
-            c.inc();
+        if let Ok(mut all) = self.upstreams.lock() {
+            all.push(h.clone());
         }
-        if let Some(t) = took {
-            h.duration.observe(t.as_secs_f64());
-        }
+        h
     }
 
     /// Requests with `outcome` over every transport, enforced only.
@@ -415,12 +526,12 @@ impl Metrics {
             .collect()
     }
 
+    /// Queries sent upstream in all.
     pub fn upstream_sent(&self) -> u64 {
         self.upstreams
-            .iter()
-            .flat_map(|h| h.results.iter())
-            .map(|c| c.get())
-            .sum()
+            .lock()
+            .map(|all| all.iter().map(|h| h.sent()).sum())
+            .unwrap_or(0)
     }
 
     /// The Prometheus text exposition.
@@ -438,11 +549,12 @@ mod tests {
 
     #[test]
     fn spec_families_are_exposed() {
-        let m = Metrics::new(&["127.0.0.1:53".into()]);
+        let m = Metrics::new();
+        let up = m.upstream_handles("127.0.0.1:53");
         m.request(Outcome::Answered, Transport::H2, false);
         m.request(Outcome::RateLimited, Transport::H1, true);
         m.reject(Reject::ObsoleteDraft, false);
-        m.upstream(0, UpstreamResult::Ok, Some(Duration::from_millis(3)));
+        up.result(UpstreamResult::Ok, Some(Duration::from_millis(3)));
         m.protocol_error(ProtocolError::H2Calm);
         let text = m.encode();
         for name in [

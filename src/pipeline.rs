@@ -88,23 +88,27 @@ pub struct Served {
 }
 
 impl App {
-    pub fn new(s: &Settings, metrics: Arc<Metrics>) -> App {
+    /// Everything a request needs. Fails when an upstream cannot be set up.
+    pub fn new(s: &Settings, metrics: Arc<Metrics>) -> anyhow::Result<App> {
+        let tasks = tokio_util::task::TaskTracker::new();
+        let upstream = Upstream::new(&s.upstream, metrics.clone(), tasks.clone())
+            .map_err(anyhow::Error::msg)?;
         metrics
             .cache_max_bytes
             .set(i64::try_from(s.cache.max_bytes).unwrap_or(i64::MAX));
         metrics.connections_max.set(i64::from(s.guard.max_conns));
-        App {
+        Ok(App {
             limits: s.doh.clone(),
             verbose: s.verbose,
             max_requests_per_conn: s.server.max_requests_per_conn,
             guard: Arc::new(Guard::new(s.guard.clone(), metrics.clone())),
             cache: Cache::new(&s.cache),
             inflight: Inflight::default(),
-            upstream: Upstream::new(&s.upstream, metrics.clone()),
+            upstream,
             metrics,
             unique: UniqueClients::default(),
-            tasks: tokio_util::task::TaskTracker::new(),
-        }
+            tasks,
+        })
     }
 
     /// Counts a refusal, scores it against the client, logs it at `-v`.

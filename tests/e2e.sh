@@ -10,6 +10,7 @@ set -uo pipefail
 BIN=${1:-target/debug/doh-proxy}
 BASE=$(mktemp -d /tmp/doh-e2e.XXXXXX)
 NSD_PORT=5390 TLS_PORT=8543 HTTP_PORT=8580 ADMIN_PORT=9553
+UNBOUND_DOT=8953 DOT_FRONT=8544 DOT_FRONT_ADMIN=9554 DOH_FRONT=8545 DOH_FRONT_ADMIN=9555
 export DEBIAN_FRONTEND=noninteractive
 PIDS=()
 
@@ -24,7 +25,7 @@ cleanup() {
 trap cleanup EXIT
 
 need=()
-for p in nsd knot-dnsutils bind9-dnsutils python3-venv openssl curl nftables; do
+for p in nsd unbound knot-dnsutils bind9-dnsutils python3-venv openssl curl nftables; do
   dpkg -s "$p" >/dev/null 2>&1 || need+=("$p")
 done
 if [ ${#need[@]} -gt 0 ]; then
@@ -85,6 +86,32 @@ zone:
 EOF
 nsd -c "$BASE/nsd.conf" || { echo "nsd did not start"; cat "$BASE/nsd.log"; exit 1; }
 
+# unbound as a DNS-over-TLS upstream (its tls-service-key), forwarding to NSD.
+cat > "$BASE/unbound.conf" <<EOF
+server:
+    username: ""
+    chroot: ""
+    directory: "$BASE"
+    use-syslog: no
+    logfile: "$BASE/unbound.log"
+    num-threads: 1
+    interface: 127.0.0.1@$UNBOUND_DOT
+    tls-port: $UNBOUND_DOT
+    tls-service-key: "$T/key.pem"
+    tls-service-pem: "$T/cert.pem"
+    do-ip6: no
+    do-not-query-localhost: no
+    module-config: "iterator"
+    local-zone: "test." nodefault
+    access-control: 127.0.0.0/8 allow
+    qname-minimisation: no
+forward-zone:
+    name: "."
+    forward-addr: 127.0.0.1@$NSD_PORT
+EOF
+unbound -d -c "$BASE/unbound.conf" > "$BASE/unbound.out" 2>&1 &
+PIDS+=($!)
+
 "$BIN" -l 127.0.0.1:$TLS_PORT --listen-http 127.0.0.1:$HTTP_PORT -u 127.0.0.1:$NSD_PORT \
   --tls-cert "$T/cert.pem" --tls-key "$T/key.pem" --metrics-listen 127.0.0.1:$ADMIN_PORT \
   --trusted-proxy 127.0.0.2 --ban-file "$BASE/bans.nft" --ban-after 5 \
@@ -93,9 +120,22 @@ PIDS+=($!)
 for _ in $(seq 1 100); do
   curl -sf "http://127.0.0.1:$ADMIN_PORT/metrics" >/dev/null 2>&1 && break; sleep 0.1
 done
-if ! kill -0 "${PIDS[0]}" 2>/dev/null; then
+if ! kill -0 "${PIDS[1]}" 2>/dev/null; then
   echo "doh-proxy did not start:"; cat "$BASE/proxy.log"; echo "e2e: 0 passed, 1 failed"; exit 1
 fi
+# Two more instances: one forwarding over DNS over TLS to unbound, one
+# forwarding over DNS over HTTPS to the first instance.
+"$BIN" -l 127.0.0.1:$DOT_FRONT -u "tls://127.0.0.1:$UNBOUND_DOT#localhost" --upstream-ca "$CA" \
+  --tls-cert "$T/cert.pem" --tls-key "$T/key.pem" --metrics-listen 127.0.0.1:$DOT_FRONT_ADMIN \
+  > "$BASE/dot-front.log" 2>&1 &
+PIDS+=($!)
+"$BIN" -l 127.0.0.1:$DOH_FRONT -u "https://127.0.0.1:$TLS_PORT/dns-query#localhost" --upstream-ca "$CA" \
+  --tls-cert "$T/cert.pem" --tls-key "$T/key.pem" --metrics-listen 127.0.0.1:$DOH_FRONT_ADMIN \
+  > "$BASE/doh-front.log" 2>&1 &
+PIDS+=($!)
+for port in $DOT_FRONT_ADMIN $DOH_FRONT_ADMIN; do
+  for _ in $(seq 1 100); do curl -sf "http://127.0.0.1:$port/metrics" >/dev/null 2>&1 && break; sleep 0.1; done
+done
 
 ok=0 bad=0
 chk() { # chk "what" command...
@@ -151,6 +191,14 @@ chk "answers keep no authority NS nor glue (NSD sends both)" \
    dig @127.0.0.1 -p $TLS_PORT +https +tls-ca=$CA +tls-hostname=localhost multi.example.test | grep -q 'AUTHORITY: 0, ADDITIONAL: 1'"
 chk "negative answers keep their SOA" \
   "dig @127.0.0.1 -p $TLS_PORT +https +tls-ca=$CA +tls-hostname=localhost nothere.example.test | grep -q 'AUTHORITY: 1, ADDITIONAL: 1'"
+chk "DNS over TLS upstream (unbound): kdig through a second instance" \
+  "kdig +short @127.0.0.1 -p $DOT_FRONT +https +tls-ca=$CA +tls-hostname=localhost multi.example.test | sort | tr '\n' ' ' | grep -q '192.0.2.10 192.0.2.11 192.0.2.12' &&
+   curl -s http://127.0.0.1:$DOT_FRONT_ADMIN/metrics | grep -q 'doh_upstream_connections_total{upstream=\"tls://127.0.0.1:$UNBOUND_DOT#localhost\"} 1'"
+chk "DNS over HTTPS upstream (the first instance): dig through a third" \
+  "dig +short @127.0.0.1 -p $DOH_FRONT +https +tls-ca=$CA +tls-hostname=localhost short.example.test | grep -qx 192.0.2.5 &&
+   curl -s http://127.0.0.1:$DOH_FRONT_ADMIN/metrics | grep -q 'doh_upstream_connections_total{upstream=\"https://127.0.0.1:$TLS_PORT/dns-query#localhost\"} 1'"
+chk "doh-proxy check refuses an upstream that is not an address" \
+  "out=\$($BIN check -u dns.example:53 2>&1); rc=\$?; [ \$rc -ne 0 ] && echo \"\$out\" | grep -q 'not an IP address'"
 chk "obsolete draft (ct=) gets 400" \
   "test \$(curl -s -o /dev/null -w '%{http_code}' --cacert $CA '$TLS?ct=application/dns-udpwireformat&dns=$Q') = 400"
 chk "obsolete media type gets 415" \

@@ -20,6 +20,7 @@ use clap::{ArgMatches, Args, CommandFactory, FromArgMatches, Parser, Subcommand,
 use serde::{Deserialize, Serialize};
 
 pub use crate::net::Cidr;
+pub use crate::upstream::{Strategy, UpstreamSpec};
 pub use settings::{Settings, Warnings};
 
 /// Default config file, read when it exists and no `--config` is given.
@@ -236,20 +237,40 @@ pub struct Config {
     pub max_requests_per_conn: u64,
 
     // --- Upstream
-    /// Upstream resolver IP:PORT (UDP, TCP when the answer is truncated);
-    /// repeatable, tried in order with failover [default: nameservers of
-    /// /etc/resolv.conf]
+    /// Upstream resolver; repeatable: `IP:PORT` (UDP, TCP when the answer is
+    /// truncated), `tcp://IP:PORT`, `tls://IP:PORT#NAME` (DNS over TLS; NAME
+    /// is checked against the certificate and sent as SNI, default the IP),
+    /// `https://IP:PORT/PATH#NAME` (DNS over HTTPS, HTTP/2) [default:
+    /// nameservers of /etc/resolv.conf]
     #[arg(
         short = 'u',
         long,
         global = true,
-        value_name = "ADDR",
+        value_name = "SPEC",
         help_heading = "Upstream"
     )]
-    pub upstream: Vec<SocketAddr>,
+    pub upstream: Vec<UpstreamSpec>,
 
-    /// Time one client query may spend upstream, retries and failover
-    /// included, before it gets SERVFAIL (or a stale answer), in ms
+    /// Extra trust anchors (PEM) for tls:// and https:// upstreams;
+    /// repeatable [default: the system's roots only]
+    #[arg(long, global = true, value_name = "PEM", help_heading = "Upstream")]
+    pub upstream_ca: Vec<PathBuf>,
+
+    /// How upstreams are ordered: `fastest` (those up, by measured latency;
+    /// the others keep being probed) or `ordered` (those up, as listed)
+    #[arg(
+        long,
+        global = true,
+        value_enum,
+        value_name = "STRATEGY",
+        default_value = "fastest",
+        help_heading = "Upstream"
+    )]
+    pub upstream_strategy: Strategy,
+
+    /// One deadline for the whole resolution of a query, in ms: hedged
+    /// attempts and failover included; then SERVFAIL (or a stale answer).
+    /// An upstream that answers within it is never turned into SERVFAIL
     #[arg(
         long,
         global = true,
@@ -711,6 +732,7 @@ mod tests {
         assert_eq!(c.metrics_listen, "127.0.0.1:9153".parse().unwrap());
         assert_eq!(c.upstream_timeout, 2500);
         assert!(!c.dry_run && c.tls_cert.is_none() && c.upstream.is_empty());
+        assert_eq!(c.upstream_strategy, Strategy::Fastest);
         // An empty file means the same defaults.
         let empty = Config::from_toml("").unwrap();
         assert_eq!(format!("{empty:?}"), format!("{c:?}"));
@@ -728,11 +750,11 @@ mod tests {
             .unwrap();
         assert_eq!(c.min_ttl, 1800);
         assert_eq!(c.max_ttl, 86400);
-        assert_eq!(c.upstream, vec!["127.0.0.1:5300".parse().unwrap()]);
+        assert_eq!(c.upstream[0].label(), "127.0.0.1:5300");
         assert_eq!(c.allow[0].to_string(), "10.0.0.0/8");
         assert!(c.dry_run, "a key the command line did not give stays");
         let c = cmdline(&["-c", f, "-u", "127.0.0.2:53"]).load().unwrap();
-        assert_eq!(c.upstream, vec!["127.0.0.2:53".parse().unwrap()]);
+        assert_eq!(c.upstream[0].label(), "127.0.0.2:53");
         // Flags after the subcommand count too.
         let cl = cmdline(&["check", "-c", f, "--cache-memory", "1GiB"]);
         assert!(cl.check);
@@ -746,6 +768,8 @@ mod tests {
         assert!(Config::from_toml("min_ttl = -1").is_err());
         assert!(Config::from_toml("cache_memory = \"12 parsecs\"").is_err());
         assert!(Config::from_toml("forwarded_header = \"via\"").is_err());
+        let e = Config::from_toml("upstream = [\"quic://1.1.1.1\"]").unwrap_err();
+        assert!(e.to_string().contains("unknown scheme"), "{e}");
         assert_eq!(
             Config::from_toml("cache_memory = 1048576")
                 .unwrap()

@@ -13,7 +13,7 @@ use crate::doh::Limits;
 use crate::guard::GuardSettings;
 use crate::net::overlaps;
 use crate::server::{ServerSettings, TlsSource};
-use crate::upstream::UpstreamSettings;
+use crate::upstream::{UpstreamSettings, UpstreamSpec};
 
 /// Sound but suspicious settings, for `check` and the start-up log.
 pub type Warnings = Vec<String>;
@@ -156,7 +156,7 @@ impl Config {
                         "no upstream given: using the nameservers of /etc/resolv.conf ({})",
                         list(&v)
                     ));
-                    v
+                    v.into_iter().map(UpstreamSpec::udp).collect()
                 }
                 _ => {
                     return bad("no upstream given and /etc/resolv.conf names no nameserver".into())
@@ -165,6 +165,10 @@ impl Config {
         } else {
             self.upstream.clone()
         };
+        let mut extra_roots = Vec::new();
+        for path in &self.upstream_ca {
+            extra_roots.extend(crate::upstream::read_ca(path).map_err(ConfigError::Invalid)?);
+        }
         let upstream_timeout = Duration::from_millis(self.upstream_timeout);
         if let Some(w) = descriptor_warning(self, upstream_timeout) {
             warnings.push(w);
@@ -200,6 +204,8 @@ impl Config {
                 servers,
                 timeout: upstream_timeout,
                 qps: self.upstream_qps,
+                strategy: self.upstream_strategy,
+                extra_roots,
             },
             guard: GuardSettings {
                 allow: self.allow.clone(),

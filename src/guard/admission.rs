@@ -388,7 +388,7 @@ mod tests {
     }
 
     fn admission(s: &GuardSettings) -> Arc<Admission> {
-        Arc::new(Admission::new(s, Arc::new(Metrics::new(&[]))))
+        Arc::new(Admission::new(s, Arc::new(Metrics::new())))
     }
 
     #[tokio::test(start_paused = true)]

@@ -424,7 +424,7 @@ mod tests {
             .unwrap()
             .settings()
             .unwrap();
-        Arc::new(Guard::new(s.guard, Arc::new(Metrics::new(&[]))))
+        Arc::new(Guard::new(s.guard, Arc::new(Metrics::new())))
     }
 
     fn ip(s: &str) -> IpAddr {

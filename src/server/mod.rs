@@ -30,7 +30,6 @@ use tokio_util::task::TaskTracker;
 use crate::config::Settings;
 use crate::metrics::Metrics;
 use crate::pipeline::App;
-use crate::upstream::Upstream;
 use crate::{admin, tls};
 
 /// How long shutdown waits for tasks once connections were asked to close.
@@ -80,6 +79,7 @@ impl Running {
         self.shutdown.cancel();
         self.tasks.close();
         self.app.tasks.close();
+        self.app.upstream.close();
         let all = async {
             self.tasks.wait().await;
             self.app.tasks.wait().await;
@@ -129,8 +129,8 @@ pub async fn start(settings: Settings) -> anyhow::Result<Running> {
     let tls_addrs = addrs(&tls_listeners);
     let http_addrs = addrs(&http_listeners);
 
-    let metrics = Arc::new(Metrics::new(&Upstream::labels(&settings.upstream)));
-    let app = Arc::new(App::new(&settings, metrics));
+    let metrics = Arc::new(Metrics::new());
+    let app = Arc::new(App::new(&settings, metrics)?);
     // The ban file's rule names the bound ports (port 0 in the
     // configuration becomes the one the kernel chose).
     app.guard.set_ports(

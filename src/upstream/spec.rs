@@ -18,9 +18,14 @@ pub enum Transport {
     Udp,
     Tcp,
     /// DNS over TLS; the name the certificate must carry.
-    Tls { name: String },
+    Tls {
+        name: String,
+    },
     /// DNS over HTTPS (HTTP/2): the path and the certificate name.
-    Https { path: String, name: String },
+    Https {
+        path: String,
+        name: String,
+    },
 }
 
 /// One `--upstream`.

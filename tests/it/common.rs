@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use bytes::Bytes;
-use doh_proxy::config::Config;
+use doh_proxy::config::{Config, UpstreamSpec};
 use doh_proxy::server::{self, Running};
 use hickory_proto::op::Message;
 use hickory_proto::op::{MessageType, OpCode, ResponseCode};
@@ -69,6 +69,7 @@ pub fn pki() -> &'static Pki {
 /// - `tc`: truncated over UDP, full over TCP - `spoof`: a wrong-ID answer first
 /// - `fail`: SERVFAIL - `slow`: answers after 300 ms - `nodata`: NOERROR, no answer
 /// - `dead*`: never answered (a name whose servers are gone)
+/// - `slow15*`: answers after 1.5 s
 /// - `big*`: 60 KB of TXT, sent whole even over UDP - `mid*`: 12 KB of TXT
 /// - anything else: A 192.0.2.1, TTL 300
 pub struct MockUpstream {
@@ -78,6 +79,8 @@ pub struct MockUpstream {
     pub paused: Arc<AtomicBool>,
     pub total: Arc<AtomicUsize>,
     pub tcp_queries: Arc<AtomicUsize>,
+    /// While set, every other UDP query but the probes' is dropped.
+    pub flapping: Arc<AtomicBool>,
 }
 
 impl MockUpstream {
@@ -101,8 +104,11 @@ impl MockUpstream {
             paused: Default::default(),
             total: Default::default(),
             tcp_queries: Default::default(),
+            flapping: Default::default(),
         };
         let (counts, paused, total) = (m.counts.clone(), m.paused.clone(), m.total.clone());
+        let flapping = m.flapping.clone();
+        let mut flap = false;
         let udp = Arc::new(udp);
         tokio::spawn(async move {
             let mut buf = vec![0u8; 4096];
@@ -120,6 +126,12 @@ impl MockUpstream {
                     continue;
                 }
                 *counts.lock().unwrap().entry(name.clone()).or_default() += 1;
+                if flapping.load(Ordering::SeqCst) && !name.is_empty() {
+                    flap = !flap;
+                    if flap {
+                        continue;
+                    }
+                }
                 let udp = udp.clone();
                 tokio::spawn(async move {
                     for msg in answers(&q, &name, false).await {
@@ -131,23 +143,35 @@ impl MockUpstream {
         let (paused, tcpq) = (m.paused.clone(), m.tcp_queries.clone());
         tokio::spawn(async move {
             loop {
-                let Ok((mut s, _)) = tcp.accept().await else {
+                let Ok((s, _)) = tcp.accept().await else {
                     continue;
                 };
                 let paused = paused.clone();
                 let tcpq = tcpq.clone();
                 tokio::spawn(async move {
-                    let Ok(len) = s.read_u16().await else { return };
-                    let mut q = vec![0u8; len as usize];
-                    if s.read_exact(&mut q).await.is_err() || paused.load(Ordering::SeqCst) {
-                        return;
-                    }
-                    tcpq.fetch_add(1, Ordering::SeqCst);
-                    let Some(name) = qname(&q) else { return };
-                    for msg in answers(&q, &name, true).await {
-                        let mut out = (msg.len() as u16).to_be_bytes().to_vec();
-                        out.extend_from_slice(&msg);
-                        let _ = s.write_all(&out).await;
+                    // Many queries per connection, answered as they are
+                    // ready (RFC 7766 pipelining).
+                    let (mut r, w) = s.into_split();
+                    let w = Arc::new(tokio::sync::Mutex::new(w));
+                    loop {
+                        let Ok(len) = r.read_u16().await else { return };
+                        let mut q = vec![0u8; len as usize];
+                        if r.read_exact(&mut q).await.is_err() {
+                            return;
+                        }
+                        if paused.load(Ordering::SeqCst) {
+                            continue;
+                        }
+                        tcpq.fetch_add(1, Ordering::SeqCst);
+                        let Some(name) = qname(&q) else { continue };
+                        let w = w.clone();
+                        tokio::spawn(async move {
+                            for msg in answers(&q, &name, true).await {
+                                let mut out = (msg.len() as u16).to_be_bytes().to_vec();
+                                out.extend_from_slice(&msg);
+                                let _ = w.lock().await.write_all(&out).await;
+                            }
+                        });
                     }
                 });
             }
@@ -212,6 +236,10 @@ async fn answers(q: &[u8], name: &str, tcp: bool) -> Vec<Vec<u8>> {
             tokio::time::sleep(Duration::from_millis(300)).await;
             r.add_answer(a(300, [192, 0, 2, 7]));
         }
+        n if n.starts_with("slow15") => {
+            tokio::time::sleep(Duration::from_millis(1500)).await;
+            r.add_answer(a(300, [192, 0, 2, 15]));
+        }
         "nodata" => {}
         n if n.starts_with("big") || n.starts_with("mid") => {
             let total = if n.starts_with("big") { 60_000 } else { 12_000 };
@@ -261,12 +289,121 @@ pub fn test_config(upstreams: &[SocketAddr]) -> Config {
         metrics_listen: "127.0.0.1:0".parse().unwrap(),
         tls_cert: Some(p.cert.clone()),
         tls_key: Some(p.key.clone()),
-        upstream: upstreams.to_vec(),
+        upstream: upstreams.iter().map(|a| UpstreamSpec::udp(*a)).collect(),
         upstream_timeout: 1000,
         // Tests open many connections from one address quickly.
         per_ip_conn_rate: 1000,
         per_prefix_conn_rate: 10_000,
         ..Config::default()
+    }
+}
+
+/// An upstream that never answers and counts what it is asked, by name.
+pub struct SilentUpstream {
+    pub addr: SocketAddr,
+    counts: Arc<Mutex<HashMap<String, usize>>>,
+}
+
+impl SilentUpstream {
+    pub async fn start() -> SilentUpstream {
+        let udp = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let s = SilentUpstream {
+            addr: udp.local_addr().unwrap(),
+            counts: Default::default(),
+        };
+        let counts = s.counts.clone();
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; 4096];
+            while let Ok((n, _)) = udp.recv_from(&mut buf).await {
+                if let Some(name) = qname(&buf[..n]) {
+                    *counts.lock().unwrap().entry(name).or_default() += 1;
+                }
+            }
+        });
+        s
+    }
+
+    pub fn count(&self, name: &str) -> usize {
+        self.counts.lock().unwrap().get(name).copied().unwrap_or(0)
+    }
+}
+
+/// A DNS-over-TLS server with the test certificate, answering pipelined
+/// queries as the mock upstream does, out of order as they are ready.
+pub struct MockDot {
+    pub addr: SocketAddr,
+    /// TLS connections accepted.
+    pub connections: Arc<AtomicUsize>,
+    pub queries: Arc<AtomicUsize>,
+}
+
+impl MockDot {
+    /// With `break_after`, the connection that receives that query (counted
+    /// over all connections) is closed at once, that query unanswered.
+    pub async fn start(break_after: Option<usize>) -> MockDot {
+        let p = pki();
+        let cert = std::fs::read(&p.cert).unwrap();
+        let key = std::fs::read(&p.key).unwrap();
+        let chain = rustls_pemfile::certs(&mut cert.as_slice())
+            .collect::<Result<Vec<_>, _>>()
+            .unwrap();
+        let key = rustls_pemfile::private_key(&mut key.as_slice())
+            .unwrap()
+            .unwrap();
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let cfg = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(chain, key)
+            .unwrap();
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(cfg));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let m = MockDot {
+            addr: listener.local_addr().unwrap(),
+            connections: Default::default(),
+            queries: Default::default(),
+        };
+        let (conns, queries) = (m.connections.clone(), m.queries.clone());
+        tokio::spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                let acceptor = acceptor.clone();
+                let (conns, queries) = (conns.clone(), queries.clone());
+                tokio::spawn(async move {
+                    let Ok(tls) = acceptor.accept(tcp).await else {
+                        return;
+                    };
+                    conns.fetch_add(1, Ordering::SeqCst);
+                    let (mut r, w) = tokio::io::split(tls);
+                    let w = Arc::new(tokio::sync::Mutex::new(w));
+                    loop {
+                        let Ok(len) = r.read_u16().await else { return };
+                        let mut q = vec![0u8; len as usize];
+                        if r.read_exact(&mut q).await.is_err() {
+                            return;
+                        }
+                        let n = queries.fetch_add(1, Ordering::SeqCst) + 1;
+                        if Some(n) == break_after {
+                            let mut w = w.lock().await;
+                            let _ = w.shutdown().await;
+                            return;
+                        }
+                        let Some(name) = qname(&q) else { continue };
+                        let w = w.clone();
+                        tokio::spawn(async move {
+                            // Out of order: later queries may overtake.
+                            tokio::time::sleep(Duration::from_millis(u64::from(q[1] % 20))).await;
+                            for msg in answers(&q, &name, true).await {
+                                let mut out = (msg.len() as u16).to_be_bytes().to_vec();
+                                out.extend_from_slice(&msg);
+                                let _ = w.lock().await.write_all(&out).await;
+                            }
+                        });
+                    }
+                });
+            }
+        });
+        m
     }
 }
 

@@ -328,7 +328,7 @@ async fn wrong_paths_are_limited_and_banned() {
         "the connection was closed: {} requests",
         statuses.len()
     );
-    assert!(statuses.iter().any(|s| *s == 404));
+    assert!(statuses.contains(&404));
     assert!(metric(&p, "doh_bans_total{kind=\"address\"}").await >= 1.0);
     assert!(
         Client::connect(&p, Proto::H2, Some("127.0.65.1".parse().unwrap()))

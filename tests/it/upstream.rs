@@ -151,3 +151,221 @@ async fn ipv6_listeners_and_upstream() {
     }
     assert_eq!(up.count("www.example.test."), 1);
 }
+
+/// A resolver that takes 1.5 s for a cold name: answered under the default
+/// timeout, with at most one retransmission; 200 clients asking at once
+/// make one resolution.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_upstream_is_waited_for_not_turned_into_servfail() {
+    let up = MockUpstream::start().await;
+    let p = std::sync::Arc::new(
+        proxy(&[up.addr], |c| {
+            c.upstream_timeout = 2500;
+            c.per_ip_burst = 1000;
+        })
+        .await,
+    );
+    let t = Instant::now();
+    let r = send(&p, Proto::H2, get(&ok_path("slow15-a.example.test"))).await;
+    assert_eq!(r.dns().metadata.response_code, ResponseCode::NoError);
+    assert_eq!(r.dns().answers[0].data.to_string(), "192.0.2.15");
+    assert!(
+        t.elapsed() >= Duration::from_millis(1500) && t.elapsed() < Duration::from_millis(2500)
+    );
+    assert!(
+        up.count("slow15-a.example.test.") <= 2,
+        "{}",
+        up.count("slow15-a.example.test.")
+    );
+    let mut c = Client::connect(&p, Proto::H2, None).await.unwrap();
+    let mut tasks = Vec::new();
+    for i in 0..200u16 {
+        let mut c = match &mut c {
+            Client::H2(s) => Client::H2(s.clone()),
+            Client::H1(_) => unreachable!(),
+        };
+        tasks.push(tokio::spawn(async move {
+            c.send(get(&get_path(&query("slow15-b.example.test", 1, i))))
+                .await
+                .unwrap()
+        }));
+    }
+    for t in tasks {
+        let r = t.await.unwrap();
+        assert_eq!(r.status, 200);
+        assert_eq!(r.dns().answers[0].data.to_string(), "192.0.2.15");
+    }
+    let n = up.count("slow15-b.example.test.");
+    assert!((1..=2).contains(&n), "{n} upstream queries for 200 clients");
+}
+
+/// The first upstream never answers: the second answers within one hedge
+/// interval, and once the probes mark the first down, queries go straight
+/// to the second.
+#[tokio::test]
+async fn a_silent_first_upstream_costs_one_hedge_interval() {
+    let silent = SilentUpstream::start().await;
+    let up = MockUpstream::start().await;
+    let p = proxy(&[silent.addr, up.addr], |c| {
+        c.upstream_timeout = 2500;
+        c.upstream_strategy = doh_proxy::config::Strategy::Ordered;
+    })
+    .await;
+    let t = Instant::now();
+    let r = send(&p, Proto::H2, get(&ok_path("first.example.test"))).await;
+    assert_eq!(r.dns().answers[0].data.to_string(), "192.0.2.1");
+    assert!(
+        t.elapsed() < Duration::from_millis(600),
+        "{:?}",
+        t.elapsed()
+    );
+    assert_eq!(silent.count("first.example.test."), 1);
+    let hedges = format!("doh_upstream_hedges_won_total{{upstream=\"{}\"}}", up.addr);
+    assert_eq!(metric(&p, &hedges).await, 1.0);
+    // Three unanswered probes, one every 2 s.
+    let down = format!("doh_upstream_up{{upstream=\"{}\"}}", silent.addr);
+    let mut up_value = 1.0;
+    for _ in 0..90 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        up_value = metric(&p, &down).await;
+        if up_value == 0.0 {
+            break;
+        }
+    }
+    assert_eq!(up_value, 0.0, "the probes mark it down");
+    let t = Instant::now();
+    let r = send(&p, Proto::H2, get(&ok_path("later.example.test"))).await;
+    assert_eq!(r.dns().answers[0].data.to_string(), "192.0.2.1");
+    assert!(
+        t.elapsed() < Duration::from_millis(100),
+        "{:?}",
+        t.elapsed()
+    );
+    assert_eq!(
+        silent.count("later.example.test."),
+        0,
+        "straight to the second"
+    );
+    assert_eq!(admin(&p, "GET", "/healthz", None).await.status, 200);
+}
+
+/// An upstream that drops every other query, beside a good one: no client
+/// ever sees SERVFAIL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flapping_upstream_beside_a_good_one_costs_no_servfail() {
+    let flapping = MockUpstream::start().await;
+    flapping.flapping.store(true, Ordering::SeqCst);
+    let good = MockUpstream::start().await;
+    let p = proxy(&[flapping.addr, good.addr], |c| {
+        c.upstream_timeout = 2500;
+        c.upstream_strategy = doh_proxy::config::Strategy::Ordered;
+        c.per_ip_burst = 1000;
+    })
+    .await;
+    let mut c = Client::connect(&p, Proto::H2, None).await.unwrap();
+    for i in 0..40 {
+        let r = c
+            .send(get(&ok_path(&format!("f{i}.example.test"))))
+            .await
+            .unwrap();
+        assert_eq!(
+            r.dns().metadata.response_code,
+            ResponseCode::NoError,
+            "query {i}"
+        );
+    }
+    assert!(metric(&p, "doh_upstream_queries_total{result=\"servfail\"}").await == 0.0);
+}
+
+/// DNS over TLS upstream: pipelined on at most two connections, and a
+/// connection that dies mid-stream loses no query.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dot_upstream_pipelines_and_survives_a_broken_connection() {
+    let dot = MockDot::start(Some(12)).await;
+    let spec = format!("tls://{}#localhost", dot.addr);
+    let ca = pki().ca.clone();
+    let p = std::sync::Arc::new(
+        proxy(&[], move |c| {
+            c.upstream = vec![spec.parse().unwrap()];
+            c.upstream_ca = vec![ca];
+            c.upstream_timeout = 2500;
+            c.per_ip_burst = 1000;
+        })
+        .await,
+    );
+    let mut tasks = Vec::new();
+    for i in 0..30 {
+        let p = p.clone();
+        tasks.push(tokio::spawn(async move {
+            send(&p, Proto::H2, get(&ok_path(&format!("t{i}.example.test")))).await
+        }));
+    }
+    for t in tasks {
+        let r = t.await.unwrap();
+        assert_eq!(r.status, 200);
+        assert_eq!(r.dns().metadata.response_code, ResponseCode::NoError);
+        assert_eq!(r.dns().answers[0].data.to_string(), "192.0.2.1");
+    }
+    // One connection, broken once (the 12th query), so one more.
+    let conns = dot.connections.load(Ordering::SeqCst);
+    assert!(
+        (1..=3).contains(&conns),
+        "{conns} TLS connections for 30 misses"
+    );
+    let opened = metric(&p, "doh_upstream_connections_total").await;
+    assert_eq!(opened, conns as f64);
+    // Without a break: 30 more misses need no new connection.
+    let before = dot.connections.load(Ordering::SeqCst);
+    for i in 0..30 {
+        let r = send(&p, Proto::H2, get(&ok_path(&format!("u{i}.example.test")))).await;
+        assert_eq!(r.status, 200);
+    }
+    assert_eq!(dot.connections.load(Ordering::SeqCst), before);
+}
+
+/// A TLS upstream whose certificate does not carry the expected name is
+/// refused: SERVFAIL, counted as errors, never an answer.
+#[tokio::test]
+async fn a_wrong_certificate_name_is_refused() {
+    let dot = MockDot::start(None).await;
+    let spec = format!("tls://{}#not-the-name.example", dot.addr);
+    let ca = pki().ca.clone();
+    let p = proxy(&[], move |c| {
+        c.upstream = vec![spec.parse().unwrap()];
+        c.upstream_ca = vec![ca];
+        c.upstream_timeout = 800;
+    })
+    .await;
+    let r = send(&p, Proto::H2, get(&ok_path("www.example.test"))).await;
+    assert_eq!(r.dns().metadata.response_code, ResponseCode::ServFail);
+    assert_eq!(dot.queries.load(Ordering::SeqCst), 0, "no query crossed");
+    assert!(metric(&p, "doh_upstream_queries_total{result=\"error\"}").await >= 1.0);
+}
+
+/// DNS over HTTPS upstream: another doh-proxy instance.
+#[tokio::test]
+async fn doh_upstream_through_another_instance() {
+    let up = MockUpstream::start().await;
+    let back = proxy(&[up.addr], |_| {}).await;
+    let spec = format!("https://{}/dns-query#localhost", back.tls_addrs[0]);
+    let ca = pki().ca.clone();
+    let front = proxy(&[], move |c| {
+        c.upstream = vec![spec.parse().unwrap()];
+        c.upstream_ca = vec![ca];
+    })
+    .await;
+    for i in 0..5 {
+        let r = send(
+            &front,
+            Proto::H2,
+            get(&ok_path(&format!("h{i}.example.test"))),
+        )
+        .await;
+        assert_eq!(r.status, 200);
+        assert_eq!(r.dns().answers[0].data.to_string(), "192.0.2.1");
+    }
+    let r = send(&front, Proto::H1, get(&ok_path("nxthere.example.test"))).await;
+    assert_eq!(r.dns().metadata.response_code, ResponseCode::NXDomain);
+    assert_eq!(metric(&front, "doh_upstream_connections_total").await, 1.0);
+    assert_eq!(up.count("h3.example.test."), 1);
+}
