@@ -139,6 +139,33 @@ impl Handshake {
     }
 }
 
+/// What a QUIC listener did with an Initial it did not accept, the
+/// `action` of `doh_quic_refused_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QuicRefusal {
+    /// Banned or denied: no answer at all.
+    Ignored,
+    /// Unvalidated source over the handshake threshold: a stateless Retry.
+    Retry,
+    /// Over a connection cap: a CONNECTION_CLOSE.
+    Refused,
+}
+
+impl QuicRefusal {
+    const ALL: [QuicRefusal; 3] = [
+        QuicRefusal::Ignored,
+        QuicRefusal::Retry,
+        QuicRefusal::Refused,
+    ];
+    fn label(self) -> &'static str {
+        match self {
+            QuicRefusal::Ignored => "ignored",
+            QuicRefusal::Retry => "retry",
+            QuicRefusal::Refused => "refused",
+        }
+    }
+}
+
 /// Why `accept()` failed, the `kind` of `doh_accept_errors_total`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AcceptError {
@@ -186,6 +213,7 @@ pub struct Metrics {
     protocol_errors: Vec<Counter>,
     handshakes: Vec<Counter>,
     accept_errors: Vec<Counter>,
+    quic_refusals: Vec<Counter>,
     /// Indexed by whether the ban is on a prefix.
     bans: [Pair; 2],
     pub cache_hits: Counter,
@@ -238,6 +266,7 @@ impl Metrics {
         let proto_f = Family::<Labels, Counter>::default();
         let handshake_f = Family::<Labels, Counter>::default();
         let accept_f = Family::<Labels, Counter>::default();
+        let quic_f = Family::<Labels, Counter>::default();
         let bans_f = Family::<Labels, Counter>::default();
         let fams = UpstreamFamilies {
             queries: Family::default(),
@@ -284,6 +313,10 @@ impl Metrics {
             accept_errors: AcceptError::ALL
                 .iter()
                 .map(|k| one(&accept_f, "kind", k.label()))
+                .collect(),
+            quic_refusals: QuicRefusal::ALL
+                .iter()
+                .map(|k| one(&quic_f, "action", k.label()))
                 .collect(),
             bans: [
                 pair(&bans_f, &[("kind", "address")]),
@@ -443,6 +476,12 @@ impl Metrics {
             handshake_f,
         );
         registry.register(
+            "doh_quic_refused",
+            "QUIC Initials not accepted: ignored (banned, denied), retry (address \
+             validation asked), refused (over a cap)",
+            quic_f,
+        );
+        registry.register(
             "doh_accept_errors",
             "Failed accept() calls by kind (no_fds: out of file descriptors)",
             accept_f,
@@ -476,6 +515,13 @@ impl Metrics {
     pub fn accept_error(&self, kind: AcceptError) {
         let i = AcceptError::ALL.iter().position(|k| *k == kind);
         if let Some(c) = i.and_then(|i| self.accept_errors.get(i)) {
+            c.inc();
+        }
+    }
+
+    pub fn quic_refusal(&self, action: QuicRefusal) {
+        let i = QuicRefusal::ALL.iter().position(|k| *k == action);
+        if let Some(c) = i.and_then(|i| self.quic_refusals.get(i)) {
             c.inc();
         }
     }

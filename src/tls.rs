@@ -1,10 +1,16 @@
 //! TLS: loading a certificate chain and key, or generating a self-signed
-//! certificate for `localhost` when none is given.
+//! certificate for `localhost` when none is given; one certificate store
+//! that every TLS and QUIC listener resolves through, so that a new
+//! certificate is served everywhere by swapping one value.
 
+use std::fmt;
 use std::path::Path;
 use std::sync::Arc;
 
+use arc_swap::ArcSwap;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::sign::CertifiedKey;
 use rustls::ServerConfig;
 
 #[derive(Debug, thiserror::Error)]
@@ -89,16 +95,80 @@ pub fn self_signed() -> Result<Identity, TlsError> {
     })
 }
 
-/// The server configuration: TLS 1.2 and 1.3, ALPN h2 then http/1.1.
-pub fn server_config(id: Identity) -> Result<Arc<ServerConfig>, TlsError> {
+impl Identity {
+    fn certified(self) -> Result<Arc<CertifiedKey>, TlsError> {
+        let signer = rustls::crypto::ring::sign::any_supported_type(&self.key)
+            .map_err(|e| TlsError::Mismatch(e.to_string()))?;
+        Ok(Arc::new(CertifiedKey::new(self.chain, signer)))
+    }
+}
+
+/// The certificate every listener serves, swappable at run time.
+pub struct CertStore {
+    current: ArcSwap<CertifiedKey>,
+}
+
+impl fmt::Debug for CertStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("CertStore")
+    }
+}
+
+impl CertStore {
+    pub fn new(id: Identity) -> Result<Arc<CertStore>, TlsError> {
+        Ok(Arc::new(CertStore {
+            current: ArcSwap::new(id.certified()?),
+        }))
+    }
+
+    /// Serves `id` to every handshake from now on.
+    pub fn set(&self, id: Identity) -> Result<(), TlsError> {
+        self.current.store(id.certified()?);
+        Ok(())
+    }
+
+    /// The chain served now.
+    pub fn chain(&self) -> Vec<CertificateDer<'static>> {
+        self.current.load().cert.clone()
+    }
+}
+
+impl ResolvesServerCert for CertStore {
+    fn resolve(&self, _: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.current.load_full())
+    }
+}
+
+/// Which listener a server configuration is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Alpn {
+    /// DoH over TLS: h2, then http/1.1.
+    Https,
+    /// DNS over TLS (RFC 7858): `dot` when the client offers ALPN at all.
+    Dot,
+    /// HTTP/3 over QUIC: `h3`, TLS 1.3 only, no 0-RTT.
+    H3,
+}
+
+/// The server configuration of one kind of listener, resolving its
+/// certificate through `store`.
+pub fn server_config(store: Arc<CertStore>, alpn: Alpn) -> Result<Arc<ServerConfig>, TlsError> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut cfg = ServerConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map_err(|e| TlsError::Setup(e.to_string()))?
-        .with_no_client_auth()
-        .with_single_cert(id.chain, id.key)
-        .map_err(|e| TlsError::Setup(e.to_string()))?;
-    cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    let builder = ServerConfig::builder_with_provider(provider);
+    let builder = if alpn == Alpn::H3 {
+        builder.with_protocol_versions(&[&rustls::version::TLS13])
+    } else {
+        builder.with_safe_default_protocol_versions()
+    }
+    .map_err(|e| TlsError::Setup(e.to_string()))?;
+    let mut cfg = builder.with_no_client_auth().with_cert_resolver(store);
+    cfg.alpn_protocols = match alpn {
+        Alpn::Https => vec![b"h2".to_vec(), b"http/1.1".to_vec()],
+        Alpn::Dot => vec![b"dot".to_vec()],
+        Alpn::H3 => vec![b"h3".to_vec()],
+    };
+    // No 0-RTT: early data can be replayed.
+    cfg.max_early_data_size = 0;
     // Resumption saves a full handshake for returning clients.
     cfg.session_storage = rustls::server::ServerSessionMemoryCache::new(16 * 1024);
     Ok(Arc::new(cfg))
@@ -127,6 +197,12 @@ mod tests {
             .err()
             .unwrap();
         assert!(matches!(e, TlsError::NoCert { .. }), "{e}");
-        assert!(server_config(self_signed().unwrap()).is_ok());
+        let store = CertStore::new(self_signed().unwrap()).unwrap();
+        for alpn in [Alpn::Https, Alpn::Dot, Alpn::H3] {
+            assert!(server_config(store.clone(), alpn).is_ok());
+        }
+        let before = store.chain();
+        store.set(self_signed().unwrap()).unwrap();
+        assert_ne!(before, store.chain());
     }
 }

@@ -9,7 +9,7 @@ set -uo pipefail
 
 BIN=${1:-target/debug/doh-proxy}
 BASE=$(mktemp -d /tmp/doh-e2e.XXXXXX)
-NSD_PORT=5390 TLS_PORT=8543 HTTP_PORT=8580 ADMIN_PORT=9553
+NSD_PORT=5390 TLS_PORT=8543 HTTP_PORT=8580 ADMIN_PORT=9553 DOT_PORT=8593
 UNBOUND_DOT=8953 DOT_FRONT=8544 DOT_FRONT_ADMIN=9554 DOH_FRONT=8545 DOH_FRONT_ADMIN=9555
 export DEBIAN_FRONTEND=noninteractive
 PIDS=()
@@ -111,9 +111,13 @@ forward-zone:
 EOF
 unbound -d -c "$BASE/unbound.conf" > "$BASE/unbound.out" 2>&1 &
 PIDS+=($!)
+for _ in $(seq 1 100); do
+  ss -lnt "( sport = :$UNBOUND_DOT )" | grep -q LISTEN && break; sleep 0.1
+done
 
 "$BIN" -l 127.0.0.1:$TLS_PORT --listen-http 127.0.0.1:$HTTP_PORT -u 127.0.0.1:$NSD_PORT \
   --tls-cert "$T/cert.pem" --tls-key "$T/key.pem" --metrics-listen 127.0.0.1:$ADMIN_PORT \
+  --listen-dot 127.0.0.1:$DOT_PORT \
   --trusted-proxy 127.0.0.2 --ban-file "$BASE/bans.nft" --ban-after 5 \
   > "$BASE/proxy.log" 2>&1 &
 PIDS+=($!)
@@ -191,6 +195,11 @@ chk "answers keep no authority NS nor glue (NSD sends both)" \
    dig @127.0.0.1 -p $TLS_PORT +https +tls-ca=$CA +tls-hostname=localhost multi.example.test | grep -q 'AUTHORITY: 0, ADDITIONAL: 1'"
 chk "negative answers keep their SOA" \
   "dig @127.0.0.1 -p $TLS_PORT +https +tls-ca=$CA +tls-hostname=localhost nothere.example.test | grep -q 'AUTHORITY: 1, ADDITIONAL: 1'"
+chk "kdig +tls (DNS over TLS listener)" \
+  "kdig +short @127.0.0.1 -p $DOT_PORT +tls +tls-ca=$CA +tls-hostname=localhost multi.example.test | sort | tr '\n' ' ' | grep -q '192.0.2.10 192.0.2.11 192.0.2.12' &&
+   curl -s http://127.0.0.1:$ADMIN_PORT/metrics | grep -qE '^doh_requests_total\\{outcome=\"answered\",transport=\"dot\"\\} [1-9]'"
+chk "kdig +tls, several queries on one connection (+keepopen)" \
+  "kdig @127.0.0.1 -p $DOT_PORT +tls +tls-ca=$CA +tls-hostname=localhost +keepopen +short short.example.test txt.example.test TXT www.example.test | tr '\n' ' ' | grep -q '192.0.2.5.*hello.*192.0.2.1'"
 chk "DNS over TLS upstream (unbound): kdig through a second instance" \
   "kdig +short @127.0.0.1 -p $DOT_FRONT +https +tls-ca=$CA +tls-hostname=localhost multi.example.test | sort | tr '\n' ' ' | grep -q '192.0.2.10 192.0.2.11 192.0.2.12' &&
    curl -s http://127.0.0.1:$DOT_FRONT_ADMIN/metrics | grep -q 'doh_upstream_connections_total{upstream=\"tls://127.0.0.1:$UNBOUND_DOT#localhost\"} 1'"

@@ -173,6 +173,28 @@ pub struct Config {
     #[arg(long, global = true, value_name = "ADDR", help_heading = "Listeners")]
     pub listen_http: Vec<SocketAddr>,
 
+    /// DoH over HTTP/3 listener (UDP), same certificate, same answers and
+    /// refusals as over HTTP/2; HTTPS answers then carry `Alt-Svc`;
+    /// repeatable [default: off]
+    #[arg(long, global = true, value_name = "ADDR", help_heading = "Listeners")]
+    pub listen_h3: Vec<SocketAddr>,
+
+    /// Unvalidated QUIC handshakes per second beyond which a source must
+    /// prove its address with a Retry first (0: always)
+    #[arg(
+        long,
+        global = true,
+        value_name = "N",
+        default_value_t = 100,
+        help_heading = "Listeners"
+    )]
+    pub h3_retry_threshold: u32,
+
+    /// DNS over TLS listener (RFC 7858), same certificate; pipelined
+    /// queries answered out of order; repeatable [default: off]
+    #[arg(long, global = true, value_name = "ADDR", help_heading = "Listeners")]
+    pub listen_dot: Vec<SocketAddr>,
+
     /// DoH path
     #[arg(
         long,

@@ -47,8 +47,17 @@ impl Config {
     /// sound but suspicious values.
     pub fn settings(&self) -> Result<(Settings, Warnings), ConfigError> {
         let mut warnings = Vec::new();
-        if self.listen.is_empty() && self.listen_http.is_empty() {
-            return bad("no listener: give --listen or --listen-http".into());
+        if self.listen.is_empty()
+            && self.listen_http.is_empty()
+            && self.listen_dot.is_empty()
+            && self.listen_h3.is_empty()
+        {
+            return bad(
+                "no listener: give --listen, --listen-http, --listen-dot or --listen-h3".into(),
+            );
+        }
+        if !self.listen_h3.is_empty() && !cfg!(feature = "h3") {
+            return bad("listen_h3 needs a build with the `h3` feature".into());
         }
         if !self.path.starts_with('/') || self.path.contains(['?', '#', ' ']) {
             return bad(format!(
@@ -177,6 +186,9 @@ impl Config {
             server: ServerSettings {
                 tls_listen: self.listen.clone(),
                 http_listen: self.listen_http.clone(),
+                dot_listen: self.listen_dot.clone(),
+                h3_listen: self.listen_h3.clone(),
+                h3_retry_threshold: self.h3_retry_threshold,
                 tls,
                 handshake_timeout: Duration::from_secs(self.handshake_timeout),
                 idle_timeout: Duration::from_secs(self.idle_timeout),
@@ -227,6 +239,7 @@ impl Config {
                 ban_secs: self.ban_secs,
                 ban_file: self.ban_file.clone(),
                 ports: Vec::new(),
+                udp_ports: Vec::new(),
             },
             admin: AdminSettings {
                 listen: self.metrics_listen,

@@ -180,6 +180,10 @@ pub struct Candidate {
     pub global: bool,
     /// Exempt from the global cap (allowlisted).
     pub exempt: bool,
+    /// Subject to the new-connection rates. A QUIC source that has not
+    /// proved it owns its address is not: its packets may be spoofed, and
+    /// must not spend (or exhaust) somebody else's rate.
+    pub rated: bool,
 }
 
 pub struct Admission {
@@ -235,7 +239,7 @@ impl Admission {
         let ip = who.ip;
         let prefix = prefix_of(ip, s.prefix_v4, s.prefix_v6);
         let net = prefix_of(ip, NET_V4, NET_V6);
-        if who.limited {
+        if who.limited && who.rated {
             let over = self.ip_rate.check(&ip).is_err() || self.prefix_rate.check(&prefix).is_err();
             if over && self.enforce(ConnReject::ConnRate, ip, s) {
                 return Err(ConnReject::ConnRate);
@@ -384,6 +388,7 @@ mod tests {
             limited: true,
             global: true,
             exempt: false,
+            rated: true,
         }
     }
 

@@ -74,6 +74,8 @@ pub struct GuardSettings {
     /// TCP ports the ban file's rule drops for banned sources (the bound
     /// listeners; set at start).
     pub ports: Vec<u16>,
+    /// UDP ports likewise (HTTP/3).
+    pub udp_ports: Vec<u16>,
 }
 
 impl GuardSettings {
@@ -157,6 +159,7 @@ impl Guard {
     /// Budgets start afresh only if their rate changed.
     pub fn reconfigure(&self, mut s: GuardSettings) {
         s.ports = self.settings.load().ports.clone();
+        s.udp_ports = self.settings.load().udp_ports.clone();
         self.ip_budget.set_quota(s.ip_quota());
         self.prefix_budget.set_quota(s.prefix_quota());
         self.admission.reconfigure(&s);
@@ -179,39 +182,64 @@ impl Guard {
 
     /// Admission of a new connection from `peer`, before any TLS work.
     pub fn admit(&self, peer: IpAddr) -> Result<ConnTicket, ConnReject> {
-        self.admit_as(canonical(peer), true)
+        self.admit_as(canonical(peer), true, true)
     }
 
     /// Admission of the client that a trusted proxy's PROXY header names:
     /// its bans, rates and caps. The connection itself already holds its
     /// place in the global count, as the proxy's.
     pub fn admit_proxied(&self, client: IpAddr) -> Result<ConnTicket, ConnReject> {
-        self.admit_as(canonical(client), false)
+        self.admit_as(canonical(client), false, true)
     }
 
-    fn admit_as(&self, ip: IpAddr, global: bool) -> Result<ConnTicket, ConnReject> {
+    /// Admission of a QUIC connection at its first packet. A source that
+    /// has not proved it owns its address (no Retry token) meets the caps
+    /// but neither spends nor is refused by connection rates, and is never
+    /// scored: its packets may be spoofed.
+    pub fn admit_quic(&self, peer: IpAddr, validated: bool) -> Result<ConnTicket, ConnReject> {
+        self.admit_as(canonical(peer), true, validated)
+    }
+
+    /// The checks that need no state of the connection's own: static
+    /// denials and bans. Counted and (outside dry-run) refused; never scored.
+    pub fn precheck(&self, peer: IpAddr) -> Result<(), ConnReject> {
+        let ip = canonical(peer);
         let s = self.settings.load();
         let allowed = any_contains(&s.allow, ip);
         if !allowed && any_contains(&s.deny, ip) {
-            self.metrics.conn_rejected(ConnReject::Denied, false);
             return Err(ConnReject::Denied);
         }
         let limited = !allowed && !any_contains(&s.trusted, ip);
         if limited && self.bans.covers(ip) {
-            self.metrics.conn_rejected(ConnReject::Banned, s.dry_run);
-            if !s.dry_run {
+            if s.dry_run {
+                self.metrics.conn_rejected(ConnReject::Banned, true);
+            } else {
                 return Err(ConnReject::Banned);
             }
         }
+        Ok(())
+    }
+
+    fn admit_as(&self, ip: IpAddr, global: bool, proven: bool) -> Result<ConnTicket, ConnReject> {
+        if let Err(reason) = self.precheck(ip) {
+            self.metrics.conn_rejected(reason, false);
+            return Err(reason);
+        }
+        let s = self.settings.load();
+        let allowed = any_contains(&s.allow, ip);
+        let limited = !allowed && !any_contains(&s.trusted, ip);
         let who = Candidate {
             ip,
             limited,
             global,
             exempt: allowed,
+            rated: proven,
         };
         let r = self.admission.admit(who, &s);
         if let Err(reason) = r {
-            self.penalize(ip, reason);
+            if proven {
+                self.penalize(ip, reason);
+            }
         }
         r
     }
@@ -392,12 +420,16 @@ impl Guard {
         self.ip_budget.len() + self.prefix_budget.len()
     }
 
-    /// Sets the TCP ports the ban file's rule covers (the bound listeners).
-    pub fn set_ports(&self, mut ports: Vec<u16>) {
+    /// Sets the TCP and UDP ports the ban file's rule covers (the bound
+    /// listeners).
+    pub fn set_ports(&self, mut ports: Vec<u16>, mut udp_ports: Vec<u16>) {
         ports.sort_unstable();
         ports.dedup();
+        udp_ports.sort_unstable();
+        udp_ports.dedup();
         let mut s = (**self.settings.load()).clone();
         s.ports = ports;
+        s.udp_ports = udp_ports;
         self.settings.store(Arc::new(s));
         self.bans.mark_dirty();
     }
@@ -407,7 +439,7 @@ impl Guard {
         let Some(path) = &s.ban_file else {
             return Ok(());
         };
-        let text = nft::render(&self.bans.for_firewall(), &s.ports, &[]);
+        let text = nft::render(&self.bans.for_firewall(), &s.ports, &s.udp_ports);
         nft::write_atomically(path, &text)
     }
 }

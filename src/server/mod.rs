@@ -8,11 +8,18 @@
 //!
 //! - [`tcp`]: the HTTPS and plain-HTTP listeners (accept, admission,
 //!   PROXY header, TLS).
+//! - [`dot`]: DNS over TLS.
+//! - `h3`: DoH over HTTP/3 (QUIC), with the `h3` feature.
 //! - [`http`]: HTTP/1.1 and HTTP/2 with hyper.
 //! - [`io`]: write batching on the client's TCP stream.
 //! - [`watchdog`]: the request-driven clock that closes slow and idle
 //!   connections, shared by every transport.
 
+#[cfg(feature = "h3")]
+pub mod amplification;
+pub mod dot;
+#[cfg(feature = "h3")]
+pub mod h3;
 pub mod http;
 pub mod io;
 pub mod tcp;
@@ -53,6 +60,10 @@ pub enum TlsSource {
 pub struct ServerSettings {
     pub tls_listen: Vec<SocketAddr>,
     pub http_listen: Vec<SocketAddr>,
+    pub dot_listen: Vec<SocketAddr>,
+    pub h3_listen: Vec<SocketAddr>,
+    /// Unvalidated QUIC handshakes per second before Retry is required.
+    pub h3_retry_threshold: u32,
     pub tls: TlsSource,
     /// From accept to the first complete request.
     pub handshake_timeout: Duration,
@@ -66,6 +77,8 @@ pub struct ServerSettings {
 pub struct Running {
     pub tls_addrs: Vec<SocketAddr>,
     pub http_addrs: Vec<SocketAddr>,
+    pub dot_addrs: Vec<SocketAddr>,
+    pub h3_addrs: Vec<SocketAddr>,
     pub admin_addr: SocketAddr,
     pub app: Arc<App>,
     shutdown: CancellationToken,
@@ -94,10 +107,11 @@ impl Running {
 /// bound or the TLS identity cannot be loaded.
 pub async fn start(settings: Settings) -> anyhow::Result<Running> {
     raise_nofile();
-    let tls = if settings.server.tls_listen.is_empty() {
-        None
-    } else {
-        let id = match &settings.server.tls {
+    let s = &settings.server;
+    let needs_cert =
+        !(s.tls_listen.is_empty() && s.dot_listen.is_empty() && s.h3_listen.is_empty());
+    let certs = if needs_cert {
+        let id = match &s.tls {
             TlsSource::Files { cert, key } => tls::load_pair(cert, key)?,
             TlsSource::SelfSigned => {
                 let id = tls::self_signed()?;
@@ -109,18 +123,36 @@ pub async fn start(settings: Settings) -> anyhow::Result<Running> {
                 id
             }
         };
-        Some(TlsAcceptor::from(tls::server_config(id)?))
+        Some(tls::CertStore::new(id)?)
+    } else {
+        None
     };
-    let s = &settings.server;
-    let tls_listeners = s
-        .tls_listen
+    let acceptor = |alpn| -> anyhow::Result<TlsAcceptor> {
+        let store = certs
+            .clone()
+            .ok_or_else(|| anyhow::anyhow!("no certificate"))?;
+        Ok(TlsAcceptor::from(tls::server_config(store, alpn)?))
+    };
+    let bind_all = |addrs: &[SocketAddr]| -> anyhow::Result<Vec<tokio::net::TcpListener>> {
+        addrs.iter().map(|a| tcp::bind(*a)).collect()
+    };
+    let tls_listeners = bind_all(&s.tls_listen)?;
+    let http_listeners = bind_all(&s.http_listen)?;
+    let dot_listeners = bind_all(&s.dot_listen)?;
+    #[cfg(feature = "h3")]
+    let h3_endpoints = s
+        .h3_listen
         .iter()
-        .map(|a| tcp::bind(*a))
-        .collect::<anyhow::Result<Vec<_>>>()?;
-    let http_listeners = s
-        .http_listen
-        .iter()
-        .map(|a| tcp::bind(*a))
+        .map(|a| {
+            let store = certs
+                .clone()
+                .ok_or_else(|| anyhow::anyhow!("no certificate"))?;
+            h3::endpoint(
+                *a,
+                tls::server_config(store, tls::Alpn::H3)?,
+                s.idle_timeout,
+            )
+        })
         .collect::<anyhow::Result<Vec<_>>>()?;
     let admin_listener = tcp::bind(settings.admin.listen)?;
     let addrs = |ls: &[tokio::net::TcpListener]| -> Vec<SocketAddr> {
@@ -128,6 +160,14 @@ pub async fn start(settings: Settings) -> anyhow::Result<Running> {
     };
     let tls_addrs = addrs(&tls_listeners);
     let http_addrs = addrs(&http_listeners);
+    let dot_addrs = addrs(&dot_listeners);
+    #[cfg(feature = "h3")]
+    let h3_addrs: Vec<SocketAddr> = h3_endpoints
+        .iter()
+        .filter_map(|(e, _)| e.local_addr().ok())
+        .collect();
+    #[cfg(not(feature = "h3"))]
+    let h3_addrs: Vec<SocketAddr> = Vec::new();
 
     let metrics = Arc::new(Metrics::new());
     let app = Arc::new(App::new(&settings, metrics)?);
@@ -137,34 +177,74 @@ pub async fn start(settings: Settings) -> anyhow::Result<Running> {
         tls_addrs
             .iter()
             .chain(&http_addrs)
+            .chain(&dot_addrs)
             .map(|a| a.port())
             .collect(),
+        h3_addrs.iter().map(|a| a.port()).collect(),
     );
     let shutdown = CancellationToken::new();
     let tasks = TaskTracker::new();
+    // Clients learn of HTTP/3 from the HTTPS answers.
+    let mut alt_svc = ::http::HeaderMap::new();
+    if let Some(a) = h3_addrs.first() {
+        if let Ok(v) = ::http::HeaderValue::from_str(&format!("h3=\":{}\"; ma=86400", a.port())) {
+            alt_svc.insert(::http::header::ALT_SVC, v);
+        }
+    }
+    let alt_svc = Arc::new(alt_svc);
     let running = Running {
         admin_addr: admin_listener.local_addr()?,
         tls_addrs,
         http_addrs,
+        dot_addrs,
+        h3_addrs,
         app: app.clone(),
         shutdown: shutdown.clone(),
         tasks: tasks.clone(),
     };
-    let listener = |tls: Option<TlsAcceptor>| tcp::Listener {
+    let listener = |tls: Option<TlsAcceptor>, extra: Arc<::http::HeaderMap>| tcp::Listener {
         app: app.clone(),
         tls,
         handshake: s.handshake_timeout,
         idle: s.idle_timeout,
         proxy_protocol: s.proxy_protocol,
-        extra_headers: Arc::new(::http::HeaderMap::new()),
+        extra_headers: extra,
     };
     for l in tls_listeners {
-        let run = listener(tls.clone()).run(l, tasks.clone(), shutdown.clone());
+        let run = listener(Some(acceptor(tls::Alpn::Https)?), alt_svc.clone()).run(
+            l,
+            tasks.clone(),
+            shutdown.clone(),
+        );
         tasks.spawn(run);
     }
     for l in http_listeners {
-        let run = listener(None).run(l, tasks.clone(), shutdown.clone());
+        let run = listener(None, Arc::new(::http::HeaderMap::new())).run(
+            l,
+            tasks.clone(),
+            shutdown.clone(),
+        );
         tasks.spawn(run);
+    }
+    for l in dot_listeners {
+        let dot = dot::DotListener {
+            app: app.clone(),
+            tls: acceptor(tls::Alpn::Dot)?,
+            handshake: s.handshake_timeout,
+            idle: s.idle_timeout,
+        };
+        tasks.spawn(dot.run(l, tasks.clone(), shutdown.clone()));
+    }
+    #[cfg(feature = "h3")]
+    for (e, socket) in h3_endpoints {
+        let h3 = h3::H3Listener {
+            app: app.clone(),
+            socket,
+            handshake: s.handshake_timeout,
+            idle: s.idle_timeout,
+            retry_threshold: s.h3_retry_threshold,
+        };
+        tasks.spawn(h3.run(e, tasks.clone(), shutdown.clone()));
     }
     tasks.spawn(admin::serve(
         app.clone(),
@@ -192,6 +272,12 @@ pub async fn start(settings: Settings) -> anyhow::Result<Running> {
     }
     for a in &running.http_addrs {
         tracing::info!(listen = %a, "serving DoH over plain HTTP");
+    }
+    for a in &running.dot_addrs {
+        tracing::info!(listen = %a, "serving DNS over TLS");
+    }
+    for a in &running.h3_addrs {
+        tracing::info!(listen = %a, "serving DoH over HTTP/3 (UDP)");
     }
     tracing::info!(listen = %running.admin_addr, "admin listener (/metrics, /healthz, /bans)");
     Ok(running)

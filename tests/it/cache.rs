@@ -18,7 +18,7 @@ async fn two_hundred_concurrent_misses_one_upstream_query() {
         let mut c = Client::connect(&p, Proto::H2, None).await.unwrap();
         let c2 = match &c {
             Client::H2(s) => s.clone(),
-            Client::H1(_) => unreachable!(),
+            _ => unreachable!(),
         };
         for i in 0..50u16 {
             let mut s = Client::H2(c2.clone());

@@ -286,6 +286,8 @@ pub fn test_config(upstreams: &[SocketAddr]) -> Config {
     Config {
         listen: vec!["127.0.0.1:0".parse().unwrap()],
         listen_http: vec!["127.0.0.1:0".parse().unwrap()],
+        listen_h3: vec!["127.0.0.1:0".parse().unwrap()],
+        listen_dot: vec!["127.0.0.1:0".parse().unwrap()],
         metrics_listen: "127.0.0.1:0".parse().unwrap(),
         tls_cert: Some(p.cert.clone()),
         tls_key: Some(p.key.clone()),
@@ -471,6 +473,8 @@ pub enum Proto {
     PlainH1,
     /// h2c with prior knowledge
     PlainH2,
+    /// HTTP/3 over QUIC
+    H3,
 }
 
 pub async fn tcp_from(source: Option<IpAddr>, to: SocketAddr) -> std::io::Result<TcpStream> {
@@ -502,6 +506,80 @@ pub fn tls_connector(alpn: &[u8]) -> tokio_rustls::TlsConnector {
 pub enum Client {
     H1(hyper::client::conn::http1::SendRequest<Full<Bytes>>),
     H2(hyper::client::conn::http2::SendRequest<Full<Bytes>>),
+    H3(H3Client),
+}
+
+pub type ClientError = Box<dyn std::error::Error + Send + Sync>;
+
+/// An HTTP/3 client connection (quinn + h3).
+pub struct H3Client {
+    send: h3::client::SendRequest<h3_quinn::OpenStreams, Bytes>,
+    /// Kept for the connection's life.
+    _endpoint: quinn::Endpoint,
+}
+
+/// A QUIC client endpoint on `source` trusting the test CA, ALPN h3.
+pub fn quic_client(source: IpAddr) -> quinn::Endpoint {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(pki().ca_der.clone()).unwrap();
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut tls = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    tls.alpn_protocols = vec![b"h3".to_vec()];
+    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap();
+    let mut ep = quinn::Endpoint::client(SocketAddr::new(source, 0)).unwrap();
+    ep.set_default_client_config(quinn::ClientConfig::new(Arc::new(crypto)));
+    ep
+}
+
+impl H3Client {
+    pub async fn connect(addr: SocketAddr, source: IpAddr) -> Result<H3Client, ClientError> {
+        let ep = quic_client(source);
+        let conn = tokio::time::timeout(Duration::from_secs(3), ep.connect(addr, "localhost")?)
+            .await
+            .map_err(|_| "QUIC handshake timed out")??;
+        let (mut driver, send) = h3::client::new(h3_quinn::Connection::new(conn)).await?;
+        tokio::spawn(async move {
+            let _ = std::future::poll_fn(|cx| driver.poll_close(cx)).await;
+        });
+        Ok(H3Client {
+            send,
+            _endpoint: ep,
+        })
+    }
+
+    async fn send(&mut self, req: Request<Full<Bytes>>) -> Result<Reply, ClientError> {
+        let (mut parts, body) = req.into_parts();
+        parts.uri = format!("https://localhost{}", parts.uri).parse()?;
+        let body = body.collect().await?.to_bytes();
+        let mut stream = self
+            .send
+            .send_request(Request::from_parts(parts, ()))
+            .await?;
+        if !body.is_empty() {
+            stream.send_data(body).await?;
+        }
+        stream.finish().await?;
+        let resp = stream.recv_response().await?;
+        let mut data = Vec::new();
+        while let Some(mut chunk) = stream.recv_data().await? {
+            use bytes::Buf;
+            while chunk.has_remaining() {
+                let c = chunk.chunk();
+                data.extend_from_slice(c);
+                let n = c.len();
+                chunk.advance(n);
+            }
+        }
+        Ok(Reply {
+            status: resp.status().as_u16(),
+            headers: resp.headers().clone(),
+            body: Bytes::from(data),
+        })
+    }
 }
 
 impl Client {
@@ -514,6 +592,13 @@ impl Client {
         let http_addr = running.http_addrs[0];
         let io_err = |e: hyper::Error| std::io::Error::other(e);
         match proto {
+            Proto::H3 => {
+                let source = source.unwrap_or(IpAddr::from([127, 0, 0, 1]));
+                H3Client::connect(running.h3_addrs[0], source)
+                    .await
+                    .map(Client::H3)
+                    .map_err(std::io::Error::other)
+            }
             Proto::H1 | Proto::H2 => {
                 let tcp = tcp_from(source, tls_addr).await?;
                 let alpn: &[u8] = if proto == Proto::H2 {
@@ -565,8 +650,9 @@ impl Client {
         }
     }
 
-    pub async fn send(&mut self, mut req: Request<Full<Bytes>>) -> Result<Reply, hyper::Error> {
+    pub async fn send(&mut self, mut req: Request<Full<Bytes>>) -> Result<Reply, ClientError> {
         let resp = match self {
+            Client::H3(c) => return c.send(req).await,
             Client::H1(s) => {
                 req.headers_mut()
                     .entry("host")

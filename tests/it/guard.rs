@@ -543,12 +543,19 @@ async fn ban_file_is_an_nftables_script() {
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let text = std::fs::read_to_string(&file).unwrap();
     assert!(text.contains("127.0.17.1/32 timeout"), "{text}");
+    let mut tcp = vec![
+        p.tls_addrs[0].port(),
+        p.http_addrs[0].port(),
+        p.dot_addrs[0].port(),
+    ];
+    tcp.sort_unstable();
+    let tcp: Vec<String> = tcp.iter().map(|p| p.to_string()).collect();
     assert!(
-        text.contains(&format!(
-            "tcp dport {{ {}, {} }} drop",
-            p.tls_addrs[0].port().min(p.http_addrs[0].port()),
-            p.tls_addrs[0].port().max(p.http_addrs[0].port())
-        )),
+        text.contains(&format!("tcp dport {{ {} }} drop", tcp.join(", "))),
+        "{text}"
+    );
+    assert!(
+        text.contains(&format!("udp dport {{ {} }} drop", p.h3_addrs[0].port())),
         "{text}"
     );
     if let Ok(out) = std::process::Command::new("nft")

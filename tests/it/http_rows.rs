@@ -1,11 +1,17 @@
-//! Every row of SPEC's HTTP table, over real TLS with HTTP/1.1 and HTTP/2
-//! (and over the plain listener with HTTP/1.1 and h2c), against a real
-//! UDP/TCP upstream.
+//! Every row of SPEC's HTTP table, over real TLS with HTTP/1.1 and HTTP/2,
+//! over the plain listener with HTTP/1.1 and h2c, and over HTTP/3 (QUIC),
+//! against a real UDP/TCP upstream: the same statuses everywhere.
 
 use crate::common::*;
 use hickory_proto::op::ResponseCode;
 
-const ALL: [Proto; 4] = [Proto::H1, Proto::H2, Proto::PlainH1, Proto::PlainH2];
+const ALL: [Proto; 5] = [
+    Proto::H1,
+    Proto::H2,
+    Proto::PlainH1,
+    Proto::PlainH2,
+    Proto::H3,
+];
 
 #[tokio::test]
 async fn answers_get_and_post_on_every_protocol() {
@@ -135,11 +141,11 @@ async fn obsolete_drafts_and_json_api_get_400_with_their_reason() {
     }
     assert_eq!(
         metric(&p, "doh_rejects_total{reason=\"obsolete_draft\"}").await,
-        16.0
+        20.0
     );
     assert_eq!(
         metric(&p, "doh_rejects_total{reason=\"json_api\"}").await,
-        4.0
+        5.0
     );
     assert_eq!(up.count("www.example.test."), 0);
 }
@@ -170,7 +176,7 @@ async fn wrong_media_types_get_415() {
     }
     assert_eq!(
         metric(&p, "doh_rejects_total{reason=\"obsolete_media_type\"}").await,
-        8.0
+        10.0
     );
 }
 

@@ -12,4 +12,5 @@ mod guard;
 mod hardening;
 mod hostile;
 mod http_rows;
+mod listeners;
 mod upstream;

@@ -182,7 +182,7 @@ async fn a_slow_upstream_is_waited_for_not_turned_into_servfail() {
     for i in 0..200u16 {
         let mut c = match &mut c {
             Client::H2(s) => Client::H2(s.clone()),
-            Client::H1(_) => unreachable!(),
+            _ => unreachable!(),
         };
         tasks.push(tokio::spawn(async move {
             c.send(get(&get_path(&query("slow15-b.example.test", 1, i))))

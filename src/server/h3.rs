@@ -1,0 +1,307 @@
+//! DoH over HTTP/3 (RFC 9114) with quinn and h3: the same pipeline, the
+//! same refusals and the same guard as over HTTP/2.
+//!
+//! UDP brings back what TCP keeps out (incidents 2 and 4): spoofed
+//! sources and amplification. So, at the first Initial packet, before the
+//! server does any handshake work: a banned or denied source gets nothing
+//! at all; when more unvalidated handshakes arrive per second than
+//! `--h3-retry-threshold`, an unvalidated source gets a stateless Retry
+//! (RFC 9000 §8.1) and must prove it owns its address; only a validated
+//! source is ever scored or limited by its connection rate, so that
+//! spoofing somebody's address can never get them banned. quinn never
+//! sends an unvalidated address more than three times what it received.
+//! No 0-RTT; at most 100 concurrent request streams; the same
+//! request-driven first-request and idle deadlines as over TCP.
+
+use std::net::SocketAddr;
+use std::num::NonZeroU32;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Buf, Bytes};
+use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
+use http_body::Frame;
+use http_body_util::StreamBody;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use super::amplification::Guarded;
+use super::http::{scored_client, H2_MAX_STREAMS};
+use super::watchdog;
+use crate::guard::{ConnTicket, Expiry};
+use crate::metrics::{Handshake, QuicRefusal};
+use crate::pipeline::{App, Peer};
+use crate::reject::{ConnReject, Outcome, ProtocolError, Transport};
+
+/// Largest header section accepted (as HTTP/2's header list limit).
+const MAX_FIELD_SECTION: u64 = 16 * 1024;
+
+#[derive(Clone)]
+pub struct H3Listener {
+    pub app: Arc<App>,
+    /// The socket's anti-amplification books.
+    pub socket: Arc<Guarded>,
+    pub handshake: Duration,
+    pub idle: Duration,
+    /// Unvalidated handshakes per second beyond which Retry is required;
+    /// 0 requires it always.
+    pub retry_threshold: u32,
+}
+
+/// A QUIC endpoint on `addr` serving HTTP/3 with `tls`, on a socket that
+/// enforces the anti-amplification limit.
+pub fn endpoint(
+    addr: SocketAddr,
+    tls: Arc<rustls::ServerConfig>,
+    idle: Duration,
+) -> anyhow::Result<(quinn::Endpoint, Arc<Guarded>)> {
+    let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls)
+        .map_err(|e| anyhow::anyhow!("QUIC TLS configuration: {e}"))?;
+    let mut transport = quinn::TransportConfig::default();
+    transport
+        .max_concurrent_bidi_streams(H2_MAX_STREAMS.into())
+        // The client's control stream and QPACK streams.
+        .max_concurrent_uni_streams(3u32.into())
+        .max_idle_timeout(Some(
+            quinn::IdleTimeout::try_from(idle)
+                .map_err(|e| anyhow::anyhow!("idle timeout for QUIC: {e}"))?,
+        ));
+    let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+    config.transport_config(Arc::new(transport));
+    // A connection keeps the address it was admitted under.
+    config.migration(false);
+    let std_socket = std::net::UdpSocket::bind(addr)
+        .map_err(|e| anyhow::anyhow!("cannot bind {addr}/udp: {e}"))?;
+    let runtime = Arc::new(quinn::TokioRuntime);
+    let socket = Guarded::new(quinn::Runtime::wrap_udp_socket(&*runtime, std_socket)?);
+    let endpoint = quinn::Endpoint::new_with_abstract_socket(
+        quinn::EndpointConfig::default(),
+        Some(config),
+        socket.clone(),
+        runtime,
+    )?;
+    Ok((endpoint, socket))
+}
+
+impl H3Listener {
+    pub async fn run(
+        self,
+        endpoint: quinn::Endpoint,
+        tasks: TaskTracker,
+        shutdown: CancellationToken,
+    ) {
+        let unvalidated: Option<DefaultDirectRateLimiter> = NonZeroU32::new(self.retry_threshold)
+            .map(|n| RateLimiter::direct(Quota::per_second(n)));
+        loop {
+            let incoming = tokio::select! {
+                i = endpoint.accept() => match i {
+                    Some(i) => i,
+                    None => return,
+                },
+                _ = shutdown.cancelled() => break,
+            };
+            let ip = incoming.remote_address().ip();
+            let m = &self.app.metrics;
+            if let Err(reason) = self.app.guard.precheck(ip) {
+                // Nothing back: there is nothing to amplify.
+                m.quic_refusal(QuicRefusal::Ignored);
+                m.conn_rejected(reason, false);
+                incoming.ignore();
+                continue;
+            }
+            let validated = incoming.remote_address_validated();
+            if validated {
+                self.socket.validate(incoming.remote_address());
+            } else {
+                let over = match &unvalidated {
+                    Some(l) => l.check().is_err(),
+                    None => true,
+                };
+                if over && incoming.may_retry() {
+                    m.quic_refusal(QuicRefusal::Retry);
+                    let _ = incoming.retry();
+                    continue;
+                }
+            }
+            let ticket = match self.app.guard.admit_quic(ip, validated) {
+                Ok(t) => t,
+                Err(_) => {
+                    m.quic_refusal(QuicRefusal::Refused);
+                    incoming.refuse();
+                    continue;
+                }
+            };
+            let this = self.clone();
+            let shutdown = shutdown.clone();
+            let tasks2 = tasks.clone();
+            tasks.spawn(async move {
+                this.serve(ticket, incoming, validated, tasks2, shutdown)
+                    .await
+            });
+        }
+        endpoint.close(0u32.into(), b"shutting down");
+    }
+
+    /// Serves one QUIC connection. A source that was not validated before
+    /// the handshake is not scored for a failed one: it may be spoofed.
+    async fn serve(
+        self,
+        ticket: ConnTicket,
+        incoming: quinn::Incoming,
+        validated: bool,
+        tasks: TaskTracker,
+        shutdown: CancellationToken,
+    ) {
+        let addr = incoming.remote_address();
+        self.serve_conn(ticket, incoming, validated, tasks, shutdown)
+            .await;
+        self.socket.forget(addr);
+    }
+
+    async fn serve_conn(
+        &self,
+        ticket: ConnTicket,
+        incoming: quinn::Incoming,
+        validated: bool,
+        tasks: TaskTracker,
+        shutdown: CancellationToken,
+    ) {
+        let app = &self.app;
+        let peer = Peer::new(ticket.conn().clone(), None);
+        let deadline = Instant::now() + self.handshake;
+        let addr = incoming.remote_address();
+        let connecting = match incoming.accept() {
+            Ok(c) => c,
+            Err(_) => return,
+        };
+        let conn = match tokio::time::timeout_at(deadline, connecting).await {
+            Ok(Ok(c)) => c,
+            Ok(Err(e)) => {
+                app.metrics.handshake(Handshake::Failed);
+                app.metrics
+                    .conn_rejected(ConnReject::HandshakeFailed, false);
+                if validated {
+                    app.guard
+                        .penalize(scored_client(&peer), ConnReject::HandshakeFailed);
+                }
+                tracing::debug!(peer = %peer.conn.peer(), error = %e, "QUIC handshake failed");
+                return;
+            }
+            Err(_) => {
+                app.metrics.handshake(Handshake::Timeout);
+                app.metrics
+                    .conn_rejected(ConnReject::HandshakeTimeout, false);
+                return;
+            }
+        };
+        app.metrics.handshake(Handshake::Ok);
+        // The handshake proved the address.
+        self.socket.validate(addr);
+        let built = tokio::time::timeout_at(
+            deadline,
+            h3::server::builder()
+                .max_field_section_size(MAX_FIELD_SECTION)
+                .send_grease(false)
+                .build::<_, Bytes>(h3_quinn::Connection::new(conn.clone())),
+        )
+        .await;
+        let Ok(Ok(mut h3conn)) = built else {
+            conn.close(0x100u32.into(), b"");
+            return;
+        };
+        let watch = watchdog::expired(&peer.conn, self.handshake, self.idle);
+        tokio::pin!(watch);
+        loop {
+            tokio::select! {
+                r = h3conn.accept() => match r {
+                    Ok(Some(resolver)) => {
+                        let app = app.clone();
+                        let peer = peer.clone();
+                        let first = self.handshake;
+                        tasks.spawn(async move { request(app, peer, resolver, first).await });
+                    }
+                    Ok(None) => break,
+                    Err(e) => {
+                        if let h3::error::ConnectionError::Local { error: h3::error::LocalError::Application { code, .. }, .. } = &e {
+                            if *code != h3::error::Code::H3_NO_ERROR {
+                                app.metrics.protocol_error(ProtocolError::H3Protocol);
+                                app.guard.penalize(scored_client(&peer), ProtocolError::H3Protocol);
+                            }
+                        }
+                        break;
+                    }
+                },
+                why = &mut watch => {
+                    if why == Expiry::FirstRequest {
+                        app.metrics.conn_rejected(ConnReject::FirstRequestTimeout, false);
+                        app.guard.penalize(scored_client(&peer), ConnReject::FirstRequestTimeout);
+                    }
+                    conn.close(0x100u32.into(), b"idle");
+                    break;
+                }
+                _ = peer.conn.closing() => {
+                    let _ = tokio::time::timeout(Duration::from_secs(2), h3conn.shutdown(0)).await;
+                    conn.close(0x100u32.into(), b"");
+                    break;
+                }
+                _ = shutdown.cancelled() => {
+                    let _ = tokio::time::timeout(Duration::from_secs(2), h3conn.shutdown(0)).await;
+                    conn.close(0x100u32.into(), b"");
+                    break;
+                }
+            }
+        }
+        drop(ticket);
+    }
+}
+
+/// One request stream: its head within the first-request deadline, then
+/// the pipeline, then the answer.
+async fn request(
+    app: Arc<App>,
+    peer: Peer,
+    resolver: h3::server::RequestResolver<h3_quinn::Connection, Bytes>,
+    first: Duration,
+) {
+    let Ok(Ok((req, stream))) = tokio::time::timeout(first, resolver.resolve_request()).await
+    else {
+        return;
+    };
+    let (mut send, recv) = stream.split();
+    let body = StreamBody::new(futures_util::stream::unfold(
+        Some(recv),
+        |state| async move {
+            let mut recv = state?;
+            match recv.recv_data().await {
+                Ok(Some(mut buf)) => {
+                    let data = buf.copy_to_bytes(buf.remaining());
+                    Some((Ok(Frame::data(data)), Some(recv)))
+                }
+                Ok(None) => None,
+                Err(e) => Some((Err(e), None)),
+            }
+        },
+    ));
+    let reply = app.doh(&peer, Transport::H3, req.map(|()| body)).await;
+    let (parts, bytes) = reply.response.into_parts();
+    let mut delivered = send
+        .send_response(http::Response::from_parts(parts, ()))
+        .await
+        .is_ok();
+    if delivered && !bytes.is_empty() {
+        delivered = send.send_data(bytes).await.is_ok();
+    }
+    delivered = delivered && send.finish().await.is_ok();
+    if reply.answer {
+        let outcome = if delivered {
+            Outcome::Answered
+        } else {
+            Outcome::Undelivered
+        };
+        app.metrics.request(outcome, Transport::H3, false);
+    }
+    if reply.close {
+        peer.conn.close();
+    }
+}
