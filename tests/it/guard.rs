@@ -543,7 +543,7 @@ async fn ban_file_is_an_nftables_script() {
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let text = std::fs::read_to_string(&file).unwrap();
     assert!(text.contains("127.0.17.1/32 timeout"), "{text}");
-    let mut tcp = vec![
+    let mut tcp = [
         p.tls_addrs[0].port(),
         p.http_addrs[0].port(),
         p.dot_addrs[0].port(),
