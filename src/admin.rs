@@ -115,12 +115,13 @@ fn authorized<B>(token: Option<&str>, req: &Request<B>) -> bool {
 /// queries play no part: clients asking dead names cannot mark an
 /// upstream down.
 pub fn health(app: &App) -> Result<(), String> {
-    let status = app.upstream.status();
+    let upstream = app.upstream.load();
+    let status = upstream.status();
     if !status.iter().any(|(_, up)| *up) {
         let names: Vec<String> = status.iter().map(|(a, _)| a.to_string()).collect();
         return Err(format!("every upstream is down: {}", names.join(", ")));
     }
-    match app.upstream.since_last_probe() {
+    match upstream.since_last_probe() {
         Some(d) if d <= HEALTH_WINDOW => Ok(()),
         Some(d) => Err(format!(
             "no upstream answered a probe for {} s",

@@ -40,7 +40,7 @@ pub struct CacheSettings {
 }
 
 /// How TTLs are floored, capped and how long entries live.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct TtlPolicy {
     pub min_ttl: u32,
     pub max_ttl: u32,
@@ -274,8 +274,10 @@ type Flight<T> = Arc<OnceCell<T>>;
 /// eviction listener whatever the cause) for `doh_cache_bytes`.
 pub struct Cache {
     map: Moka<Key, Arc<Entry>>,
-    policy: TtlPolicy,
+    policy: arc_swap::ArcSwap<TtlPolicy>,
     max_answer: usize,
+    /// (`--cache-size`, `--cache-memory`), fixed at start.
+    bounds: (u64, u64),
     bytes: Arc<AtomicI64>,
 }
 
@@ -293,10 +295,22 @@ impl Cache {
                 })
                 .expire_after(EntryExpiry)
                 .build(),
-            policy: s.policy,
+            policy: arc_swap::ArcSwap::from_pointee(s.policy),
             max_answer: s.max_answer,
+            bounds: (s.max_entries, s.max_bytes),
             bytes,
         }
+    }
+
+    /// Whether `s` has the same bounds as this cache (they cannot change
+    /// without a new cache).
+    pub fn same_bounds(&self, s: &CacheSettings) -> bool {
+        self.bounds == (s.max_entries, s.max_bytes)
+    }
+
+    /// Uses `p` for answers stored and served from now on.
+    pub fn set_policy(&self, p: TtlPolicy) {
+        self.policy.store(Arc::new(p));
     }
 
     /// A cache of `entries` entries and a generous byte bound (tests, tools).
@@ -309,8 +323,8 @@ impl Cache {
         })
     }
 
-    pub fn policy(&self) -> &TtlPolicy {
-        &self.policy
+    pub fn policy(&self) -> TtlPolicy {
+        **self.policy.load()
     }
 
     /// Memory held by cached entries, in bytes.

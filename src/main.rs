@@ -1,13 +1,17 @@
 //! The `doh-proxy` binary: parse the command line, check the configuration
-//! into settings, run the server until SIGINT or SIGTERM.
+//! into settings, run the server; SIGHUP reloads, SIGINT and SIGTERM stop.
 
 use std::process::ExitCode;
 
 use doh_proxy::config::{CommandLine, LogFormat, Settings};
+use doh_proxy::server::systemd::{self, Inherited, State};
 
 fn main() -> ExitCode {
+    // Before any thread: socket activation reads and clears variables.
+    let inherited = Inherited::from_env();
     let cli = CommandLine::parse();
-    let loaded = cli.load().and_then(|cfg| cfg.settings());
+    let passed = !inherited.is_empty();
+    let loaded = cli.load().and_then(|cfg| cfg.settings_for(passed));
     let (settings, warnings) = match loaded {
         Ok(s) => s,
         Err(e) => {
@@ -36,7 +40,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match rt.block_on(run(settings)) {
+    match rt.block_on(run(&cli, settings, inherited)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("{e:#}");
@@ -46,24 +50,40 @@ fn main() -> ExitCode {
     }
 }
 
-async fn run(settings: Settings) -> anyhow::Result<()> {
-    let running = doh_proxy::server::start(settings).await?;
-    wait_for_signal().await;
+async fn run(cli: &CommandLine, settings: Settings, inherited: Inherited) -> anyhow::Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut hup = signal(SignalKind::hangup())?;
+    let passed = !inherited.is_empty();
+    let running = doh_proxy::server::start_with(settings, inherited).await?;
+    systemd::notify(State::Ready);
+    loop {
+        tokio::select! {
+            _ = term.recv() => break,
+            _ = tokio::signal::ctrl_c() => break,
+            _ = hup.recv() => {
+                systemd::notify(State::Reloading);
+                // The file again, with the flags typed at start still on top.
+                match cli.load().and_then(|c| c.settings_for(passed)) {
+                    Ok((settings, warnings)) => {
+                        for w in warnings {
+                            tracing::warn!("{w}");
+                        }
+                        let _ = running.reload(settings);
+                    }
+                    Err(e) => {
+                        running.app.metrics.reload(false);
+                        tracing::error!("reload refused, the running configuration stays: {e}");
+                    }
+                }
+                systemd::notify(State::Ready);
+            }
+        }
+    }
+    systemd::notify(State::Stopping);
     tracing::info!("shutting down: no new connections, finishing requests in flight");
     running.stop().await;
     Ok(())
-}
-
-async fn wait_for_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    if let Ok(mut term) = signal(SignalKind::terminate()) {
-        tokio::select! {
-            _ = term.recv() => {}
-            _ = tokio::signal::ctrl_c() => {}
-        }
-        return;
-    }
-    let _ = tokio::signal::ctrl_c().await;
 }
 
 fn init_logging(s: &Settings) {

@@ -229,6 +229,11 @@ pub struct Metrics {
     pub unique_clients: Gauge,
     pub bans_active: Gauge,
     pub connections_open: Gauge,
+    /// Indexed by success (0 ok, 1 error).
+    reloads: [Counter; 2],
+    /// Indexed by success (0 ok, 1 error).
+    acme_orders: [Counter; 2],
+    pub tls_cert_expiry: Gauge,
     upstream_families: UpstreamFamilies,
     upstreams: std::sync::Mutex<Vec<UpstreamMetrics>>,
 }
@@ -267,6 +272,8 @@ impl Metrics {
         let handshake_f = Family::<Labels, Counter>::default();
         let accept_f = Family::<Labels, Counter>::default();
         let quic_f = Family::<Labels, Counter>::default();
+        let reloads_f = Family::<Labels, Counter>::default();
+        let acme_f = Family::<Labels, Counter>::default();
         let bans_f = Family::<Labels, Counter>::default();
         let fams = UpstreamFamilies {
             queries: Family::default(),
@@ -321,6 +328,15 @@ impl Metrics {
             bans: [
                 pair(&bans_f, &[("kind", "address")]),
                 pair(&bans_f, &[("kind", "prefix")]),
+            ],
+            reloads: [
+                one(&reloads_f, "result", "ok"),
+                one(&reloads_f, "result", "error"),
+            ],
+            tls_cert_expiry: Gauge::default(),
+            acme_orders: [
+                one(&acme_f, "result", "ok"),
+                one(&acme_f, "result", "error"),
             ],
             cache_hits: Counter::default(),
             cache_misses: Counter::default(),
@@ -476,6 +492,22 @@ impl Metrics {
             handshake_f,
         );
         registry.register(
+            "doh_reloads",
+            "Configuration and certificate reloads (SIGHUP, certificate files changed)",
+            reloads_f,
+        );
+        registry.register(
+            "doh_acme_orders",
+            "ACME certificate orders by result",
+            acme_f,
+        );
+        registry.register_with_unit(
+            "doh_tls_cert_expiry",
+            "Seconds until the earliest notAfter among served certificates",
+            Unit::Seconds,
+            m.tls_cert_expiry.clone(),
+        );
+        registry.register(
             "doh_quic_refused",
             "QUIC Initials not accepted: ignored (banned, denied), retry (address \
              validation asked), refused (over a cap)",
@@ -517,6 +549,14 @@ impl Metrics {
         if let Some(c) = i.and_then(|i| self.accept_errors.get(i)) {
             c.inc();
         }
+    }
+
+    pub fn reload(&self, ok: bool) {
+        self.reloads[usize::from(!ok)].inc();
+    }
+
+    pub fn acme(&self, ok: bool) {
+        self.acme_orders[usize::from(!ok)].inc();
     }
 
     pub fn quic_refusal(&self, action: QuicRefusal) {

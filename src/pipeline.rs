@@ -10,9 +10,11 @@
 //! whether the connection closes.
 
 use std::net::IpAddr;
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use bytes::Bytes;
 use http::{header, HeaderValue, Request, Response, StatusCode};
 
@@ -24,7 +26,8 @@ use crate::guard::{Budget, Conn, Guard, Verdict};
 use crate::hll::UniqueClients;
 use crate::metrics::Metrics;
 use crate::reject::{Outcome, Reject, Transport};
-use crate::upstream::{Upstream, UpstreamError};
+use crate::server::ServerSettings;
+use crate::upstream::{Upstream, UpstreamError, UpstreamSettings};
 
 /// How long a request that found an expired entry waits for its refresh
 /// before it gets the stale answer (RFC 8767 suggests 1.8 s).
@@ -42,14 +45,19 @@ pub enum Resolution {
 }
 
 /// Everything a request needs, shared by all connections and transports.
+/// What a reload may change sits behind `ArcSwap`s (or atomics): requests
+/// read the settings in force when they start.
 pub struct App {
-    pub limits: Limits,
-    pub verbose: u8,
-    pub max_requests_per_conn: u64,
+    pub limits: ArcSwap<Limits>,
+    pub verbose: AtomicU8,
+    /// Timeouts and per-connection limits (the listener addresses in it
+    /// are those of the start: listeners are not rebound).
+    pub server: ArcSwap<ServerSettings>,
     pub guard: Arc<Guard>,
     pub cache: Cache,
     pub inflight: Inflight<Resolution>,
-    pub upstream: Upstream,
+    pub upstream: ArcSwap<Upstream>,
+    upstream_settings: ArcSwap<UpstreamSettings>,
     pub metrics: Arc<Metrics>,
     pub unique: UniqueClients,
     /// The background work requests start (refreshes, prefetches), so that
@@ -98,17 +106,64 @@ impl App {
             .set(i64::try_from(s.cache.max_bytes).unwrap_or(i64::MAX));
         metrics.connections_max.set(i64::from(s.guard.max_conns));
         Ok(App {
-            limits: s.doh.clone(),
-            verbose: s.verbose,
-            max_requests_per_conn: s.server.max_requests_per_conn,
+            limits: ArcSwap::from_pointee(s.doh.clone()),
+            verbose: AtomicU8::new(s.verbose),
+            server: ArcSwap::from_pointee(s.server.clone()),
             guard: Arc::new(Guard::new(s.guard.clone(), metrics.clone())),
             cache: Cache::new(&s.cache),
             inflight: Inflight::default(),
-            upstream,
+            upstream: ArcSwap::from_pointee(upstream),
+            upstream_settings: ArcSwap::from_pointee(s.upstream.clone()),
             metrics,
             unique: UniqueClients::default(),
             tasks,
         })
+    }
+
+    /// Applies reloaded settings: limits, budgets, allow and deny ranges,
+    /// trusted proxies, ban settings, timeouts, TTL policy and upstreams,
+    /// at once. The cache, bans, scores, unique-client sketches and open
+    /// connections stay. Fails, changing nothing, if new upstreams cannot
+    /// be set up. Returns what only a restart can change.
+    pub fn reload(&self, s: &Settings) -> Result<Vec<&'static str>, String> {
+        let mut restart = Vec::new();
+        if **self.upstream_settings.load() != s.upstream {
+            let fresh = Upstream::new(&s.upstream, self.metrics.clone(), self.tasks.clone())?;
+            let old = self.upstream.swap(Arc::new(fresh));
+            // Queries in flight on the old upstreams finish; their
+            // connections close when the last one is done.
+            old.close_when_idle();
+            self.upstream_settings.store(Arc::new(s.upstream.clone()));
+        }
+        let old = self.server.load();
+        for (changed, what) in [
+            (old.tls_listen != s.server.tls_listen, "listen"),
+            (old.http_listen != s.server.http_listen, "listen_http"),
+            (old.dot_listen != s.server.dot_listen, "listen_dot"),
+            (old.h3_listen != s.server.h3_listen, "listen_h3"),
+            (
+                !self.cache.same_bounds(&s.cache),
+                "cache_size and cache_memory",
+            ),
+        ] {
+            if changed {
+                restart.push(what);
+            }
+        }
+        self.limits.store(Arc::new(s.doh.clone()));
+        self.verbose.store(s.verbose, Ordering::Relaxed);
+        self.server.store(Arc::new(s.server.clone()));
+        self.cache.set_policy(s.cache.policy);
+        self.guard.reconfigure(s.guard.clone());
+        self.metrics
+            .connections_max
+            .set(i64::from(s.guard.max_conns));
+        Ok(restart)
+    }
+
+    /// Whether requests are logged one line each (`-v`).
+    pub fn verbose(&self) -> bool {
+        self.verbose.load(Ordering::Relaxed) > 0
     }
 
     /// Counts a refusal, scores it against the client, logs it at `-v`.
@@ -116,7 +171,7 @@ impl App {
         self.metrics.request(reason.outcome(), transport, false);
         self.metrics.reject(reason, false);
         self.guard.penalize(client, reason);
-        if self.verbose > 0 {
+        if self.verbose() {
             tracing::info!(
                 client = %crate::net::client_label(client),
                 status = reason.status().as_u16(),
@@ -176,8 +231,8 @@ impl App {
     ) -> Result<Served, Reject> {
         let query = dns::parse_query(msg).map_err(Reject::from)?;
         let entry = self.answer(&query.key).await?;
-        let (wire, max_age) = entry.serve(query.id, query.question, self.cache.policy());
-        if self.verbose > 0 {
+        let (wire, max_age) = entry.serve(query.id, query.question, &self.cache.policy());
+        if self.verbose() {
             tracing::info!(
                 client = %crate::net::client_label(client),
                 name = %query.key.name(),
@@ -212,7 +267,7 @@ impl App {
                     let app = self.clone();
                     let k = key.clone();
                     let refresh = self.tasks.spawn(async move { app.resolve(&k).await });
-                    let timer = CLIENT_TIMER.min(self.upstream.timeout());
+                    let timer = CLIENT_TIMER.min(self.upstream.load().timeout());
                     if let Ok(Ok(Resolution::Answer(new))) =
                         tokio::time::timeout(timer, refresh).await
                     {
@@ -244,10 +299,11 @@ impl App {
             .inflight
             .run(key, || async {
                 let policy = self.cache.policy();
-                let entry = match self.upstream.resolve(key).await {
-                    Ok((wire, info)) => Entry::from_answer(wire, &info, policy),
+                let upstream = self.upstream.load_full();
+                let entry = match upstream.resolve(key).await {
+                    Ok((wire, info)) => Entry::from_answer(wire, &info, &policy),
                     Err(UpstreamError::Budget) => return Resolution::Budget,
-                    Err(UpstreamError::Failed) => Entry::failure(key, policy),
+                    Err(UpstreamError::Failed) => Entry::failure(key, &policy),
                 };
                 let entry = Arc::new(entry);
                 self.cache.store(key.clone(), entry.clone());
@@ -278,7 +334,7 @@ impl App {
             // A response to HEAD carries no body.
             *reply.response.body_mut() = Bytes::new();
         }
-        if n >= self.max_requests_per_conn {
+        if n >= self.server.load().max_requests_per_conn {
             reply.close = true;
         }
         if reply.close && transport == Transport::H1 {
@@ -313,13 +369,14 @@ impl App {
                 close,
             }
         };
-        let head = doh::check_head(&parts, &self.limits);
+        let limits = self.limits.load_full();
+        let head = doh::check_head(&parts, &limits);
         if let Err((reason, retry)) = self.admit_request(client, transport) {
             return refused(reason, retry);
         }
         let bytes = match head {
             Ok(Wanted::Get(v)) => Bytes::from(v),
-            Ok(Wanted::Post) => match Box::pin(doh::read_body(body, &self.limits)).await {
+            Ok(Wanted::Post) => match Box::pin(doh::read_body(body, &limits)).await {
                 Ok(b) => b,
                 Err(r) => {
                     self.refuse(client, r, transport);

@@ -3,9 +3,12 @@
 //! that every TLS and QUIC listener resolves through, so that a new
 //! certificate is served everywhere by swapping one value.
 
+use std::collections::HashMap;
 use std::fmt;
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use arc_swap::ArcSwap;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
@@ -103,9 +106,22 @@ impl Identity {
     }
 }
 
-/// The certificate every listener serves, swappable at run time.
+/// ALPN of the TLS-ALPN-01 ACME challenge (RFC 8737).
+pub const ACME_TLS_ALPN: &[u8] = b"acme-tls/1";
+
+/// The certificate every listener serves, swappable at run time, and the
+/// ACME challenge certificates answered to `acme-tls/1` handshakes.
 pub struct CertStore {
     current: ArcSwap<CertifiedKey>,
+    /// Unix seconds of the served leaf's notAfter.
+    not_after: AtomicI64,
+    challenges: RwLock<HashMap<String, Arc<CertifiedKey>>>,
+}
+
+/// The notAfter of a DER certificate, in Unix seconds.
+pub fn not_after(der: &CertificateDer<'_>) -> Option<i64> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der.as_ref()).ok()?;
+    Some(cert.validity().not_after.timestamp())
 }
 
 impl fmt::Debug for CertStore {
@@ -116,15 +132,43 @@ impl fmt::Debug for CertStore {
 
 impl CertStore {
     pub fn new(id: Identity) -> Result<Arc<CertStore>, TlsError> {
+        let expiry = id.chain.first().and_then(not_after).unwrap_or(0);
         Ok(Arc::new(CertStore {
             current: ArcSwap::new(id.certified()?),
+            not_after: AtomicI64::new(expiry),
+            challenges: RwLock::default(),
         }))
     }
 
     /// Serves `id` to every handshake from now on.
     pub fn set(&self, id: Identity) -> Result<(), TlsError> {
+        let expiry = id.chain.first().and_then(not_after).unwrap_or(0);
         self.current.store(id.certified()?);
+        self.not_after.store(expiry, Ordering::Relaxed);
         Ok(())
+    }
+
+    /// Seconds until the served certificate expires (negative once it has).
+    pub fn expires_in(&self) -> i64 {
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs() as i64);
+        self.not_after.load(Ordering::Relaxed) - now
+    }
+
+    /// Answers `acme-tls/1` handshakes for `name` with `id` (RFC 8737).
+    pub fn set_challenge(&self, name: &str, id: Identity) -> Result<(), TlsError> {
+        let key = id.certified()?;
+        if let Ok(mut c) = self.challenges.write() {
+            c.insert(name.to_ascii_lowercase(), key);
+        }
+        Ok(())
+    }
+
+    pub fn clear_challenges(&self) {
+        if let Ok(mut c) = self.challenges.write() {
+            c.clear();
+        }
     }
 
     /// The chain served now.
@@ -134,7 +178,15 @@ impl CertStore {
 }
 
 impl ResolvesServerCert for CertStore {
-    fn resolve(&self, _: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+    fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        let acme = hello
+            .alpn()
+            .is_some_and(|mut protos| protos.any(|p| p == ACME_TLS_ALPN));
+        if acme {
+            // Only the challenge certificate, and only for its name.
+            let name = hello.server_name()?.to_ascii_lowercase();
+            return self.challenges.read().ok()?.get(&name).cloned();
+        }
         Some(self.current.load_full())
     }
 }
@@ -148,6 +200,8 @@ pub enum Alpn {
     Dot,
     /// HTTP/3 over QUIC: `h3`, TLS 1.3 only, no 0-RTT.
     H3,
+    /// DoH over TLS, also answering ACME's TLS-ALPN-01 challenges.
+    HttpsAcme,
 }
 
 /// The server configuration of one kind of listener, resolving its
@@ -164,6 +218,7 @@ pub fn server_config(store: Arc<CertStore>, alpn: Alpn) -> Result<Arc<ServerConf
     let mut cfg = builder.with_no_client_auth().with_cert_resolver(store);
     cfg.alpn_protocols = match alpn {
         Alpn::Https => vec![b"h2".to_vec(), b"http/1.1".to_vec()],
+        Alpn::HttpsAcme => vec![b"h2".to_vec(), b"http/1.1".to_vec(), ACME_TLS_ALPN.to_vec()],
         Alpn::Dot => vec![b"dot".to_vec()],
         Alpn::H3 => vec![b"h3".to_vec()],
     };
@@ -204,5 +259,7 @@ mod tests {
         let before = store.chain();
         store.set(self_signed().unwrap()).unwrap();
         assert_ne!(before, store.chain());
+        // rcgen's default validity ends in 4096.
+        assert!(store.expires_in() > 365 * 86400);
     }
 }

@@ -11,6 +11,7 @@ BIN=${1:-target/debug/doh-proxy}
 BASE=$(mktemp -d /tmp/doh-e2e.XXXXXX)
 NSD_PORT=5390 TLS_PORT=8543 HTTP_PORT=8580 ADMIN_PORT=9553 DOT_PORT=8593
 UNBOUND_DOT=8953 DOT_FRONT=8544 DOT_FRONT_ADMIN=9554 DOH_FRONT=8545 DOH_FRONT_ADMIN=9555
+ACME_TLS=8546 ACME_ADMIN=9556 PEBBLE_PORT=14500 PEBBLE_MGMT=15500
 export DEBIAN_FRONTEND=noninteractive
 PIDS=()
 
@@ -25,7 +26,7 @@ cleanup() {
 trap cleanup EXIT
 
 need=()
-for p in nsd unbound knot-dnsutils bind9-dnsutils python3-venv openssl curl nftables; do
+for p in nsd unbound pebble knot-dnsutils bind9-dnsutils python3-venv openssl curl nftables; do
   dpkg -s "$p" >/dev/null 2>&1 || need+=("$p")
 done
 if [ ${#need[@]} -gt 0 ]; then
@@ -61,6 +62,7 @@ txt  60 IN TXT  "hello from the local zone"
 multi 300 IN A  192.0.2.10
 multi 300 IN A  192.0.2.11
 multi 300 IN A  192.0.2.12
+acme    IN A    127.0.0.1
 EOF
 cat > "$BASE/nsd.conf" <<EOF
 server:
@@ -119,6 +121,7 @@ done
   --tls-cert "$T/cert.pem" --tls-key "$T/key.pem" --metrics-listen 127.0.0.1:$ADMIN_PORT \
   --listen-dot 127.0.0.1:$DOT_PORT \
   --trusted-proxy 127.0.0.2 --ban-file "$BASE/bans.nft" --ban-after 5 \
+  --per-ip-conn-rate 1000 --per-prefix-conn-rate 1000 \
   > "$BASE/proxy.log" 2>&1 &
 PIDS+=($!)
 for _ in $(seq 1 100); do
@@ -137,7 +140,24 @@ PIDS+=($!)
   --tls-cert "$T/cert.pem" --tls-key "$T/key.pem" --metrics-listen 127.0.0.1:$DOH_FRONT_ADMIN \
   > "$BASE/doh-front.log" 2>&1 &
 PIDS+=($!)
-for port in $DOT_FRONT_ADMIN $DOH_FRONT_ADMIN; do
+# ACME: pebble (Let's Encrypt's test CA) on loopback, resolving names with
+# NSD, validating with TLS-ALPN-01 on a fourth instance's TLS listener. A
+# renewal threshold longer than pebble's validity renews every 10 s.
+cat > "$BASE/pebble.json" <<EOF
+{"pebble": {"listenAddress": "127.0.0.1:$PEBBLE_PORT", "managementListenAddress": "127.0.0.1:$PEBBLE_MGMT",
+  "certificate": "$T/cert.pem", "privateKey": "$T/key.pem", "httpPort": 5902, "tlsPort": $ACME_TLS,
+  "ocspResponderURL": "", "externalAccountBindingRequired": false}}
+EOF
+PEBBLE_VA_NOSLEEP=1 PEBBLE_WFE_NONCEREJECT=0 pebble -config "$BASE/pebble.json" -dnsserver 127.0.0.1:$NSD_PORT \
+  > "$BASE/pebble.log" 2>&1 &
+PIDS+=($!)
+for _ in $(seq 1 100); do ss -lnt "( sport = :$PEBBLE_PORT )" | grep -q LISTEN && break; sleep 0.1; done
+"$BIN" -l 127.0.0.1:$ACME_TLS -u 127.0.0.1:$NSD_PORT --metrics-listen 127.0.0.1:$ACME_ADMIN \
+  --acme-domain acme.example.test --acme-directory "https://127.0.0.1:$PEBBLE_PORT/dir" --acme-ca "$CA" \
+  --acme-cache "$BASE/acme" --acme-contact mailto:ops@example.test --acme-renew-days 100000 \
+  > "$BASE/acme-front.log" 2>&1 &
+PIDS+=($!)
+for port in $DOT_FRONT_ADMIN $DOH_FRONT_ADMIN $ACME_ADMIN; do
   for _ in $(seq 1 100); do curl -sf "http://127.0.0.1:$port/metrics" >/dev/null 2>&1 && break; sleep 0.1; done
 done
 
@@ -208,6 +228,25 @@ chk "DNS over HTTPS upstream (the first instance): dig through a third" \
    curl -s http://127.0.0.1:$DOH_FRONT_ADMIN/metrics | grep -q 'doh_upstream_connections_total{upstream=\"https://127.0.0.1:$TLS_PORT/dns-query#localhost\"} 1'"
 chk "doh-proxy check refuses an upstream that is not an address" \
   "out=\$($BIN check -u dns.example:53 2>&1); rc=\$?; [ \$rc -ne 0 ] && echo \"\$out\" | grep -q 'not an IP address'"
+acme_serial() {
+  echo | openssl s_client -connect 127.0.0.1:$ACME_TLS -servername acme.example.test 2>/dev/null |
+    openssl x509 -noout -serial -issuer 2>/dev/null
+}
+acme_orders() {
+  curl -s http://127.0.0.1:$ACME_ADMIN/metrics | awk '/^doh_acme_orders_total\{result="ok"\}/ {print $2}'
+}
+export ACME_TLS ACME_ADMIN
+export -f acme_serial acme_orders
+chk "ACME: pebble issues a certificate by TLS-ALPN-01, served without restart" \
+  "for i in \$(seq 1 60); do [ \"\$(acme_orders)\" -ge 1 ] 2>/dev/null && break; sleep 0.5; done;
+   acme_serial | grep -qi 'issuer=.*Pebble' && test -s $BASE/acme/cert.pem && test -s $BASE/acme/account.json"
+FIRST_SERIAL=$(acme_serial | grep serial)
+chk "ACME: the renewal is served without restart (new serial, same process)" \
+  "for i in \$(seq 1 60); do [ \"\$(acme_orders)\" -ge 2 ] 2>/dev/null && break; sleep 0.5; done;
+   s=\$(acme_serial | grep serial); [ -n \"\$s\" ] && [ \"\$s\" != '$FIRST_SERIAL' ] &&
+   curl -s http://127.0.0.1:$ACME_ADMIN/metrics | grep -qE '^doh_tls_cert_expiry_seconds [1-9]'"
+chk "ACME: the instance answers DoH with its issued certificate" \
+  "curl -sf --resolve acme.example.test:$ACME_TLS:127.0.0.1 -k 'https://acme.example.test:$ACME_TLS/dns-query?dns=$Q' -o /dev/null"
 chk "obsolete draft (ct=) gets 400" \
   "test \$(curl -s -o /dev/null -w '%{http_code}' --cacert $CA '$TLS?ct=application/dns-udpwireformat&dns=$Q') = 400"
 chk "obsolete media type gets 415" \
@@ -233,6 +272,9 @@ chk "doh-proxy check accepts the shipped doh-proxy.toml" "$BIN check -c doh-prox
 chk "doh-proxy check refuses a public admin listener without a token" \
   "out=\$($BIN check -u 127.0.0.1:53 --metrics-listen 0.0.0.0:9153 2>&1); rc=\$?; [ \$rc -ne 0 ] && echo \"\$out\" | grep -q admin_token"
 
-if [ "$bad" -gt 0 ]; then echo "--- proxy log"; tail -20 "$BASE/proxy.log"; fi
+if [ "$bad" -gt 0 ]; then
+  echo "--- proxy log"; tail -20 "$BASE/proxy.log"
+  echo "--- refusals"; curl -s http://127.0.0.1:$ADMIN_PORT/metrics | grep -E '^doh_(rejects|connections_rejected|bans)_total' | grep -v ' 0$'
+fi
 echo "e2e: $ok passed, $bad failed"
 [ "$bad" = 0 ]

@@ -258,6 +258,50 @@ pub struct Config {
     )]
     pub max_requests_per_conn: u64,
 
+    /// Obtain and renew the certificate from an ACME CA for this name
+    /// (TLS-ALPN-01 on the TLS listener); repeatable; replaces
+    /// --tls-cert/--tls-key [default: off]
+    #[arg(
+        long,
+        global = true,
+        value_name = "NAME",
+        help_heading = "Certificates"
+    )]
+    pub acme_domain: Vec<String>,
+
+    /// Contact for the ACME account (`mailto:admin@example.org`) [default: none]
+    #[arg(long, global = true, value_name = "URI", help_heading = "Certificates")]
+    pub acme_contact: Option<String>,
+
+    /// ACME directory URL
+    #[arg(long, global = true, value_name = "URL", default_value = crate::acme::LETS_ENCRYPT, help_heading = "Certificates")]
+    pub acme_directory: String,
+
+    /// Trust anchors (PEM) for the ACME directory, for a test CA such as
+    /// pebble [default: the system's roots]
+    #[arg(long, global = true, value_name = "PEM", help_heading = "Certificates")]
+    pub acme_ca: Option<PathBuf>,
+
+    /// Where the ACME account, certificate and key are kept
+    #[arg(
+        long,
+        global = true,
+        value_name = "DIR",
+        default_value = "acme-cache",
+        help_heading = "Certificates"
+    )]
+    pub acme_cache: PathBuf,
+
+    /// Renew the ACME certificate when fewer days than this remain
+    #[arg(
+        long,
+        global = true,
+        value_name = "DAYS",
+        default_value_t = 30,
+        help_heading = "Certificates"
+    )]
+    pub acme_renew_days: u32,
+
     // --- Upstream
     /// Upstream resolver; repeatable: `IP:PORT` (UDP, TCP when the answer is
     /// truncated), `tcp://IP:PORT`, `tls://IP:PORT#NAME` (DNS over TLS; NAME
@@ -535,6 +579,12 @@ pub struct Config {
     /// on change), for `nft -f` [default: off]
     #[arg(long, global = true, value_name = "PATH", help_heading = "Penalty box")]
     pub ban_file: Option<PathBuf>,
+
+    /// Keep the bans in force and the repeat counts here (JSON, written
+    /// atomically on change and at shutdown), and restore them at start
+    /// [default: off]
+    #[arg(long, global = true, value_name = "PATH", help_heading = "Penalty box")]
+    pub state_file: Option<PathBuf>,
 
     /// Count and log every mitigation (rate limit, ban, connection cap) but
     /// enforce none; static --deny ranges and the upstream budget stay

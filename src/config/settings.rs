@@ -7,6 +7,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use super::{system_nameservers, Config, ConfigError, LogFormat};
+use crate::acme::AcmeSettings;
 use crate::admin::AdminSettings;
 use crate::cache::{CacheSettings, TtlPolicy};
 use crate::doh::Limits;
@@ -27,6 +28,8 @@ pub struct Settings {
     pub upstream: UpstreamSettings,
     pub guard: GuardSettings,
     pub admin: AdminSettings,
+    /// Certificates from an ACME CA, when `--acme-domain` is given.
+    pub acme: Option<AcmeSettings>,
     /// `-v`: 1 logs a line per request, 2 and more debug.
     pub verbose: u8,
     pub log_format: LogFormat,
@@ -46,8 +49,15 @@ impl Config {
     /// sending a packet, and builds the settings; returns warnings for
     /// sound but suspicious values.
     pub fn settings(&self) -> Result<(Settings, Warnings), ConfigError> {
+        self.settings_for(false)
+    }
+
+    /// As [`Config::settings`], for a process the service manager passed
+    /// listening sockets to (`inherited`): it may then configure none.
+    pub fn settings_for(&self, inherited: bool) -> Result<(Settings, Warnings), ConfigError> {
         let mut warnings = Vec::new();
-        if self.listen.is_empty()
+        if !inherited
+            && self.listen.is_empty()
             && self.listen_http.is_empty()
             && self.listen_dot.is_empty()
             && self.listen_h3.is_empty()
@@ -66,6 +76,33 @@ impl Config {
             ));
         }
         let tls = match (&self.tls_cert, &self.tls_key) {
+            _ if !self.acme_domain.is_empty() => {
+                if self.tls_cert.is_some() || self.tls_key.is_some() {
+                    return bad("acme_domain and tls_cert/tls_key exclude each other".into());
+                }
+                for d in &self.acme_domain {
+                    if rustls::pki_types::DnsName::try_from(d.as_str()).is_err() || !d.contains('.')
+                    {
+                        return bad(format!("acme_domain `{d}` is not a domain name"));
+                    }
+                }
+                if !self.acme_directory.starts_with("https://") {
+                    return bad(format!(
+                        "acme_directory `{}` must be an https:// URL",
+                        self.acme_directory
+                    ));
+                }
+                if let Some(ca) = &self.acme_ca {
+                    crate::upstream::read_ca(ca)
+                        .map_err(|e| ConfigError::Invalid(e.replace("upstream_ca", "acme_ca")))?;
+                }
+                if self.listen.is_empty() {
+                    return bad(
+                        "acme_domain needs a TLS listener (--listen) for TLS-ALPN-01".into(),
+                    );
+                }
+                TlsSource::Acme
+            }
             (Some(cert), Some(key)) => {
                 crate::tls::load_pair(cert, key)
                     .map_err(|e| ConfigError::Invalid(e.to_string()))?;
@@ -238,6 +275,7 @@ impl Config {
                 ban_after: self.ban_after,
                 ban_secs: self.ban_secs,
                 ban_file: self.ban_file.clone(),
+                state_file: self.state_file.clone(),
                 ports: Vec::new(),
                 udp_ports: Vec::new(),
             },
@@ -246,6 +284,14 @@ impl Config {
                 token: self.admin_token.clone(),
                 max_conns: ADMIN_MAX_CONNS,
             },
+            acme: (!self.acme_domain.is_empty()).then(|| AcmeSettings {
+                domains: self.acme_domain.clone(),
+                contact: self.acme_contact.clone(),
+                directory: self.acme_directory.clone(),
+                ca: self.acme_ca.clone(),
+                cache: self.acme_cache.clone(),
+                renew_before: Duration::from_secs(u64::from(self.acme_renew_days) * 86400),
+            }),
             verbose: self.verbose,
             log_format: self.log_format,
         };

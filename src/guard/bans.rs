@@ -36,7 +36,25 @@ struct Ban {
     hits: AtomicU64,
 }
 
-/// A ban as the admin API and the state file show it.
+/// How a ban's target is written: its range, or `unknown` for the shared
+/// key of unnamed clients.
+pub fn target_label(net: &IpNet) -> String {
+    if *net == IpNet::from(UNKNOWN_CLIENT) {
+        client_label(UNKNOWN_CLIENT)
+    } else {
+        net.to_string()
+    }
+}
+
+/// Parses what [`target_label`] writes.
+pub fn parse_target(s: &str) -> Option<IpNet> {
+    if s == "unknown" {
+        return Some(IpNet::from(UNKNOWN_CLIENT));
+    }
+    s.parse::<crate::net::Cidr>().ok().map(|c| c.0)
+}
+
+/// A ban as the admin API shows it.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct BanView {
     pub target: String,
@@ -103,10 +121,63 @@ pub struct Added {
     pub evicted: Option<IpNet>,
 }
 
+/// How many times a target was banned, and until when that is remembered.
+#[derive(Debug, Clone, Copy)]
+struct Offence {
+    count: u32,
+    until: Instant,
+}
+
+/// Offences are remembered for a day after the last one.
+const OFFENCE_MEMORY: Duration = Duration::from_secs(86400);
+
+struct OffenceExpiry;
+
+impl moka::Expiry<IpNet, Offence> for OffenceExpiry {
+    fn expire_after_create(
+        &self,
+        _: &IpNet,
+        o: &Offence,
+        _: std::time::Instant,
+    ) -> Option<Duration> {
+        Some(o.until.saturating_duration_since(Instant::now()))
+    }
+    fn expire_after_update(
+        &self,
+        _: &IpNet,
+        o: &Offence,
+        _: std::time::Instant,
+        _: Option<Duration>,
+    ) -> Option<Duration> {
+        Some(o.until.saturating_duration_since(Instant::now()))
+    }
+}
+
+/// A ban as the state file keeps it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SavedBan {
+    pub target: String,
+    pub reason: String,
+    /// Unix seconds.
+    pub since: u64,
+    /// Unix seconds.
+    pub expires: u64,
+    pub hits: u64,
+}
+
+/// A repeat count as the state file keeps it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SavedOffence {
+    pub target: String,
+    pub count: u32,
+    /// Unix seconds until which it is remembered.
+    pub until: u64,
+}
+
 pub struct Bans {
     table: RwLock<Table>,
     /// Bans per target within the last day, for escalation.
-    offences: moka::sync::Cache<IpNet, u32>,
+    offences: moka::sync::Cache<IpNet, Offence>,
     dirty: AtomicBool,
     max: usize,
 }
@@ -121,7 +192,7 @@ impl Bans {
             table: RwLock::default(),
             offences: moka::sync::Cache::builder()
                 .max_capacity(max as u64)
-                .time_to_live(Duration::from_secs(86400))
+                .expire_after(OffenceExpiry)
                 .build(),
             dirty: AtomicBool::new(true),
             max: max.max(1),
@@ -148,14 +219,90 @@ impl Bans {
 
     /// How many times `target` was banned within the last day.
     pub fn offences(&self, target: &IpNet) -> u32 {
-        self.offences.get(target).unwrap_or(0)
+        self.offences
+            .get(target)
+            .filter(|o| o.until > Instant::now())
+            .map_or(0, |o| o.count)
     }
 
     /// Records one more offence of `target`; returns the count before.
     pub fn count_offence(&self, target: IpNet) -> u32 {
         let n = self.offences(&target);
-        self.offences.insert(target, n.saturating_add(1));
+        self.offences.insert(
+            target,
+            Offence {
+                count: n.saturating_add(1),
+                until: Instant::now() + OFFENCE_MEMORY,
+            },
+        );
+        self.dirty.store(true, Ordering::Relaxed);
         n
+    }
+
+    /// Everything the state file keeps: bans in force and repeat counts.
+    pub fn export(&self) -> (Vec<SavedBan>, Vec<SavedOffence>) {
+        let now = Instant::now();
+        let wall = SystemTime::now();
+        let at = |i: Instant| unix(wall + i.saturating_duration_since(now));
+        let bans = {
+            let t = self.table.read().unwrap_or_else(|p| p.into_inner());
+            t.by_expiry
+                .iter()
+                .filter(|(e, _)| *e > now)
+                .filter_map(|(e, net)| {
+                    let b = t.by_target.get(net)?;
+                    Some(SavedBan {
+                        target: target_label(net),
+                        reason: b.reason.to_string(),
+                        since: unix(b.since),
+                        expires: at(*e),
+                        hits: b.hits.load(Ordering::Relaxed),
+                    })
+                })
+                .collect()
+        };
+        let offences = self
+            .offences
+            .iter()
+            .filter(|(_, o)| o.until > now)
+            .map(|(net, o)| SavedOffence {
+                target: target_label(&net),
+                count: o.count,
+                until: at(o.until),
+            })
+            .collect();
+        (bans, offences)
+    }
+
+    /// Puts back a ban from the state file; `prefix` as for [`Bans::add`].
+    pub fn restore(
+        &self,
+        target: IpNet,
+        reason: &'static str,
+        since: SystemTime,
+        remaining: Duration,
+        hits: u64,
+        prefix: Option<IpNet>,
+    ) {
+        let added = self.add(target, reason, remaining.as_secs().max(1), prefix);
+        let mut t = self.table.write().unwrap_or_else(|p| p.into_inner());
+        if let Some(b) = t.by_target.get_mut(&target) {
+            b.since = since;
+            b.hits.store(hits, Ordering::Relaxed);
+        }
+        drop(t);
+        let _ = added;
+    }
+
+    /// Puts back a repeat count from the state file.
+    pub fn restore_offence(&self, target: IpNet, count: u32, remaining: Duration) {
+        self.offences.insert(
+            target,
+            Offence {
+                count,
+                until: Instant::now() + remaining,
+            },
+        );
     }
 
     /// Bans `target` for `secs`. `prefix` is, for a host, the prefix it
@@ -272,11 +419,7 @@ impl Bans {
                 let b = t.by_target.get(net)?;
                 let remaining = at.saturating_duration_since(now);
                 Some(BanView {
-                    target: if *net == IpNet::from(UNKNOWN_CLIENT) {
-                        client_label(UNKNOWN_CLIENT)
-                    } else {
-                        net.to_string()
-                    },
+                    target: target_label(net),
                     reason: b.reason,
                     since: unix(b.since),
                     expires: unix(wall + remaining),

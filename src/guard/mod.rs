@@ -22,6 +22,7 @@ pub mod budget;
 pub mod forwarded;
 pub mod nft;
 pub mod penalty;
+pub mod state;
 
 use std::net::IpAddr;
 use std::path::PathBuf;
@@ -71,6 +72,8 @@ pub struct GuardSettings {
     pub ban_after: u32,
     pub ban_secs: u64,
     pub ban_file: Option<PathBuf>,
+    /// `--state-file`: bans and repeat counts kept across restarts.
+    pub state_file: Option<PathBuf>,
     /// TCP ports the ban file's rule drops for banned sources (the bound
     /// listeners; set at start).
     pub ports: Vec<u16>,
@@ -412,6 +415,52 @@ impl Guard {
                 self.bans.mark_dirty();
                 tracing::error!(error = %e, "cannot write the ban file");
             }
+            if let Err(e) = self.save_state() {
+                tracing::error!(error = %e, "cannot write the state file");
+            }
+        }
+    }
+
+    /// Writes `--state-file` now (at shutdown, and when bans changed).
+    pub fn save_state(&self) -> std::io::Result<()> {
+        let s = self.settings.load();
+        let Some(path) = &s.state_file else {
+            return Ok(());
+        };
+        let (bans, offences) = self.bans.export();
+        state::save(path, bans, offences)
+    }
+
+    /// Reads `--state-file` back at start; a damaged file is reported and
+    /// set aside, never fatal.
+    pub fn restore_state(&self) {
+        let s = self.settings.load();
+        let Some(path) = &s.state_file else {
+            return;
+        };
+        match state::load(path) {
+            Ok(None) => {}
+            Ok(Some(r)) => {
+                let (n, m) = (r.bans.len(), r.offences.len());
+                for (net, reason, since, remaining, hits) in r.bans {
+                    let prefix =
+                        is_host(&net).then(|| prefix_of(net.addr(), s.prefix_v4, s.prefix_v6));
+                    self.bans
+                        .restore(net, reason, since, remaining, hits, prefix);
+                }
+                for (net, count, remaining) in r.offences {
+                    self.bans.restore_offence(net, count, remaining);
+                }
+                self.metrics.bans_active.set(self.bans.len() as i64);
+                tracing::info!(
+                    bans = n,
+                    repeat_counts = m,
+                    expired = r.dropped,
+                    file = %path.display(),
+                    "state restored"
+                );
+            }
+            Err(e) => tracing::warn!("{e}"),
         }
     }
 

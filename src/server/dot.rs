@@ -35,8 +35,6 @@ const RCODE_REFUSED: u8 = 5;
 pub struct DotListener {
     pub app: Arc<App>,
     pub tls: TlsAcceptor,
-    pub handshake: Duration,
-    pub idle: Duration,
 }
 
 impl DotListener {
@@ -68,7 +66,9 @@ impl DotListener {
         let _ = stream.set_nodelay(true);
         let app = &self.app;
         let peer = Peer::new(ticket.conn().clone(), None);
-        let deadline = Instant::now() + self.handshake;
+        let settings = app.server.load_full();
+        let (first, idle) = (settings.handshake_timeout, settings.idle_timeout);
+        let deadline = Instant::now() + first;
         let accepted = tokio::select! {
             r = tokio::time::timeout_at(deadline, self.tls.accept(stream)) => r,
             _ = peer.conn.closing() => return,
@@ -94,7 +94,7 @@ impl DotListener {
             }
         };
         app.metrics.handshake(Handshake::Ok);
-        let watch = watchdog::expired(&peer.conn, self.handshake, self.idle);
+        let watch = watchdog::expired(&peer.conn, first, idle);
         tokio::pin!(watch);
         tokio::select! {
             end = session(app.clone(), peer.clone(), tls) => {

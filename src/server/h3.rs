@@ -42,17 +42,22 @@ pub struct H3Listener {
     pub app: Arc<App>,
     /// The socket's anti-amplification books.
     pub socket: Arc<Guarded>,
-    pub handshake: Duration,
-    pub idle: Duration,
     /// Unvalidated handshakes per second beyond which Retry is required;
     /// 0 requires it always.
     pub retry_threshold: u32,
 }
 
-/// A QUIC endpoint on `addr` serving HTTP/3 with `tls`, on a socket that
-/// enforces the anti-amplification limit.
+/// Where a QUIC endpoint's socket comes from.
+pub enum UdpSource {
+    Bind(SocketAddr),
+    /// Passed by the service manager.
+    Socket(std::net::UdpSocket),
+}
+
+/// A QUIC endpoint serving HTTP/3 with `tls`, on a socket that enforces
+/// the anti-amplification limit.
 pub fn endpoint(
-    addr: SocketAddr,
+    source: UdpSource,
     tls: Arc<rustls::ServerConfig>,
     idle: Duration,
 ) -> anyhow::Result<(quinn::Endpoint, Arc<Guarded>)> {
@@ -71,8 +76,11 @@ pub fn endpoint(
     config.transport_config(Arc::new(transport));
     // A connection keeps the address it was admitted under.
     config.migration(false);
-    let std_socket = std::net::UdpSocket::bind(addr)
-        .map_err(|e| anyhow::anyhow!("cannot bind {addr}/udp: {e}"))?;
+    let std_socket = match source {
+        UdpSource::Bind(addr) => std::net::UdpSocket::bind(addr)
+            .map_err(|e| anyhow::anyhow!("cannot bind {addr}/udp: {e}"))?,
+        UdpSource::Socket(s) => s,
+    };
     let runtime = Arc::new(quinn::TokioRuntime);
     let socket = Guarded::new(quinn::Runtime::wrap_udp_socket(&*runtime, std_socket)?);
     let endpoint = quinn::Endpoint::new_with_abstract_socket(
@@ -169,7 +177,9 @@ impl H3Listener {
     ) {
         let app = &self.app;
         let peer = Peer::new(ticket.conn().clone(), None);
-        let deadline = Instant::now() + self.handshake;
+        let settings = app.server.load_full();
+        let (first, idle) = (settings.handshake_timeout, settings.idle_timeout);
+        let deadline = Instant::now() + first;
         let addr = incoming.remote_address();
         let connecting = match incoming.accept() {
             Ok(c) => c,
@@ -210,7 +220,7 @@ impl H3Listener {
             conn.close(0x100u32.into(), b"");
             return;
         };
-        let watch = watchdog::expired(&peer.conn, self.handshake, self.idle);
+        let watch = watchdog::expired(&peer.conn, first, idle);
         tokio::pin!(watch);
         loop {
             tokio::select! {
@@ -218,7 +228,6 @@ impl H3Listener {
                     Ok(Some(resolver)) => {
                         let app = app.clone();
                         let peer = peer.clone();
-                        let first = self.handshake;
                         tasks.spawn(async move { request(app, peer, resolver, first).await });
                     }
                     Ok(None) => break,

@@ -17,11 +17,13 @@
 
 #[cfg(feature = "h3")]
 pub mod amplification;
+pub mod certs;
 pub mod dot;
 #[cfg(feature = "h3")]
 pub mod h3;
 pub mod http;
 pub mod io;
+pub mod systemd;
 pub mod tcp;
 pub mod watchdog;
 
@@ -45,7 +47,7 @@ const STOP_GRACE: Duration = Duration::from_secs(7);
 const PROBE_EVERY: Duration = Duration::from_secs(2);
 
 /// Where the TLS certificate comes from.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum TlsSource {
     Files {
         cert: PathBuf,
@@ -53,10 +55,12 @@ pub enum TlsSource {
     },
     /// A self-signed certificate for `localhost`, generated at start.
     SelfSigned,
+    /// Obtained and renewed with ACME (a self-signed one until then).
+    Acme,
 }
 
 /// What the listeners run with.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct ServerSettings {
     pub tls_listen: Vec<SocketAddr>,
     pub http_listen: Vec<SocketAddr>,
@@ -81,18 +85,55 @@ pub struct Running {
     pub h3_addrs: Vec<SocketAddr>,
     pub admin_addr: SocketAddr,
     pub app: Arc<App>,
+    /// The certificate in service, when a TLS or QUIC listener runs.
+    pub certs: Option<Arc<certs::Certs>>,
     shutdown: CancellationToken,
     tasks: TaskTracker,
 }
 
 impl Running {
+    /// Applies reloaded settings (SIGHUP): the certificate files are read
+    /// again, and limits, ranges, trusted proxies, upstreams, timeouts and
+    /// TTLs apply at once; the cache, bans, scores, unique-client sketches
+    /// and open connections stay. Nothing changes when the new
+    /// configuration or certificate fails to load.
+    pub fn reload(&self, settings: Settings) -> Result<(), String> {
+        let result = self.try_reload(&settings);
+        self.app.metrics.reload(result.is_ok());
+        match &result {
+            Ok(()) => tracing::info!("configuration reloaded"),
+            Err(e) => tracing::error!("reload refused, the running configuration stays: {e}"),
+        }
+        result
+    }
+
+    fn try_reload(&self, settings: &Settings) -> Result<(), String> {
+        let source = &settings.server.tls;
+        let prepared = match &self.certs {
+            Some(c) => Some(c.prepare(source)?),
+            None => None,
+        };
+        let restart = self.app.reload(settings)?;
+        if let (Some(c), Some(p)) = (&self.certs, prepared) {
+            c.commit(source, p);
+        }
+        if !restart.is_empty() {
+            tracing::warn!(
+                "changed but only applied at the next restart: {}",
+                restart.join(", ")
+            );
+        }
+        Ok(())
+    }
+
     /// Stops accepting, asks every connection to close once its in-flight
-    /// requests are done (a few seconds at most), and waits for every task.
+    /// requests are done (a few seconds at most), waits for every task, and
+    /// saves the state file.
     pub async fn stop(self) {
         self.shutdown.cancel();
         self.tasks.close();
         self.app.tasks.close();
-        self.app.upstream.close();
+        self.app.upstream.load().close();
         let all = async {
             self.tasks.wait().await;
             self.app.tasks.wait().await;
@@ -100,60 +141,88 @@ impl Running {
         if tokio::time::timeout(STOP_GRACE, all).await.is_err() {
             tracing::warn!("some connections did not finish in time");
         }
+        if let Err(e) = self.app.guard.save_state() {
+            tracing::error!(error = %e, "cannot write the state file");
+        }
     }
 }
 
 /// Binds every listener and starts serving. Fails if a listener cannot be
 /// bound or the TLS identity cannot be loaded.
 pub async fn start(settings: Settings) -> anyhow::Result<Running> {
+    start_with(settings, systemd::Inherited::default()).await
+}
+
+/// As [`start`], serving on the sockets the service manager passed where
+/// it passed some (they replace the configured addresses of their kind).
+pub async fn start_with(
+    settings: Settings,
+    inherited: systemd::Inherited,
+) -> anyhow::Result<Running> {
     raise_nofile();
     let s = &settings.server;
-    let needs_cert =
-        !(s.tls_listen.is_empty() && s.dot_listen.is_empty() && s.h3_listen.is_empty());
+    let needs_cert = !(s.tls_listen.is_empty()
+        && s.dot_listen.is_empty()
+        && s.h3_listen.is_empty()
+        && inherited.https.is_empty()
+        && inherited.dot.is_empty()
+        && inherited.h3.is_empty());
     let certs = if needs_cert {
-        let id = match &s.tls {
-            TlsSource::Files { cert, key } => tls::load_pair(cert, key)?,
-            TlsSource::SelfSigned => {
-                let id = tls::self_signed()?;
-                tracing::warn!(
-                    fingerprint = %id.fingerprint(),
-                    "NO CERTIFICATE GIVEN: serving a self-signed certificate for localhost \
-                     generated at start. Clients will not trust it; use --tls-cert/--tls-key."
-                );
-                id
-            }
-        };
-        Some(tls::CertStore::new(id)?)
+        Some(certs::Certs::load(&s.tls)?)
     } else {
         None
     };
+    let https_alpn = if s.tls == TlsSource::Acme {
+        tls::Alpn::HttpsAcme
+    } else {
+        tls::Alpn::Https
+    };
     let acceptor = |alpn| -> anyhow::Result<TlsAcceptor> {
         let store = certs
-            .clone()
+            .as_ref()
+            .map(|c| c.store.clone())
             .ok_or_else(|| anyhow::anyhow!("no certificate"))?;
         Ok(TlsAcceptor::from(tls::server_config(store, alpn)?))
     };
-    let bind_all = |addrs: &[SocketAddr]| -> anyhow::Result<Vec<tokio::net::TcpListener>> {
-        addrs.iter().map(|a| tcp::bind(*a)).collect()
+    let bind_all = |addrs: &[SocketAddr],
+                    passed: Vec<std::net::TcpListener>|
+     -> anyhow::Result<Vec<tokio::net::TcpListener>> {
+        if passed.is_empty() {
+            return addrs.iter().map(|a| tcp::bind(*a)).collect();
+        }
+        passed
+            .into_iter()
+            .map(|l| {
+                l.set_nonblocking(true)?;
+                Ok(tokio::net::TcpListener::from_std(l)?)
+            })
+            .collect()
     };
-    let tls_listeners = bind_all(&s.tls_listen)?;
-    let http_listeners = bind_all(&s.http_listen)?;
-    let dot_listeners = bind_all(&s.dot_listen)?;
+    let tls_listeners = bind_all(&s.tls_listen, inherited.https)?;
+    let http_listeners = bind_all(&s.http_listen, inherited.http)?;
+    let dot_listeners = bind_all(&s.dot_listen, inherited.dot)?;
     #[cfg(feature = "h3")]
-    let h3_endpoints = s
-        .h3_listen
-        .iter()
-        .map(|a| {
+    let h3_endpoints = {
+        let quic_tls = || -> anyhow::Result<_> {
             let store = certs
-                .clone()
+                .as_ref()
+                .map(|c| c.store.clone())
                 .ok_or_else(|| anyhow::anyhow!("no certificate"))?;
-            h3::endpoint(
-                *a,
-                tls::server_config(store, tls::Alpn::H3)?,
-                s.idle_timeout,
-            )
-        })
-        .collect::<anyhow::Result<Vec<_>>>()?;
+            Ok(tls::server_config(store, tls::Alpn::H3)?)
+        };
+        if inherited.h3.is_empty() {
+            s.h3_listen
+                .iter()
+                .map(|a| h3::endpoint(h3::UdpSource::Bind(*a), quic_tls()?, s.idle_timeout))
+                .collect::<anyhow::Result<Vec<_>>>()?
+        } else {
+            inherited
+                .h3
+                .into_iter()
+                .map(|u| h3::endpoint(h3::UdpSource::Socket(u), quic_tls()?, s.idle_timeout))
+                .collect::<anyhow::Result<Vec<_>>>()?
+        }
+    };
     let admin_listener = tcp::bind(settings.admin.listen)?;
     let addrs = |ls: &[tokio::net::TcpListener]| -> Vec<SocketAddr> {
         ls.iter().filter_map(|l| l.local_addr().ok()).collect()
@@ -171,6 +240,7 @@ pub async fn start(settings: Settings) -> anyhow::Result<Running> {
 
     let metrics = Arc::new(Metrics::new());
     let app = Arc::new(App::new(&settings, metrics)?);
+    app.guard.restore_state();
     // The ban file's rule names the bound ports (port 0 in the
     // configuration becomes the one the kernel chose).
     app.guard.set_ports(
@@ -192,7 +262,24 @@ pub async fn start(settings: Settings) -> anyhow::Result<Running> {
         }
     }
     let alt_svc = Arc::new(alt_svc);
+    if let Some(c) = &certs {
+        app.metrics.tls_cert_expiry.set(c.store.expires_in());
+        tasks.spawn(certs::watch(
+            c.clone(),
+            app.metrics.clone(),
+            shutdown.clone(),
+        ));
+        if let Some(acme) = &settings.acme {
+            tasks.spawn(crate::acme::run(
+                acme.clone(),
+                c.store.clone(),
+                app.metrics.clone(),
+                shutdown.clone(),
+            ));
+        }
+    }
     let running = Running {
+        certs: certs.clone(),
         admin_addr: admin_listener.local_addr()?,
         tls_addrs,
         http_addrs,
@@ -205,13 +292,10 @@ pub async fn start(settings: Settings) -> anyhow::Result<Running> {
     let listener = |tls: Option<TlsAcceptor>, extra: Arc<::http::HeaderMap>| tcp::Listener {
         app: app.clone(),
         tls,
-        handshake: s.handshake_timeout,
-        idle: s.idle_timeout,
-        proxy_protocol: s.proxy_protocol,
         extra_headers: extra,
     };
     for l in tls_listeners {
-        let run = listener(Some(acceptor(tls::Alpn::Https)?), alt_svc.clone()).run(
+        let run = listener(Some(acceptor(https_alpn)?), alt_svc.clone()).run(
             l,
             tasks.clone(),
             shutdown.clone(),
@@ -230,8 +314,6 @@ pub async fn start(settings: Settings) -> anyhow::Result<Running> {
         let dot = dot::DotListener {
             app: app.clone(),
             tls: acceptor(tls::Alpn::Dot)?,
-            handshake: s.handshake_timeout,
-            idle: s.idle_timeout,
         };
         tasks.spawn(dot.run(l, tasks.clone(), shutdown.clone()));
     }
@@ -240,8 +322,6 @@ pub async fn start(settings: Settings) -> anyhow::Result<Running> {
         let h3 = h3::H3Listener {
             app: app.clone(),
             socket,
-            handshake: s.handshake_timeout,
-            idle: s.idle_timeout,
             retry_threshold: s.h3_retry_threshold,
         };
         tasks.spawn(h3.run(e, tasks.clone(), shutdown.clone()));
@@ -263,7 +343,7 @@ pub async fn start(settings: Settings) -> anyhow::Result<Running> {
         let app = app.clone();
         move || {
             let app = app.clone();
-            async move { app.upstream.probe().await }
+            async move { app.upstream.load_full().probe().await }
         }
     }));
     tasks.spawn(summary(app.clone(), shutdown.clone()));

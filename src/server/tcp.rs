@@ -26,15 +26,13 @@ use crate::pipeline::{App, Peer};
 use crate::proxyproto;
 use crate::reject::ConnReject;
 
-/// What every TCP DoH listener shares.
+/// What every TCP DoH listener shares. Timeouts and the PROXY protocol
+/// setting are read from the settings in force at each accept.
 #[derive(Clone)]
 pub struct Listener {
     pub app: Arc<App>,
     /// `None` for plain HTTP.
     pub tls: Option<TlsAcceptor>,
-    pub handshake: Duration,
-    pub idle: Duration,
-    pub proxy_protocol: bool,
     pub extra_headers: Arc<::http::HeaderMap>,
 }
 
@@ -72,7 +70,7 @@ impl Listener {
             let ticket = match self.app.guard.admit(peer.ip()) {
                 Ok(t) => t,
                 Err(reason) => {
-                    if self.app.verbose > 0 {
+                    if self.app.verbose() {
                         tracing::info!(peer = %peer, reason = reason.label(), "connection refused");
                     }
                     continue;
@@ -93,10 +91,11 @@ impl Listener {
     ) {
         let _ = stream.set_nodelay(true);
         let app = &self.app;
+        let settings = app.server.load_full();
         let conn = ticket.conn().clone();
-        let deadline = Instant::now() + self.handshake;
+        let deadline = Instant::now() + settings.handshake_timeout;
         let mut proxied = None;
-        if self.proxy_protocol && app.guard.is_trusted_proxy(peer.ip()) {
+        if settings.proxy_protocol && app.guard.is_trusted_proxy(peer.ip()) {
             match tokio::time::timeout_at(deadline, proxyproto::read_header(&mut stream)).await {
                 Ok(Ok(client)) => proxied = Some(client),
                 _ => {
@@ -124,8 +123,8 @@ impl Listener {
             peer,
             h2: None,
             tls: self.tls.is_some(),
-            first_request: self.handshake,
-            idle: self.idle,
+            first_request: settings.handshake_timeout,
+            idle: settings.idle_timeout,
             extra_headers: self.extra_headers.clone(),
         };
         match &self.tls {

@@ -69,7 +69,7 @@ pub enum Strategy {
 }
 
 /// What the upstream side runs with.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct UpstreamSettings {
     pub servers: Vec<UpstreamSpec>,
     /// `--upstream-timeout`: the whole resolution, retries included.
@@ -247,6 +247,8 @@ pub struct Upstream {
     metrics: Arc<Metrics>,
     epoch: Instant,
     shutdown: CancellationToken,
+    /// Replaced by a reload: no more probes.
+    retired: AtomicBool,
 }
 
 impl Upstream {
@@ -314,6 +316,7 @@ impl Upstream {
             metrics,
             epoch: Instant::now(),
             shutdown,
+            retired: AtomicBool::new(false),
         })
     }
 
@@ -324,6 +327,12 @@ impl Upstream {
     /// Closes every upstream connection.
     pub fn close(&self) {
         self.shutdown.cancel();
+    }
+
+    /// Stops probing; connections close when the last query in flight on
+    /// them is done (when this is dropped).
+    pub fn close_when_idle(&self) {
+        self.retired.store(true, Ordering::Relaxed);
     }
 
     /// Time since any upstream last answered a probe.
@@ -499,6 +508,9 @@ impl Upstream {
         let Some(key) = Key::new(".", 2, false) else {
             return;
         };
+        if self.retired.load(Ordering::Relaxed) {
+            return;
+        }
         let probes = self.servers.iter().map(|s| {
             let key = key.clone();
             async move {

@@ -29,6 +29,19 @@ pub struct Pki {
     pub key: PathBuf,
     pub ca: PathBuf,
     pub ca_der: CertificateDer<'static>,
+    issuer: Mutex<rcgen::CertifiedIssuer<'static, rcgen::KeyPair>>,
+}
+
+/// A new leaf for localhost / 127.0.0.1 signed by the test CA: (cert PEM,
+/// key PEM, cert DER).
+pub fn new_leaf() -> (String, String, CertificateDer<'static>) {
+    let key = rcgen::KeyPair::generate().unwrap();
+    let ca = pki().issuer.lock().unwrap();
+    let leaf = rcgen::CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".into()])
+        .unwrap()
+        .signed_by(&key, &*ca)
+        .unwrap();
+    (leaf.pem(), key.serialize_pem(), leaf.der().clone())
 }
 
 /// A CA and a leaf for localhost / 127.0.0.1 / ::1, made once per test binary.
@@ -55,10 +68,11 @@ pub fn pki() -> &'static Pki {
             key: dir.join("key.pem"),
             ca: dir.join("ca.pem"),
             ca_der: ca.der().clone(),
+            issuer: Mutex::new(ca),
         };
         std::fs::write(&pki.cert, leaf.pem()).unwrap();
         std::fs::write(&pki.key, leaf_key.serialize_pem()).unwrap();
-        std::fs::write(&pki.ca, ca.pem()).unwrap();
+        std::fs::write(&pki.ca, pki.issuer.lock().unwrap().pem()).unwrap();
         pki
     })
 }
@@ -780,4 +794,149 @@ pub fn get_xff(path: &str, xff: &str) -> Request<Full<Bytes>> {
         .header("x-forwarded-for", xff)
         .body(Full::new(Bytes::new()))
         .unwrap()
+}
+
+/// The leaf certificate a TLS listener serves now (a fresh handshake).
+pub async fn served_cert(addr: SocketAddr) -> CertificateDer<'static> {
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    let tls = tls_connector(b"h2")
+        .connect(ServerName::try_from("localhost").unwrap(), tcp)
+        .await
+        .unwrap();
+    tls.get_ref().1.peer_certificates().unwrap()[0].clone()
+}
+
+/// A port free on 127.0.0.1 for TCP (and most likely UDP) right now.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A scratch directory for one test.
+pub fn scratch(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("doh-it-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// The `doh-proxy` binary, run as a service would run it.
+pub struct Proc {
+    pub child: std::process::Child,
+    pub tls: SocketAddr,
+    pub admin: SocketAddr,
+    pub stderr: PathBuf,
+}
+
+impl Proc {
+    /// Starts the binary with `args` (its TLS and admin listeners on the
+    /// ports given) in `dir`, and waits until it answers.
+    pub async fn start(
+        dir: &std::path::Path,
+        tls: u16,
+        admin: u16,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Proc {
+        let stderr = dir.join("stderr.log");
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_doh-proxy"));
+        cmd.args([
+            "-l",
+            &format!("127.0.0.1:{tls}"),
+            "--metrics-listen",
+            &format!("127.0.0.1:{admin}"),
+        ])
+        .args(args)
+        .current_dir(dir)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&stderr).unwrap());
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let child = cmd.spawn().unwrap();
+        let p = Proc {
+            child,
+            tls: SocketAddr::from(([127, 0, 0, 1], tls)),
+            admin: SocketAddr::from(([127, 0, 0, 1], admin)),
+            stderr,
+        };
+        for _ in 0..100 {
+            if TcpStream::connect(p.admin).await.is_ok() {
+                return p;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("doh-proxy did not start:\n{}", p.log());
+    }
+
+    pub fn signal(&self, sig: &str) {
+        let ok = std::process::Command::new("kill")
+            .args([&format!("-{sig}"), &self.child.id().to_string()])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "kill -{sig}");
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.stderr).unwrap_or_default()
+    }
+
+    /// Waits for the process to exit; its status.
+    pub fn wait(&mut self, within: Duration) -> Option<std::process::ExitStatus> {
+        let until = std::time::Instant::now() + within;
+        while std::time::Instant::now() < until {
+            if let Ok(Some(s)) = self.child.try_wait() {
+                return Some(s);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        None
+    }
+
+    /// A request over TLS HTTP/2 from `source`.
+    pub async fn send(&self, source: &str, req: Request<Full<Bytes>>) -> std::io::Result<Reply> {
+        let tcp = tcp_from(Some(source.parse().unwrap()), self.tls).await?;
+        let mut c = Client::over_tls(tcp, true).await?;
+        c.send(req).await.map_err(std::io::Error::other)
+    }
+
+    pub async fn metric(&self, series: &str) -> f64 {
+        let body = admin_at(self.admin, "GET", "/metrics").await.body;
+        sum_series(&String::from_utf8_lossy(&body), series)
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A request to an admin listener.
+pub async fn admin_at(addr: SocketAddr, method: &str, path: &str) -> Reply {
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let req = Request::builder()
+        .method(method)
+        .uri(path)
+        .header("host", "localhost")
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let resp = send.send_request(req).await.unwrap();
+    let status = resp.status().as_u16();
+    let headers = resp.headers().clone();
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    Reply {
+        status,
+        headers,
+        body,
+    }
 }

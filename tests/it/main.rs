@@ -13,4 +13,5 @@ mod hardening;
 mod hostile;
 mod http_rows;
 mod listeners;
+mod operations;
 mod upstream;
