@@ -21,6 +21,7 @@ fn limits() -> Limits {
         max_uri: 4096,
         max_body: 65535,
         body_timeout: std::time::Duration::from_secs(5),
+        odoh: false,
     }
 }
 

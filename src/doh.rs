@@ -38,6 +38,8 @@ pub struct Limits {
     pub max_uri: usize,
     pub max_body: usize,
     pub body_timeout: Duration,
+    /// Whether the Oblivious DoH target is on (`--odoh`).
+    pub odoh: bool,
 }
 
 /// What a request asks for once its head is valid.
@@ -47,6 +49,11 @@ pub enum Wanted {
     Get(Vec<u8>),
     /// POST: the body is still to be read.
     Post,
+    /// POST of a sealed Oblivious DoH query (`--odoh`); the body is still
+    /// to be read.
+    Oblivious,
+    /// GET of the Oblivious DoH target's configs (`--odoh`).
+    OdohConfigs,
 }
 
 /// Validates everything but a POST body.
@@ -64,6 +71,12 @@ pub fn check_head(parts: &http::request::Parts, limits: &Limits) -> Result<Wante
         return Err(Reject::HeadersTooLarge);
     }
     if parts.uri.path() != limits.path {
+        if limits.odoh && parts.uri.path() == crate::odoh::CONFIGS_PATH {
+            return match parts.method {
+                Method::GET => Ok(Wanted::OdohConfigs),
+                _ => Err(Reject::Method),
+            };
+        }
         return Err(Reject::NotFound);
     }
     let is_get = match parts.method {
@@ -76,7 +89,10 @@ pub fn check_head(parts: &http::request::Parts, limits: &Limits) -> Result<Wante
         let dns = dns.ok_or(Reject::MissingDns)?;
         return decode_dns_param(dns).map(Wanted::Get);
     }
-    check_content_type(parts.headers.get(header::CONTENT_TYPE))?;
+    let oblivious = limits.odoh && is_oblivious(parts.headers.get(header::CONTENT_TYPE));
+    if !oblivious {
+        check_content_type(parts.headers.get(header::CONTENT_TYPE))?;
+    }
     let declared = parts
         .headers
         .get(header::CONTENT_LENGTH)
@@ -84,7 +100,18 @@ pub fn check_head(parts: &http::request::Parts, limits: &Limits) -> Result<Wante
     if declared.is_some_and(|n| n > limits.max_body as u64) {
         return Err(Reject::BodyTooLarge);
     }
-    Ok(Wanted::Post)
+    Ok(if oblivious {
+        Wanted::Oblivious
+    } else {
+        Wanted::Post
+    })
+}
+
+fn is_oblivious(value: Option<&http::HeaderValue>) -> bool {
+    value
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .is_some_and(|m| m.trim().eq_ignore_ascii_case(crate::odoh::MEDIA_TYPE))
 }
 
 /// Walks the query string once: refuses obsolete-draft and JSON-API
@@ -184,6 +211,7 @@ mod tests {
             max_uri: 4096,
             max_body: 65535,
             body_timeout: Duration::from_secs(1),
+            odoh: false,
         }
     }
 

@@ -32,6 +32,7 @@ pub mod guard;
 pub mod hll;
 pub mod metrics;
 pub mod net;
+pub mod odoh;
 pub mod pipeline;
 pub mod proxyproto;
 pub mod reject;

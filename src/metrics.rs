@@ -166,6 +166,38 @@ impl QuicRefusal {
     }
 }
 
+/// How an Oblivious DoH request ended, the `result` of
+/// `doh_odoh_requests_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OdohResult {
+    Ok,
+    UnknownKey,
+    Malformed,
+    /// Opened, then refused like a plain query (validation, budget).
+    Rejected,
+    /// A fetch of `/.well-known/odohconfigs`.
+    Configs,
+}
+
+impl OdohResult {
+    const ALL: [OdohResult; 5] = [
+        OdohResult::Ok,
+        OdohResult::UnknownKey,
+        OdohResult::Malformed,
+        OdohResult::Rejected,
+        OdohResult::Configs,
+    ];
+    fn label(self) -> &'static str {
+        match self {
+            OdohResult::Ok => "ok",
+            OdohResult::UnknownKey => "unknown_key",
+            OdohResult::Malformed => "malformed",
+            OdohResult::Rejected => "rejected",
+            OdohResult::Configs => "configs",
+        }
+    }
+}
+
 /// Why `accept()` failed, the `kind` of `doh_accept_errors_total`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AcceptError {
@@ -233,6 +265,7 @@ pub struct Metrics {
     reloads: [Counter; 2],
     /// Indexed by success (0 ok, 1 error).
     acme_orders: [Counter; 2],
+    odoh: Vec<Counter>,
     pub tls_cert_expiry: Gauge,
     upstream_families: UpstreamFamilies,
     upstreams: std::sync::Mutex<Vec<UpstreamMetrics>>,
@@ -274,6 +307,7 @@ impl Metrics {
         let quic_f = Family::<Labels, Counter>::default();
         let reloads_f = Family::<Labels, Counter>::default();
         let acme_f = Family::<Labels, Counter>::default();
+        let odoh_f = Family::<Labels, Counter>::default();
         let bans_f = Family::<Labels, Counter>::default();
         let fams = UpstreamFamilies {
             queries: Family::default(),
@@ -338,6 +372,10 @@ impl Metrics {
                 one(&acme_f, "result", "ok"),
                 one(&acme_f, "result", "error"),
             ],
+            odoh: OdohResult::ALL
+                .iter()
+                .map(|r| one(&odoh_f, "result", r.label()))
+                .collect(),
             cache_hits: Counter::default(),
             cache_misses: Counter::default(),
             cache_stale: Counter::default(),
@@ -497,6 +535,12 @@ impl Metrics {
             reloads_f,
         );
         registry.register(
+            "doh_odoh_requests",
+            "Oblivious DoH requests by result (ok, unknown_key, malformed, rejected: refused \
+             once opened, configs: fetches of the configs)",
+            odoh_f,
+        );
+        registry.register(
             "doh_acme_orders",
             "ACME certificate orders by result",
             acme_f,
@@ -553,6 +597,12 @@ impl Metrics {
 
     pub fn reload(&self, ok: bool) {
         self.reloads[usize::from(!ok)].inc();
+    }
+
+    pub fn odoh(&self, r: OdohResult) {
+        if let Some(c) = self.odoh.get(r as usize) {
+            c.inc();
+        }
     }
 
     pub fn acme(&self, ok: bool) {

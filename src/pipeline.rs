@@ -24,7 +24,7 @@ use crate::dns::{self, Key};
 use crate::doh::{self, Limits, Wanted};
 use crate::guard::{Budget, Conn, Guard, Verdict};
 use crate::hll::UniqueClients;
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, OdohResult};
 use crate::reject::{Outcome, Reject, Transport};
 use crate::server::ServerSettings;
 use crate::upstream::{Upstream, UpstreamError, UpstreamSettings};
@@ -49,6 +49,9 @@ pub enum Resolution {
 /// read the settings in force when they start.
 pub struct App {
     pub limits: ArcSwap<Limits>,
+    /// The Oblivious DoH target's keys, with `--odoh`.
+    pub odoh: Option<crate::odoh::Odoh>,
+    pub padding: ArcSwap<Padding>,
     pub verbose: AtomicU8,
     /// Timeouts and per-connection limits (the listener addresses in it
     /// are those of the start: listeners are not rebound).
@@ -95,6 +98,19 @@ pub struct Served {
     pub max_age: u32,
 }
 
+/// `--padding`: which answers get EDNS(0) padding (RFC 7830, RFC 8467).
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize,
+)]
+#[serde(rename_all = "kebab-case")]
+pub enum Padding {
+    /// Only answers to queries that carried a Padding option.
+    PaddedQueries,
+    /// Every answer to an EDNS query.
+    Always,
+    Never,
+}
+
 impl App {
     /// Everything a request needs. Fails when an upstream cannot be set up.
     pub fn new(s: &Settings, metrics: Arc<Metrics>) -> anyhow::Result<App> {
@@ -105,8 +121,15 @@ impl App {
             .cache_max_bytes
             .set(i64::try_from(s.cache.max_bytes).unwrap_or(i64::MAX));
         metrics.connections_max.set(i64::from(s.guard.max_conns));
+        let odoh = if s.odoh.enabled {
+            Some(crate::odoh::Odoh::new(s.odoh.rotate).map_err(anyhow::Error::msg)?)
+        } else {
+            None
+        };
         Ok(App {
+            odoh,
             limits: ArcSwap::from_pointee(s.doh.clone()),
+            padding: ArcSwap::from_pointee(s.padding),
             verbose: AtomicU8::new(s.verbose),
             server: ArcSwap::from_pointee(s.server.clone()),
             guard: Arc::new(Guard::new(s.guard.clone(), metrics.clone())),
@@ -151,6 +174,7 @@ impl App {
             }
         }
         self.limits.store(Arc::new(s.doh.clone()));
+        self.padding.store(Arc::new(s.padding));
         self.verbose.store(s.verbose, Ordering::Relaxed);
         self.server.store(Arc::new(s.server.clone()));
         self.cache.set_policy(s.cache.policy);
@@ -195,6 +219,61 @@ impl App {
         client: IpAddr,
         transport: Transport,
     ) -> Result<(), (Reject, Option<u64>)> {
+        self.admit(client, transport, false)
+    }
+
+    /// Opens a sealed Oblivious DoH query.
+    fn open(&self, body: &[u8]) -> Result<crate::odoh::Opened, Reject> {
+        let Some(odoh) = &self.odoh else {
+            return Err(Reject::MediaType);
+        };
+        odoh.open(body).map_err(|e| match e {
+            crate::odoh::OpenError::UnknownKey => {
+                self.metrics.odoh(OdohResult::UnknownKey);
+                Reject::OdohUnknownKey
+            }
+            crate::odoh::OpenError::Malformed => {
+                self.metrics.odoh(OdohResult::Malformed);
+                Reject::OdohMalformed
+            }
+        })
+    }
+
+    /// `GET /.well-known/odohconfigs`: cacheable for the key's remaining life.
+    fn odoh_configs(&self) -> Reply {
+        let Some(odoh) = &self.odoh else {
+            return Reply {
+                response: refusal(Reject::NotFound, None),
+                answer: false,
+                close: false,
+            };
+        };
+        self.metrics.odoh(OdohResult::Configs);
+        let (configs, max_age) = odoh.configs();
+        let mut resp = Response::new(configs);
+        let h = resp.headers_mut();
+        h.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/octet-stream"),
+        );
+        if let Ok(v) = HeaderValue::from_str(&format!("max-age={max_age}")) {
+            h.insert(header::CACHE_CONTROL, v);
+        }
+        Reply {
+            response: resp,
+            answer: false,
+            close: false,
+        }
+    }
+
+    /// Ban check, then the client's budget, or for a relay's sealed
+    /// queries (`relayed`) the relay's own budget (`--odoh-relay-qps`).
+    fn admit(
+        &self,
+        client: IpAddr,
+        transport: Transport,
+        relayed: bool,
+    ) -> Result<(), (Reject, Option<u64>)> {
         self.unique.insert(&client);
         match self.guard.banned(client) {
             Verdict::Pass => {}
@@ -207,7 +286,12 @@ impl App {
                 self.metrics.request(Outcome::Banned, transport, true);
             }
         }
-        match self.guard.check_budget(client) {
+        let budget = if relayed {
+            self.guard.check_relay_budget(client)
+        } else {
+            self.guard.check_budget(client)
+        };
+        match budget {
             Budget::Ok => Ok(()),
             Budget::Over(secs) => {
                 self.refuse(client, Reject::RateLimited, transport);
@@ -231,7 +315,18 @@ impl App {
     ) -> Result<Served, Reject> {
         let query = dns::parse_query(msg).map_err(Reject::from)?;
         let entry = self.answer(&query.key).await?;
-        let (wire, max_age) = entry.serve(query.id, query.question, &self.cache.policy());
+        let (mut wire, max_age) = entry.serve(query.id, query.question, &self.cache.policy());
+        // After the cache: stored answers are never padded.
+        let padded = match **self.padding.load() {
+            Padding::Always => true,
+            Padding::PaddedQueries => query.padded,
+            Padding::Never => false,
+        };
+        let padding = if padded && query.payload > 0 {
+            dns::pad(&mut wire, usize::from(query.payload))
+        } else {
+            0
+        };
         if self.verbose() {
             tracing::info!(
                 client = %crate::net::client_label(client),
@@ -239,6 +334,7 @@ impl App {
                 qtype = query.key.qtype(),
                 rcode = entry.rcode(),
                 max_age,
+                padding,
                 "answered"
             );
         }
@@ -371,23 +467,60 @@ impl App {
         };
         let limits = self.limits.load_full();
         let head = doh::check_head(&parts, &limits);
-        if let Err((reason, retry)) = self.admit_request(client, transport) {
+        // A relay's sealed queries spend the relay's budget, everything
+        // else the client's.
+        let relayed = matches!(head, Ok(Wanted::Oblivious));
+        if let Err((reason, retry)) = self.admit(client, transport, relayed) {
             return refused(reason, retry);
         }
-        let bytes = match head {
-            Ok(Wanted::Get(v)) => Bytes::from(v),
-            Ok(Wanted::Post) => match Box::pin(doh::read_body(body, &limits)).await {
-                Ok(b) => b,
-                Err(r) => {
-                    self.refuse(client, r, transport);
-                    return refused(r, None);
+        let (bytes, opened) = match head {
+            Ok(Wanted::Get(v)) => (Bytes::from(v), None),
+            Ok(Wanted::Post | Wanted::Oblivious) => {
+                match Box::pin(doh::read_body(body, &limits)).await {
+                    Ok(b) if relayed => match self.open(&b) {
+                        Ok(opened) => (opened.query(), Some(opened)),
+                        Err(r) => {
+                            self.refuse(client, r, transport);
+                            return refused(r, None);
+                        }
+                    },
+                    Ok(b) => (b, None),
+                    Err(r) => {
+                        self.refuse(client, r, transport);
+                        return refused(r, None);
+                    }
                 }
-            },
+            }
+            Ok(Wanted::OdohConfigs) => return self.odoh_configs(),
             Err(r) => {
                 self.refuse(client, r, transport);
                 return refused(r, None);
             }
         };
+        if let Some(opened) = opened {
+            return match self.answer_message(client, &bytes).await {
+                Ok(served) => match self.odoh.as_ref().map(|o| o.seal(&opened, &served.wire)) {
+                    Some(Ok(sealed)) => {
+                        self.metrics.odoh(OdohResult::Ok);
+                        Reply {
+                            response: sealed_response(sealed),
+                            answer: true,
+                            close: false,
+                        }
+                    }
+                    _ => {
+                        self.metrics.odoh(OdohResult::Rejected);
+                        self.refuse(client, Reject::OdohMalformed, transport);
+                        refused(Reject::OdohMalformed, None)
+                    }
+                },
+                Err(r) => {
+                    self.metrics.odoh(OdohResult::Rejected);
+                    self.refuse(client, r, transport);
+                    refused(r, (r == Reject::UpstreamBudget).then_some(1))
+                }
+            };
+        }
         match self.answer_message(client, &bytes).await {
             Ok(served) => Reply {
                 response: dns_response(served.wire, served.max_age),
@@ -417,6 +550,18 @@ pub fn refusal(reason: Reject, retry_after: Option<u64>) -> Response<Bytes> {
     if let Some(secs) = retry_after {
         h.insert(header::RETRY_AFTER, HeaderValue::from(secs.max(1)));
     }
+    resp
+}
+
+/// A sealed Oblivious DoH answer: never cached by anyone on the way.
+fn sealed_response(sealed: Vec<u8>) -> Response<Bytes> {
+    let mut resp = Response::new(Bytes::from(sealed));
+    let h = resp.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static(crate::odoh::MEDIA_TYPE),
+    );
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     resp
 }
 

@@ -214,6 +214,12 @@ table! {
         Banned => (403, "banned", Banned, scored: false, closes: true),
         /// The upstream budget is spent and nothing, not even stale, is cached.
         UpstreamBudget => (503, "upstream_budget", Overloaded, scored: false, closes: false),
+        /// An Oblivious DoH query under a key that is not (or no longer)
+        /// ours: the client is to fetch the configs again. Not scored: every
+        /// client meets it once after a rotation.
+        OdohUnknownKey => (401, "odoh_unknown_key", Rejected, scored: false, closes: false),
+        /// A body that is not a sealed Oblivious DoH query, or does not open.
+        OdohMalformed => (400, "odoh_malformed", Rejected, scored: true, closes: false),
     }
 }
 

@@ -13,6 +13,7 @@ fn limits() -> Limits {
         max_uri: 4096,
         max_body: 65535,
         body_timeout: std::time::Duration::from_secs(1),
+        odoh: true,
     }
 }
 
@@ -39,7 +40,8 @@ fuzz_target!(|data: &[u8]| {
         let (parts, ()) = req.into_parts();
         match doh::check_head(&parts, &limits()) {
             Ok(Wanted::Get(msg)) => verdict(&msg),
-            Ok(Wanted::Post) => unreachable!("a GET is never a POST"),
+            Ok(Wanted::Post | Wanted::Oblivious) => unreachable!("a GET is never a POST"),
+            Ok(Wanted::OdohConfigs) => unreachable!("not the configs' path"),
             Err(r) => assert_ne!(r.status(), 200u16, "{r:?}"),
         }
     } else {

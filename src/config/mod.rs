@@ -20,6 +20,7 @@ use clap::{ArgMatches, Args, CommandFactory, FromArgMatches, Parser, Subcommand,
 use serde::{Deserialize, Serialize};
 
 pub use crate::net::Cidr;
+pub use crate::pipeline::Padding;
 pub use crate::upstream::{Strategy, UpstreamSpec};
 pub use settings::{Settings, Warnings};
 
@@ -591,6 +592,47 @@ pub struct Config {
     /// enforced
     #[arg(long, global = true, help_heading = "Penalty box")]
     pub dry_run: bool,
+
+    // --- Privacy
+    /// EDNS(0) padding of answers to a multiple of 468 bytes (RFC 8467),
+    /// never beyond the client's payload size: `padded-queries` (answers to
+    /// queries that carried a Padding option), `always`, `never`
+    #[arg(
+        long,
+        global = true,
+        value_enum,
+        value_name = "WHEN",
+        default_value = "padded-queries",
+        help_heading = "Privacy"
+    )]
+    pub padding: Padding,
+
+    /// Oblivious DoH target (RFC 9230): `GET /.well-known/odohconfigs`, and
+    /// `POST PATH` with `Content-Type: application/oblivious-dns-message`
+    #[arg(long, global = true, help_heading = "Privacy")]
+    pub odoh: bool,
+
+    /// Lifetime of an Oblivious DoH key; the previous key is still
+    /// accepted for one more lifetime
+    #[arg(
+        long,
+        global = true,
+        value_name = "SECS",
+        default_value_t = 86400,
+        help_heading = "Privacy"
+    )]
+    pub odoh_rotate_secs: u64,
+
+    /// Oblivious DoH requests per second per relay address (burst 5 s'
+    /// worth), in place of --per-ip-qps
+    #[arg(
+        long,
+        global = true,
+        value_name = "N",
+        default_value_t = 2000,
+        help_heading = "Privacy"
+    )]
+    pub odoh_relay_qps: u32,
 
     // --- Operations
     /// Admin listener: /metrics, /healthz, /bans

@@ -13,6 +13,8 @@ use crate::cache::{CacheSettings, TtlPolicy};
 use crate::doh::Limits;
 use crate::guard::GuardSettings;
 use crate::net::overlaps;
+use crate::odoh::OdohSettings;
+use crate::pipeline::Padding;
 use crate::server::{ServerSettings, TlsSource};
 use crate::upstream::{UpstreamSettings, UpstreamSpec};
 
@@ -30,6 +32,8 @@ pub struct Settings {
     pub admin: AdminSettings,
     /// Certificates from an ACME CA, when `--acme-domain` is given.
     pub acme: Option<AcmeSettings>,
+    pub padding: Padding,
+    pub odoh: OdohSettings,
     /// `-v`: 1 logs a line per request, 2 and more debug.
     pub verbose: u8,
     pub log_format: LogFormat,
@@ -141,6 +145,8 @@ impl Config {
             ("max_conns", self.max_conns.into()),
             ("ban_after", self.ban_after.into()),
             ("ban_secs", self.ban_secs),
+            ("odoh_rotate_secs", self.odoh_rotate_secs),
+            ("odoh_relay_qps", self.odoh_relay_qps.into()),
             ("handshake_timeout", self.handshake_timeout),
             ("idle_timeout", self.idle_timeout),
             ("max_requests_per_conn", self.max_requests_per_conn),
@@ -237,6 +243,7 @@ impl Config {
                 max_uri: self.max_uri,
                 max_body: self.max_body,
                 body_timeout: Duration::from_secs(self.handshake_timeout),
+                odoh: self.odoh,
             },
             cache: CacheSettings {
                 policy: TtlPolicy {
@@ -268,6 +275,7 @@ impl Config {
                 per_ip_qps: self.per_ip_qps,
                 per_ip_burst: self.per_ip_burst,
                 per_prefix_qps: self.per_prefix_qps,
+                odoh_relay_qps: self.odoh_relay_qps,
                 max_conns: self.max_conns,
                 max_conns_per_ip: self.max_conns_per_ip,
                 per_ip_conn_rate: self.per_ip_conn_rate,
@@ -292,6 +300,12 @@ impl Config {
                 cache: self.acme_cache.clone(),
                 renew_before: Duration::from_secs(u64::from(self.acme_renew_days) * 86400),
             }),
+            padding: self.padding,
+            odoh: OdohSettings {
+                enabled: self.odoh,
+                rotate: Duration::from_secs(self.odoh_rotate_secs),
+                relay_qps: self.odoh_relay_qps,
+            },
             verbose: self.verbose,
             log_format: self.log_format,
         };

@@ -259,6 +259,71 @@ pub fn strip_extras(b: &[u8], dnssec_ok: bool) -> Option<Vec<u8>> {
 }
 
 #[cfg(test)]
+mod padding_tests {
+    use super::*;
+
+    fn answer_with_edns() -> Vec<u8> {
+        let key = Key::new("pad.test", 1, true).unwrap();
+        crate::dns::build::a_answer(&key, 60, 1)
+    }
+
+    #[test]
+    fn pads_to_the_block_within_the_limit() {
+        let mut a = answer_with_edns();
+        let before = a.len();
+        assert!(pad(&mut a, 4096) > 0);
+        assert_eq!(a.len(), PADDING_BLOCK);
+        let m = Message::from_vec(&a).unwrap();
+        assert!(m.edns.is_some(), "still a valid message with its OPT");
+        // A limit under one block: no padding at all.
+        let mut b = answer_with_edns();
+        assert_eq!(pad(&mut b, 400), 0);
+        assert_eq!(b.len(), before);
+        // A long answer and a limit of 512: nothing fits, nothing added.
+        let mut c = answer_with_edns();
+        c.resize(c.len(), 0);
+        assert!(pad(&mut c, 512) > 0 && c.len() == PADDING_BLOCK);
+    }
+
+    #[test]
+    fn a_longer_answer_takes_the_next_block_if_it_fits() {
+        use hickory_proto::rr::rdata::A;
+        use hickory_proto::rr::{RData, Record};
+        let key = Key::new("pad.test", 1, true).unwrap();
+        let mut m = Message::from_vec(&crate::dns::build::a_answer(&key, 60, 1)).unwrap();
+        let name = m.queries[0].name().clone();
+        for i in 0..40 {
+            m.add_answer(Record::from_rdata(
+                name.clone(),
+                60,
+                RData::A(A::new(192, 0, 2, i)),
+            ));
+        }
+        let big = m.to_vec().unwrap();
+        assert!(big.len() > PADDING_BLOCK && big.len() + 4 < 2 * PADDING_BLOCK);
+        let mut a = big.clone();
+        assert_eq!(
+            pad(&mut a, 2 * PADDING_BLOCK - 1),
+            0,
+            "936 does not fit in 935"
+        );
+        assert_eq!(a, big);
+        let mut b = big.clone();
+        assert!(pad(&mut b, 4096) > 0);
+        assert_eq!(b.len(), 2 * PADDING_BLOCK);
+    }
+
+    #[test]
+    fn options_are_cleared() {
+        let mut a = answer_with_edns();
+        pad(&mut a, 4096);
+        clear_options(&mut a);
+        let m = Message::from_vec(&a).unwrap();
+        assert!(m.edns.unwrap().options().as_ref().is_empty());
+    }
+}
+
+#[cfg(test)]
 mod tests {
     use super::*;
     use hickory_proto::op::{Edns, MessageType, OpCode, Query, ResponseCode};
@@ -338,4 +403,65 @@ mod tests {
         );
         assert!(m.additionals.is_empty());
     }
+}
+
+/// Block size of answer padding (RFC 8467 §4.1).
+pub const PADDING_BLOCK: usize = 468;
+
+/// Where the OPT record is, when it is the last record of the message:
+/// (offset of its RDLENGTH, offset of its RDATA).
+fn last_opt(b: &[u8]) -> Option<(usize, usize)> {
+    let counts = [u16_at(b, 6), u16_at(b, 8), u16_at(b, 10)];
+    let mut pos = HEADER_LEN + super::question_len(b)?;
+    let mut last = None;
+    for &count in &counts {
+        for _ in 0..count {
+            let r = walk_record(b, pos)?;
+            last = Some((r.rtype, r.rdata_at, r.end));
+            pos = r.end;
+        }
+    }
+    match last {
+        Some((TYPE_OPT, rdata_at, end)) if end == b.len() && pos == b.len() => {
+            Some((rdata_at - 2, rdata_at))
+        }
+        _ => None,
+    }
+}
+
+/// Drops every option of the answer's OPT record (the upstream's cookies,
+/// NSID, padding are not the client's business); the record stays.
+pub fn clear_options(b: &mut Vec<u8>) {
+    if let Some((rdlen_at, rdata_at)) = last_opt(b) {
+        b.truncate(rdata_at);
+        b[rdlen_at..rdlen_at + 2].copy_from_slice(&0u16.to_be_bytes());
+    }
+}
+
+/// Pads an answer with an EDNS(0) Padding option (RFC 7830) to a multiple
+/// of [`PADDING_BLOCK`] bytes, never beyond `limit` (then the largest
+/// multiple that fits, or nothing). Needs an OPT record as the last record
+/// (any answer to an EDNS query has one). Returns the padding bytes added.
+pub fn pad(b: &mut Vec<u8>, limit: usize) -> usize {
+    let Some((rdlen_at, _)) = last_opt(b) else {
+        return 0;
+    };
+    let with_option = b.len() + 4;
+    let mut target = with_option.div_ceil(PADDING_BLOCK) * PADDING_BLOCK;
+    while target > limit && target >= with_option + PADDING_BLOCK {
+        target -= PADDING_BLOCK;
+    }
+    if target > limit || target < with_option {
+        return 0;
+    }
+    let zeros = target - with_option;
+    let rdlen = usize::from(u16_at(b, rdlen_at)) + 4 + zeros;
+    let Ok(rdlen) = u16::try_from(rdlen) else {
+        return 0;
+    };
+    b[rdlen_at..rdlen_at + 2].copy_from_slice(&rdlen.to_be_bytes());
+    b.extend_from_slice(&super::OPTION_PADDING.to_be_bytes());
+    b.extend_from_slice(&(zeros as u16).to_be_bytes());
+    b.resize(target, 0);
+    zeros + 4
 }

@@ -150,7 +150,15 @@ pub struct Query<'a> {
     /// The question section exactly as the client sent it (case preserved).
     pub question: &'a [u8],
     pub key: Key,
+    /// The client's EDNS(0) payload size (0 without EDNS): no answer
+    /// padding goes beyond it.
+    pub payload: u16,
+    /// Whether the query carried an EDNS(0) Padding option (RFC 7830).
+    pub padded: bool,
 }
+
+/// EDNS option code of Padding (RFC 7830).
+pub const OPTION_PADDING: u16 = 12;
 
 pub(crate) fn u16_at(b: &[u8], i: usize) -> u16 {
     u16::from_be_bytes([b[i], b[i + 1]])
@@ -262,6 +270,7 @@ pub fn parse_query(b: &[u8]) -> Result<Query<'_>, QueryError> {
         kf |= QueryFlags::AD;
     }
     let mut pos = q_end;
+    let (mut payload, mut padded) = (0u16, false);
     for _ in 0..u16_at(b, 10) {
         let r = walk_record(b, pos).ok_or(QueryError::Malformed)?;
         if r.rtype != TYPE_OPT || b[pos] != 0 {
@@ -274,6 +283,8 @@ pub fn parse_query(b: &[u8]) -> Result<Query<'_>, QueryError> {
         if u32_at(b, r.ttl_at) & EDNS_DO != 0 {
             kf |= QueryFlags::DO;
         }
+        payload = u16_at(b, r.ttl_at - 2).max(512);
+        padded = has_option(&b[r.rdata_at..r.end], OPTION_PADDING);
         pos = r.end;
     }
     if pos != b.len() {
@@ -293,7 +304,22 @@ pub fn parse_query(b: &[u8]) -> Result<Query<'_>, QueryError> {
             question: lower,
             flags: QueryFlags(kf),
         },
+        payload,
+        padded,
     })
+}
+
+/// Whether the options of an OPT record's RDATA hold `code`.
+fn has_option(mut rdata: &[u8], code: u16) -> bool {
+    while rdata.len() >= 4 {
+        let c = u16::from_be_bytes([rdata[0], rdata[1]]);
+        let len = usize::from(u16::from_be_bytes([rdata[2], rdata[3]]));
+        if c == code {
+            return true;
+        }
+        rdata = rdata.get(4 + len..).unwrap_or_default();
+    }
+    false
 }
 
 /// Builds the query sent upstream for `key`, with a fresh `id`.

@@ -65,6 +65,8 @@ pub struct GuardSettings {
     pub per_ip_qps: u32,
     pub per_ip_burst: u32,
     pub per_prefix_qps: u32,
+    /// `--odoh-relay-qps`: an Oblivious DoH relay's budget.
+    pub odoh_relay_qps: u32,
     pub max_conns: u32,
     pub max_conns_per_ip: u32,
     pub per_ip_conn_rate: u32,
@@ -99,6 +101,10 @@ impl GuardSettings {
     fn prefix_quota(&self) -> governor::Quota {
         quota(self.per_prefix_qps, self.per_prefix_qps.saturating_mul(5))
     }
+
+    fn relay_quota(&self) -> governor::Quota {
+        quota(self.odoh_relay_qps, self.odoh_relay_qps.saturating_mul(5))
+    }
 }
 
 /// The verdict on a client's request budget.
@@ -125,6 +131,7 @@ pub struct Guard {
     admission: Arc<Admission>,
     ip_budget: KeyedRate<IpAddr>,
     prefix_budget: KeyedRate<IpNet>,
+    relay_budget: KeyedRate<IpAddr>,
     penalty: Penalty,
     bans: Bans,
     metrics: Arc<Metrics>,
@@ -144,6 +151,7 @@ impl Guard {
             admission: Arc::new(Admission::new(&s, metrics.clone())),
             ip_budget: KeyedRate::new("per-address request", s.ip_quota()),
             prefix_budget: KeyedRate::new("per-prefix request", s.prefix_quota()),
+            relay_budget: KeyedRate::new("per-relay request", s.relay_quota()),
             penalty: Penalty::new(),
             bans: Bans::new(max_bans),
             metrics,
@@ -165,6 +173,7 @@ impl Guard {
         s.udp_ports = self.settings.load().udp_ports.clone();
         self.ip_budget.set_quota(s.ip_quota());
         self.prefix_budget.set_quota(s.prefix_quota());
+        self.relay_budget.set_quota(s.relay_quota());
         self.admission.reconfigure(&s);
         self.settings.store(Arc::new(s));
         self.bans.mark_dirty();
@@ -333,6 +342,21 @@ impl Guard {
         }
     }
 
+    /// Spends one request of an Oblivious DoH relay's budget: a relay
+    /// carries many clients, so it has its own, larger one.
+    pub fn check_relay_budget(&self, relay: IpAddr) -> Budget {
+        let relay = canonical(relay);
+        let s = self.settings.load();
+        if self.exempt(&s, relay) {
+            return Budget::Ok;
+        }
+        match self.relay_budget.check(&relay) {
+            Ok(()) => Budget::Ok,
+            Err(_) if s.dry_run => Budget::DryRun,
+            Err(wait) => Budget::Over(wait.as_secs() + 1),
+        }
+    }
+
     /// Adds a refusal to the client's score if its reason scores; bans the
     /// client when the score reaches `--ban-after` within a minute.
     pub fn penalize(&self, client: IpAddr, reason: impl Refusal) {
@@ -409,6 +433,7 @@ impl Guard {
         self.penalty.prune();
         self.ip_budget.prune();
         self.prefix_budget.prune();
+        self.relay_budget.prune();
         self.admission.prune();
         if self.bans.take_dirty() {
             if let Err(e) = self.write_ban_file() {

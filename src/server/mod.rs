@@ -347,6 +347,21 @@ pub async fn start_with(
         }
     }));
     tasks.spawn(summary(app.clone(), shutdown.clone()));
+    if app.odoh.is_some() {
+        tasks.spawn(every(settings.odoh.rotate, shutdown.clone(), {
+            let app = app.clone();
+            let mut first = true;
+            move || {
+                // The first tick is immediate: the key is fresh already.
+                if !std::mem::take(&mut first) {
+                    if let Some(Err(e)) = app.odoh.as_ref().map(|o| o.rotate()) {
+                        tracing::error!("cannot rotate the ODoH key: {e}");
+                    }
+                }
+                std::future::ready(())
+            }
+        }));
+    }
     for a in &running.tls_addrs {
         tracing::info!(listen = %a, "serving DoH over TLS");
     }

@@ -155,13 +155,18 @@ impl Backoff {
 /// Checks an answer and strips what a client must not get.
 fn accept(wire: &[u8], id: u16, key: &Key) -> Result<(Vec<u8>, AnswerInfo), dns::AnswerError> {
     let info = dns::check_answer(wire, id, key)?;
-    match dns::strip_extras(wire, key.flags.dnssec_ok()) {
-        None => Ok((wire.to_vec(), info)),
-        Some(stripped) => {
-            let info = dns::check_answer(&stripped, id, key)?;
-            Ok((stripped, info))
-        }
+    let mut out = match dns::strip_extras(wire, key.flags.dnssec_ok()) {
+        None => wire.to_vec(),
+        Some(stripped) => stripped,
+    };
+    let before = out.len();
+    dns::clear_options(&mut out);
+    if out.len() == wire.len() && before == wire.len() {
+        return Ok((out, info));
     }
+    // Offsets moved: locate the TTLs again.
+    let info = dns::check_answer(&out, id, key)?;
+    Ok((out, info))
 }
 
 enum Link {

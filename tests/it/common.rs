@@ -83,7 +83,7 @@ pub fn pki() -> &'static Pki {
 /// - `tc`: truncated over UDP, full over TCP - `spoof`: a wrong-ID answer first
 /// - `fail`: SERVFAIL - `slow`: answers after 300 ms - `nodata`: NOERROR, no answer
 /// - `dead*`: never answered (a name whose servers are gone)
-/// - `slow15*`: answers after 1.5 s
+/// - `slow15*`: answers after 1.5 s - `many`: 28 A records
 /// - `big*`: 60 KB of TXT, sent whole even over UDP - `mid*`: 12 KB of TXT
 /// - anything else: A 192.0.2.1, TTL 300
 pub struct MockUpstream {
@@ -255,6 +255,11 @@ async fn answers(q: &[u8], name: &str, tcp: bool) -> Vec<Vec<u8>> {
             r.add_answer(a(300, [192, 0, 2, 15]));
         }
         "nodata" => {}
+        "many" => {
+            for i in 0..28u8 {
+                r.add_answer(a(300, [192, 0, 2, i]));
+            }
+        }
         n if n.starts_with("big") || n.starts_with("mid") => {
             let total = if n.starts_with("big") { 60_000 } else { 12_000 };
             let strings: Vec<String> = (0..total / 250).map(|_| "x".repeat(249)).collect();
@@ -434,6 +439,21 @@ pub async fn proxy(upstreams: &[SocketAddr], tweak: impl FnOnce(&mut Config)) ->
 /// A DNS query as a stub would send it, case of `name` preserved, with EDNS.
 pub fn query(name: &str, qtype: u16, id: u16) -> Vec<u8> {
     doh_proxy::dns::query_message(name, qtype, id, true).expect("a valid name")
+}
+
+/// A query with EDNS payload `payload` and, when `padding`, an EDNS(0)
+/// Padding option (RFC 7830) of 16 bytes.
+pub fn query_with_opt(name: &str, id: u16, payload: u16, padding: bool) -> Vec<u8> {
+    let mut q = query(name, 1, id);
+    // The OPT record is last: root name, type, class (= payload), TTL, RDLENGTH.
+    let n = q.len();
+    q[n - 8..n - 6].copy_from_slice(&payload.to_be_bytes());
+    if padding {
+        q[n - 2..].copy_from_slice(&20u16.to_be_bytes());
+        q.extend_from_slice(&[0, 12, 0, 16]);
+        q.extend_from_slice(&[0; 16]);
+    }
+    q
 }
 
 pub fn get_path(msg: &[u8]) -> String {

@@ -14,4 +14,5 @@ mod hostile;
 mod http_rows;
 mod listeners;
 mod operations;
+mod privacy;
 mod upstream;
