@@ -10,7 +10,11 @@
 #
 # Scenarios: hit_h2, hit_h1, reject, miss, hit_h2_idle (cache hits while
 # examples/idle_conns holds 10,000 idle connections open, doh-proxy and
-# dnsdist only).
+# dnsdist only). When redis-server is installed, a second doh-proxy with
+# `--redis` (server "doh-proxy-redis") runs hit_h2 and miss beside the
+# first, and scenario fleet_ab alternates cache-hit runs on the two
+# instances (ROUNDS, 5) and reports the median ratio: what sharing bans,
+# the budget and the client count costs a cache hit.
 #
 # Prints a Markdown table: requests/s, p99 latency, CPU seconds per 100k
 # requests for each server and scenario, peak RSS, and the ratio of
@@ -18,7 +22,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 N=${N:-100000}
-SCEN=${SCEN:-hit_h2 hit_h1 reject miss hit_h2_idle}
+SCEN=${SCEN:-hit_h2 hit_h1 reject miss hit_h2_idle fleet_ab}
+ROUNDS=${ROUNDS:-5}
 IDLE=${IDLE:-10000}
 want() { [[ " $SCEN " == *" $1 "* ]]; }
 PEERS=${PEERS:-../shared/peers/peers.sh}
@@ -39,12 +44,31 @@ target/release/doh-proxy -l 127.0.0.1:8443 --listen-http 127.0.0.1:8088 -u 127.0
   --upstream-qps 1000000 --max-conns-per-ip 10000 --max-conns $((IDLE + 2000)) \
   --ban-after 4294967295 > "$OUT/ours.log" 2>&1 &
 OURS=$!
-trap 'kill $OURS 2>/dev/null; rm -rf "$OUT"' EXIT
+FLEET=""
+REDIS_PID=""
+trap 'kill $OURS $FLEET $REDIS_PID 2>/dev/null; rm -rf "$OUT"' EXIT
+if command -v redis-server >/dev/null; then
+  redis-server --port 6390 --bind 127.0.0.1 --save "" --appendonly no > "$OUT/redis.log" 2>&1 &
+  REDIS_PID=$!
+  target/release/doh-proxy -l 127.0.0.1:8463 --listen-http 127.0.0.1:8098 -u 127.0.0.1:5300 \
+    --tls-cert "$BASE/tls/cert.pem" --tls-key "$BASE/tls/key.pem" --metrics-listen 127.0.0.1:9198 \
+    --per-ip-qps 100000000 --per-ip-burst 100000000 --per-prefix-qps 100000000 \
+    --per-ip-conn-rate 100000000 --per-prefix-conn-rate 100000000 \
+    --upstream-qps 1000000 --max-conns-per-ip 10000 --redis redis://127.0.0.1:6390/0 \
+    --ban-after 4294967295 > "$OUT/fleet.log" 2>&1 &
+  FLEET=$!
+fi
 for _ in $(seq 1 100); do curl -sf http://127.0.0.1:9199/healthz >/dev/null 2>&1 && break; sleep 0.1; done
+if [ -n "$FLEET" ]; then
+  for _ in $(seq 1 100); do
+    curl -s http://127.0.0.1:9198/metrics 2>/dev/null | grep -q '^doh_redis_up 1' && break; sleep 0.1
+  done
+fi
 
 # name | pid | TLS port | plain port (- when none)
 SERVERS=(
   "doh-proxy|$OURS|8443|8088"
+  ${FLEET:+"doh-proxy-redis|$FLEET|8463|8098"}
   "dnsdist|$(cat "$BASE/run/dnsdist.pid")|8453|8083"
   "unbound|$(cat "$BASE/run/unbound.pid")|8455|-"
   "doh-proxy-crate|$(cat "$BASE/run/doh-proxy-tls.pid")|8454|3000"
@@ -99,10 +123,12 @@ for s in "${SERVERS[@]}"; do
   url="https://127.0.0.1:$tls/dns-query?dns=$Q"
   curl -s --cacert "$CA" -H "$H" "$url" -o /dev/null   # warm the cache
   want hit_h2 && run hit_h2 "$name" "$pid" -n "$N" -c 10 -m 10 "$url"
-  if want hit_h1 && [ "$name" != unbound ]; then  # unbound's DoH is HTTP/2 only
+  # unbound's DoH is HTTP/2 only; the Redis instance differs only in what
+  # it shares, which hit_h2 and miss show.
+  if want hit_h1 && [[ $name != unbound && $name != doh-proxy-redis ]]; then
     run hit_h1 "$name" "$pid" -n "$((N / 2))" -c 10 -m 1 --h1 "$url"
   fi
-  want reject && run reject "$name" "$pid" -n "$N" -c 10 -m 10 \
+  want reject && [ "$name" != doh-proxy-redis ] && run reject "$name" "$pid" -n "$N" -c 10 -m 10 \
     "https://127.0.0.1:$tls/dns-query?ct=application/dns-udpwireformat&dns=$Q"
   if want miss; then
     mkuris "$tls" "m$RANDOM-$name-" "$((N / 5))" > "$OUT/uris-$name"
@@ -121,12 +147,20 @@ for s in "${SERVERS[@]}"; do
   echo -e "rss\t$name\t$(awk '/VmHWM/ {print $2}' "/proc/$pid/status")" >> "$OUT/results.tsv"
 done
 
+if want fleet_ab && [ -n "$FLEET" ]; then
+  echo "== fleet_ab: doh-proxy and doh-proxy-redis in turns, $ROUNDS rounds" >&2
+  for r in $(seq 1 "$ROUNDS"); do
+    run "fleet_ab_$r" doh-proxy "$OURS" -n "$N" -c 10 -m 10 "https://127.0.0.1:8443/dns-query?dns=$Q"
+    run "fleet_ab_$r" doh-proxy-redis "$FLEET" -n "$N" -c 10 -m 10 "https://127.0.0.1:8463/dns-query?dns=$Q"
+  done
+fi
+
 python3 - "$OUT/results.tsv" "$N" <<'EOF'
 import sys
 rows = [l.rstrip("\n").split("\t") for l in open(sys.argv[1])]
 res = {(r[0], r[1]): r for r in rows if r[0] != "rss"}
 rss = {r[1]: int(r[2]) for r in rows if r[0] == "rss"}
-servers = ["doh-proxy", "dnsdist", "unbound", "doh-proxy-crate"]
+servers = ["doh-proxy", "doh-proxy-redis", "dnsdist", "unbound", "doh-proxy-crate"]
 names = {"hit_h2": "cache hit, TLS HTTP/2 (10 conns x 10 streams)",
          "hit_h2_idle": "cache hits with 10,000 idle connections open, TLS HTTP/2",
          "hit_h1": "cache hit, TLS HTTP/1.1 (10 conns)",
@@ -151,6 +185,12 @@ print("\n| server | peak RSS (MiB) |\n|---|---:|")
 for s in servers:
     if s in rss:
         print(f"| {s} | {rss[s] / 1024:.1f} |")
+ab = sorted(float(res[(k, "doh-proxy-redis")][2]) / float(res[(k, "doh-proxy")][2])
+            for (k, s) in res if k.startswith("fleet_ab_") and s == "doh-proxy"
+            and (k, "doh-proxy-redis") in res and float(res[(k, "doh-proxy")][2]) > 0)
+if ab:
+    print(f"\nCache hits with `--redis` against without, in turns ({len(ab)} rounds of {sys.argv[2]}): "
+          f"median ratio {ab[len(ab) // 2]:.3f} (each round: {', '.join(f'{x:.3f}' for x in ab)}).")
 hit = res.get(("hit_h2", "doh-proxy")); rej = res.get(("reject", "doh-proxy"))
 if hit and rej and float(rej[4]) > 0:
     print(f"\ndoh-proxy: a rejected request costs {float(hit[4]) / float(rej[4]):.2f}x less CPU than a cache hit "

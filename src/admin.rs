@@ -151,7 +151,12 @@ fn route<B>(app: &App, token: Option<&str>, req: Request<B>) -> Response<Full<By
             app.cache.sync();
             app.metrics.cache_entries.set(app.cache.len() as i64);
             app.metrics.cache_bytes.set(app.cache.bytes() as i64);
-            app.metrics.unique_clients.set(app.unique.estimate() as i64);
+            let local = app.unique.estimate();
+            app.metrics.unique_clients_local.set(local as i64);
+            let fleet = app.fleet.as_ref().and_then(|f| f.unique_clients());
+            app.metrics
+                .unique_clients
+                .set(fleet.unwrap_or(local) as i64);
             reply(
                 StatusCode::OK,
                 "application/openmetrics-text; version=1.0.0; charset=utf-8",

@@ -28,6 +28,7 @@ pub mod cache;
 pub mod config;
 pub mod dns;
 pub mod doh;
+pub mod fleet;
 pub mod guard;
 pub mod hll;
 pub mod metrics;

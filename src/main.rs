@@ -9,6 +9,9 @@ use doh_proxy::server::systemd::{self, Inherited, State};
 fn main() -> ExitCode {
     // Before any thread: socket activation reads and clears variables.
     let inherited = Inherited::from_env();
+    // One crypto provider for every TLS client and server in the process
+    // (the Redis client's among them).
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let cli = CommandLine::parse();
     let passed = !inherited.is_empty();
     let loaded = cli.load().and_then(|cfg| cfg.settings_for(passed));

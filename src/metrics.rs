@@ -259,6 +259,8 @@ pub struct Metrics {
     pub cache_max_bytes: Gauge,
     pub connections_max: Gauge,
     pub unique_clients: Gauge,
+    pub unique_clients_local: Gauge,
+    pub redis_up: Gauge,
     pub bans_active: Gauge,
     pub connections_open: Gauge,
     /// Indexed by success (0 ok, 1 error).
@@ -387,6 +389,8 @@ impl Metrics {
             cache_max_bytes: Gauge::default(),
             connections_max: Gauge::default(),
             unique_clients: Gauge::default(),
+            unique_clients_local: Gauge::default(),
+            redis_up: Gauge::default(),
             bans_active: Gauge::default(),
             connections_open: Gauge::default(),
             upstream_families: UpstreamFamilies {
@@ -492,6 +496,16 @@ impl Metrics {
             "doh_unique_clients",
             "Estimated distinct client addresses over a rolling 24 h",
             m.unique_clients.clone(),
+        );
+        registry.register(
+            "doh_unique_clients_local",
+            "Estimated distinct client addresses over a rolling 24 h, this instance only",
+            m.unique_clients_local.clone(),
+        );
+        registry.register(
+            "doh_redis_up",
+            "Whether the shared state in Redis (--redis) is reachable",
+            m.redis_up.clone(),
         );
         registry.register("doh_bans_active", "Bans in force", m.bans_active.clone());
         registry.register(

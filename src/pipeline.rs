@@ -22,12 +22,13 @@ use crate::cache::{Cache, Entry, Inflight, Lookup, STALE_TTL};
 use crate::config::Settings;
 use crate::dns::{self, Key};
 use crate::doh::{self, Limits, Wanted};
+use crate::fleet::Fleet;
 use crate::guard::{Budget, Conn, Guard, Verdict};
 use crate::hll::UniqueClients;
 use crate::metrics::{Metrics, OdohResult};
 use crate::reject::{Outcome, Reject, Transport};
 use crate::server::ServerSettings;
-use crate::upstream::{Upstream, UpstreamError, UpstreamSettings};
+use crate::upstream::{LocalBudget, Spend, Upstream, UpstreamError, UpstreamSettings};
 
 /// How long a request that found an expired entry waits for its refresh
 /// before it gets the stale answer (RFC 8767 suggests 1.8 s).
@@ -61,8 +62,12 @@ pub struct App {
     pub inflight: Inflight<Resolution>,
     pub upstream: ArcSwap<Upstream>,
     upstream_settings: ArcSwap<UpstreamSettings>,
+    /// The upstream budget: local, or the fleet's.
+    budget: ArcSwap<Arc<dyn Spend>>,
+    /// State shared with other instances, with `--redis`.
+    pub fleet: Option<Arc<Fleet>>,
     pub metrics: Arc<Metrics>,
-    pub unique: UniqueClients,
+    pub unique: Arc<UniqueClients>,
     /// The background work requests start (refreshes, prefetches), so that
     /// shutdown can wait for it.
     pub tasks: tokio_util::task::TaskTracker,
@@ -115,7 +120,26 @@ impl App {
     /// Everything a request needs. Fails when an upstream cannot be set up.
     pub fn new(s: &Settings, metrics: Arc<Metrics>) -> anyhow::Result<App> {
         let tasks = tokio_util::task::TaskTracker::new();
-        let upstream = Upstream::new(&s.upstream, metrics.clone(), tasks.clone())
+        let guard = Arc::new(Guard::new(s.guard.clone(), metrics.clone()));
+        let unique = Arc::new(UniqueClients::default());
+        let fleet = match &s.fleet {
+            Some(f) => Some(
+                Fleet::new(
+                    f,
+                    s.upstream.qps,
+                    guard.clone(),
+                    unique.clone(),
+                    metrics.clone(),
+                )
+                .map_err(anyhow::Error::msg)?,
+            ),
+            None => None,
+        };
+        let budget: Arc<dyn Spend> = match &fleet {
+            Some(f) => f.clone(),
+            None => Arc::new(LocalBudget::new(s.upstream.qps)),
+        };
+        let upstream = Upstream::new(&s.upstream, budget.clone(), metrics.clone(), tasks.clone())
             .map_err(anyhow::Error::msg)?;
         metrics
             .cache_max_bytes
@@ -132,13 +156,15 @@ impl App {
             padding: ArcSwap::from_pointee(s.padding),
             verbose: AtomicU8::new(s.verbose),
             server: ArcSwap::from_pointee(s.server.clone()),
-            guard: Arc::new(Guard::new(s.guard.clone(), metrics.clone())),
+            guard,
+            fleet,
+            budget: ArcSwap::from_pointee(budget),
             cache: Cache::new(&s.cache),
             inflight: Inflight::default(),
             upstream: ArcSwap::from_pointee(upstream),
             upstream_settings: ArcSwap::from_pointee(s.upstream.clone()),
             metrics,
-            unique: UniqueClients::default(),
+            unique,
             tasks,
         })
     }
@@ -151,7 +177,24 @@ impl App {
     pub fn reload(&self, s: &Settings) -> Result<Vec<&'static str>, String> {
         let mut restart = Vec::new();
         if **self.upstream_settings.load() != s.upstream {
-            let fresh = Upstream::new(&s.upstream, self.metrics.clone(), self.tasks.clone())?;
+            let budget = match &self.fleet {
+                Some(f) => {
+                    f.set_qps(s.upstream.qps);
+                    self.budget.load_full()
+                }
+                None if self.upstream_settings.load().qps != s.upstream.qps => {
+                    let b: Arc<dyn Spend> = Arc::new(LocalBudget::new(s.upstream.qps));
+                    self.budget.store(Arc::new(b.clone()));
+                    Arc::new(b)
+                }
+                None => self.budget.load_full(),
+            };
+            let fresh = Upstream::new(
+                &s.upstream,
+                (*budget).clone(),
+                self.metrics.clone(),
+                self.tasks.clone(),
+            )?;
             let old = self.upstream.swap(Arc::new(fresh));
             // Queries in flight on the old upstreams finish; their
             // connections close when the last one is done.
@@ -274,7 +317,7 @@ impl App {
         transport: Transport,
         relayed: bool,
     ) -> Result<(), (Reject, Option<u64>)> {
-        self.unique.insert(&client);
+        self.unique.insert(client);
         match self.guard.banned(client) {
             Verdict::Pass => {}
             Verdict::Refuse => {

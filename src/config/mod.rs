@@ -634,6 +634,12 @@ pub struct Config {
     )]
     pub odoh_relay_qps: u32,
 
+    /// Share bans, the upstream budget, unique-client counts and ODoH keys
+    /// with every instance naming the same Redis: `redis://HOST:PORT/DB` or
+    /// `rediss://…` [default: off]
+    #[arg(long, global = true, value_name = "URL", help_heading = "Operations")]
+    pub redis: Option<String>,
+
     // --- Operations
     /// Admin listener: /metrics, /healthz, /bans
     #[arg(

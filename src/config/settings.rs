@@ -11,6 +11,7 @@ use crate::acme::AcmeSettings;
 use crate::admin::AdminSettings;
 use crate::cache::{CacheSettings, TtlPolicy};
 use crate::doh::Limits;
+use crate::fleet::FleetSettings;
 use crate::guard::GuardSettings;
 use crate::net::overlaps;
 use crate::odoh::OdohSettings;
@@ -34,6 +35,8 @@ pub struct Settings {
     pub acme: Option<AcmeSettings>,
     pub padding: Padding,
     pub odoh: OdohSettings,
+    /// State shared with other instances through Redis (`--redis`).
+    pub fleet: Option<FleetSettings>,
     /// `-v`: 1 logs a line per request, 2 and more debug.
     pub verbose: u8,
     pub log_format: LogFormat,
@@ -118,6 +121,13 @@ impl Config {
             (None, None) => TlsSource::SelfSigned,
             _ => return bad("--tls-cert and --tls-key go together".into()),
         };
+        if let Some(url) = &self.redis {
+            if !(url.starts_with("redis://") || url.starts_with("rediss://")) {
+                return bad(format!("redis `{url}` must be a redis:// or rediss:// URL"));
+            }
+            redis::Client::open(url.as_str())
+                .map_err(|e| ConfigError::Invalid(format!("redis `{url}`: {e}")))?;
+        }
         if self.upstream_timeout == 0 {
             return bad("upstream_timeout must be at least 1 ms".into());
         }
@@ -306,6 +316,10 @@ impl Config {
                 rotate: Duration::from_secs(self.odoh_rotate_secs),
                 relay_qps: self.odoh_relay_qps,
             },
+            fleet: self
+                .redis
+                .as_ref()
+                .map(|url| FleetSettings { url: url.clone() }),
             verbose: self.verbose,
             log_format: self.log_format,
         };

@@ -48,6 +48,12 @@ use bans::{Bans, MAX_BANS};
 use budget::{quota, KeyedRate};
 use penalty::Penalty;
 
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
 /// Longest ban, as a multiple of `--ban-secs`.
 const MAX_BAN_FACTOR: u64 = 16;
 
@@ -107,6 +113,21 @@ impl GuardSettings {
     }
 }
 
+/// A ban made or lifted here, for other instances (`--redis`).
+#[derive(Debug, Clone)]
+pub enum BanEvent {
+    Ban {
+        target: IpNet,
+        reason: &'static str,
+        /// Unix seconds.
+        expires: u64,
+        offences: u32,
+    },
+    Unban {
+        target: IpNet,
+    },
+}
+
 /// The verdict on a client's request budget.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Budget {
@@ -137,6 +158,8 @@ pub struct Guard {
     metrics: Arc<Metrics>,
     epoch: Instant,
     last_forwarding_warning: AtomicU64,
+    /// Where bans made and lifted here are told, when instances share them.
+    events: std::sync::OnceLock<tokio::sync::mpsc::Sender<BanEvent>>,
 }
 
 impl Guard {
@@ -157,6 +180,7 @@ impl Guard {
             metrics,
             epoch: Instant::now(),
             last_forwarding_warning: AtomicU64::new(0),
+            events: std::sync::OnceLock::new(),
             settings: ArcSwap::from_pointee(s),
         }
     }
@@ -395,6 +419,12 @@ impl Guard {
         let added = self.bans.add(target, reason, secs, prefix);
         self.metrics.bans_active.set(self.bans.len() as i64);
         self.metrics.ban(!host, false);
+        self.emit(BanEvent::Ban {
+            target,
+            reason,
+            expires: unix_now() + secs,
+            offences: offences + 1,
+        });
         tracing::warn!(
             target = %crate::net::client_label(target.addr()),
             reason, secs, offences = offences + 1, "banned"
@@ -415,7 +445,78 @@ impl Guard {
         if removed {
             tracing::info!(target = %target, "ban lifted by the operator");
         }
+        self.emit(BanEvent::Unban { target });
         removed
+    }
+
+    /// Bans and lifts made here will be told to the receiver returned.
+    pub fn subscribe_events(&self) -> tokio::sync::mpsc::Receiver<BanEvent> {
+        let (tx, rx) = tokio::sync::mpsc::channel(4096);
+        let _ = self.events.set(tx);
+        rx
+    }
+
+    fn emit(&self, ev: BanEvent) {
+        if let Some(tx) = self.events.get() {
+            // Never wait: a full queue drops the event (the next
+            // resynchronisation carries the ban anyway).
+            let _ = tx.try_send(ev);
+        }
+    }
+
+    /// A ban another instance made: enforced here for what is left of it,
+    /// its repeat count remembered; not told again. Allowlisted and
+    /// trusted ranges are never banned, whoever asks.
+    pub fn apply_remote_ban(
+        &self,
+        target: IpNet,
+        reason: &str,
+        remaining: std::time::Duration,
+        offences: u32,
+    ) {
+        let target = target.trunc();
+        let s = self.settings.load();
+        let protected = |list: &[Cidr]| list.iter().any(|a| overlaps(&a.0, &target));
+        if protected(&s.allow) || protected(&s.trusted) || s.dry_run {
+            return;
+        }
+        let host = is_host(&target);
+        let prefix = host.then(|| prefix_of(target.addr(), s.prefix_v4, s.prefix_v6));
+        let reason = state::static_reason(reason);
+        self.bans.restore(
+            target,
+            reason,
+            std::time::SystemTime::now(),
+            remaining,
+            0,
+            prefix,
+        );
+        if offences > self.bans.offences(&target) {
+            self.bans
+                .restore_offence(target, offences, std::time::Duration::from_secs(86400));
+        }
+        self.metrics.bans_active.set(self.bans.len() as i64);
+    }
+
+    /// A repeat count another instance holds: ours is raised to it.
+    pub fn apply_remote_offence(&self, target: IpNet, count: u32, remaining: std::time::Duration) {
+        let target = target.trunc();
+        if count > self.bans.offences(&target) {
+            self.bans.restore_offence(target, count, remaining);
+        }
+    }
+
+    /// A ban another instance lifted.
+    pub fn apply_remote_unban(&self, target: IpNet) {
+        if self.bans.remove(&target.trunc()) {
+            self.metrics.bans_active.set(self.bans.len() as i64);
+            tracing::info!(target = %target, "ban lifted on another instance");
+        }
+    }
+
+    /// Bans in force and repeat counts, to share them.
+    pub fn export_bans(&self) -> (Vec<bans::SavedBan>, Vec<bans::SavedOffence>) {
+        self.bans.export()
     }
 
     /// Active bans, soonest to expire first.

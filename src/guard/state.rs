@@ -60,6 +60,10 @@ pub struct Restored {
 }
 
 /// The label of a known reason, as a static string; `restored` otherwise.
+pub fn static_reason(label: &str) -> &'static str {
+    reason(label)
+}
+
 fn reason(label: &str) -> &'static str {
     Reject::ALL
         .iter()

@@ -347,18 +347,27 @@ pub async fn start_with(
         }
     }));
     tasks.spawn(summary(app.clone(), shutdown.clone()));
+    if let Some(f) = &app.fleet {
+        f.start(&tasks, shutdown.clone());
+    }
     if app.odoh.is_some() {
-        tasks.spawn(every(settings.odoh.rotate, shutdown.clone(), {
+        // The ODoH key: shared through Redis when it is there, rotated
+        // here when it is not.
+        tasks.spawn(every(Duration::from_millis(250), shutdown.clone(), {
             let app = app.clone();
-            let mut first = true;
             move || {
-                // The first tick is immediate: the key is fresh already.
-                if !std::mem::take(&mut first) {
-                    if let Some(Err(e)) = app.odoh.as_ref().map(|o| o.rotate()) {
-                        tracing::error!("cannot rotate the ODoH key: {e}");
+                let app = app.clone();
+                async move {
+                    let Some(odoh) = &app.odoh else { return };
+                    match &app.fleet {
+                        Some(f) if f.is_up() => f.sync_odoh(odoh, odoh.lifetime()).await,
+                        _ => {
+                            if let Err(e) = odoh.rotate_if_due() {
+                                tracing::error!("cannot rotate the ODoH key: {e}");
+                            }
+                        }
                     }
                 }
-                std::future::ready(())
             }
         }));
     }

@@ -58,6 +58,30 @@ const MIN_HEDGE: Duration = Duration::from_millis(100);
 const INITIAL_RTO: Duration = Duration::from_millis(150);
 const RCODE_REFUSED: u8 = 5;
 
+/// The global upstream budget: one token per query sent. Local (a token
+/// bucket), or leased from the fleet's (`--redis`).
+pub trait Spend: Send + Sync {
+    /// Takes one token; false when the budget is spent.
+    fn spend(&self) -> futures_util::future::BoxFuture<'_, bool>;
+}
+
+/// `--upstream-qps` for one instance: a token bucket with a burst of one
+/// second's worth.
+pub struct LocalBudget(DefaultDirectRateLimiter);
+
+impl LocalBudget {
+    pub fn new(qps: u32) -> LocalBudget {
+        let qps = NonZeroU32::new(qps).unwrap_or(NonZeroU32::MIN);
+        LocalBudget(RateLimiter::direct(Quota::per_second(qps).allow_burst(qps)))
+    }
+}
+
+impl Spend for LocalBudget {
+    fn spend(&self) -> futures_util::future::BoxFuture<'_, bool> {
+        Box::pin(std::future::ready(self.0.check().is_ok()))
+    }
+}
+
 /// How upstreams are ordered for each resolution.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -248,7 +272,7 @@ pub struct Upstream {
     servers: Vec<Server>,
     timeout: Duration,
     strategy: Strategy,
-    budget: DefaultDirectRateLimiter,
+    budget: Arc<dyn Spend>,
     metrics: Arc<Metrics>,
     epoch: Instant,
     shutdown: CancellationToken,
@@ -261,10 +285,10 @@ impl Upstream {
     /// TLS client configuration cannot be built.
     pub fn new(
         s: &UpstreamSettings,
+        budget: Arc<dyn Spend>,
         metrics: Arc<Metrics>,
         tasks: TaskTracker,
     ) -> Result<Upstream, String> {
-        let qps = NonZeroU32::new(s.qps).unwrap_or(NonZeroU32::MIN);
         let shutdown = CancellationToken::new();
         let dot = tls::client_config(&s.extra_roots, &[]).map_err(|e| e.to_string())?;
         let doh = tls::client_config(&s.extra_roots, &[b"h2"]).map_err(|e| e.to_string())?;
@@ -317,7 +341,7 @@ impl Upstream {
             servers,
             timeout: s.timeout,
             strategy: s.strategy,
-            budget: RateLimiter::direct(Quota::per_second(qps).allow_burst(qps)),
+            budget,
             metrics,
             epoch: Instant::now(),
             shutdown,
@@ -425,7 +449,7 @@ impl Upstream {
                     }
                     continue;
                 }
-                if self.budget.check().is_err() {
+                if !self.budget.spend().await {
                     self.metrics.upstream_budget_exhausted.inc();
                     next = plan.len();
                     break;

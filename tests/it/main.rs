@@ -8,6 +8,7 @@ mod admin;
 mod cache;
 mod e2e;
 mod examples_files;
+mod fleet;
 mod guard;
 mod hardening;
 mod hostile;

@@ -1,0 +1,527 @@
+//! Several instances sharing bans, the upstream budget and unique-client
+//! counts through a real redis-server on loopback; Redis killed, restarted
+//! and slowed down.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+use crate::common::*;
+
+/// A redis-server on a loopback port, no persistence.
+struct Redis {
+    port: u16,
+    child: Option<std::process::Child>,
+}
+
+impl Redis {
+    async fn start() -> Redis {
+        let mut r = Redis {
+            port: free_port(),
+            child: None,
+        };
+        r.restart().await;
+        r
+    }
+
+    async fn restart(&mut self) {
+        let child = std::process::Command::new("redis-server")
+            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no", "--protected-mode", "no"])
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("redis-server (Debian package redis-server)");
+        self.child = Some(child);
+        for _ in 0..100 {
+            if TcpStream::connect(("127.0.0.1", self.port)).await.is_ok() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("redis-server did not start");
+    }
+
+    fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/0", self.port)
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+async fn instance(
+    up: SocketAddr,
+    url: &str,
+    tweak: impl FnOnce(&mut doh_proxy::config::Config),
+) -> doh_proxy::server::Running {
+    let url = url.to_string();
+    proxy(&[up], move |c| {
+        c.redis = Some(url);
+        tweak(c);
+    })
+    .await
+}
+
+/// Two instances sharing `redis`, both connected.
+async fn pair(
+    up: SocketAddr,
+    redis: &Redis,
+    tweak: impl Fn(&mut doh_proxy::config::Config) + Clone + Send + 'static,
+) -> (doh_proxy::server::Running, doh_proxy::server::Running) {
+    let a = instance(up, &redis.url(), tweak.clone()).await;
+    let b = instance(up, &redis.url(), tweak).await;
+    wait_for(
+        "both connected",
+        async || metric(&a, "doh_redis_up").await == 1.0 && metric(&b, "doh_redis_up").await == 1.0,
+        Duration::from_secs(5),
+    )
+    .await;
+    (a, b)
+}
+
+async fn wait_for(what: &str, mut cond: impl AsyncFnMut() -> bool, within: Duration) {
+    let t = Instant::now();
+    while t.elapsed() < within {
+        if cond().await {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("{what}: not within {within:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ban_on_one_instance_is_enforced_by_the_other() {
+    let redis = Redis::start().await;
+    let up = MockUpstream::start().await;
+    let (a, b) = pair(up.addr, &redis, |c| c.ban_after = 3).await;
+    let src = "127.0.95.1";
+    for _ in 0..3 {
+        let _ = send_from(&a, Proto::H2, src, get("/dns-query?ct=x")).await;
+    }
+    let t = Instant::now();
+    wait_for(
+        "banned on B",
+        async || {
+            send_from(&b, Proto::H2, src, get(&ok_path("www.example.test")))
+                .await
+                .is_err()
+        },
+        Duration::from_secs(2),
+    )
+    .await;
+    assert!(t.elapsed() < Duration::from_secs(2));
+    let bans = String::from_utf8_lossy(&admin(&b, "GET", "/bans", None).await.body).to_string();
+    assert!(
+        bans.contains("127.0.95.1/32") && bans.contains("obsolete_draft"),
+        "{bans}"
+    );
+    // Lifted on B: lifted on A.
+    assert_eq!(
+        admin(&b, "DELETE", "/bans/127.0.95.1", None).await.status,
+        200
+    );
+    wait_for(
+        "lifted on A",
+        async || {
+            send_from(&a, Proto::H2, src, get(&ok_path("www.example.test")))
+                .await
+                .is_ok_and(|r| r.status == 200)
+        },
+        Duration::from_secs(2),
+    )
+    .await;
+    // A neighbour was never affected.
+    assert_eq!(
+        send_from(
+            &b,
+            Proto::H2,
+            "127.0.95.2",
+            get(&ok_path("www.example.test"))
+        )
+        .await
+        .unwrap()
+        .status,
+        200
+    );
+}
+
+/// Seconds left on the ban of `target` as `p` lists it.
+async fn ban_left(p: &doh_proxy::server::Running, target: &str) -> Option<u64> {
+    let body = admin(p, "GET", "/bans", None).await.body;
+    let bans: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    bans.as_array()?
+        .iter()
+        .find(|b| b["target"] == target)
+        .and_then(|b| b["remaining_secs"].as_u64())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn repeat_offences_escalate_across_instances() {
+    let redis = Redis::start().await;
+    let up = MockUpstream::start().await;
+    let tweak = |c: &mut doh_proxy::config::Config| {
+        c.ban_after = 3;
+        c.ban_secs = 100;
+    };
+    let (a, b) = pair(up.addr, &redis, tweak).await;
+    let garbage = async |p: &doh_proxy::server::Running, src: &str| {
+        for _ in 0..3 {
+            let _ = send_from(p, Proto::H2, src, get("/dns-query?ct=x")).await;
+        }
+    };
+    // A first offence on A: the base duration.
+    garbage(&a, "127.0.96.1").await;
+    let first = ban_left(&a, "127.0.96.1/32").await.unwrap();
+    assert!((90..=100).contains(&first), "{first}");
+    wait_for(
+        "seen by B",
+        async || ban_left(&b, "127.0.96.1/32").await.is_some(),
+        Duration::from_secs(2),
+    )
+    .await;
+    assert_eq!(
+        admin(&a, "DELETE", "/bans/127.0.96.1", None).await.status,
+        200
+    );
+    wait_for(
+        "lifted on B",
+        async || ban_left(&b, "127.0.96.1/32").await.is_none(),
+        Duration::from_secs(2),
+    )
+    .await;
+    // The second, on B: twice as long, as it would be on A.
+    garbage(&b, "127.0.96.1").await;
+    let second = ban_left(&b, "127.0.96.1/32").await.unwrap();
+    assert!((190..=200).contains(&second), "{second}");
+    // An instance started after the ban is lifted still has the count.
+    assert_eq!(
+        admin(&b, "DELETE", "/bans/127.0.96.1", None).await.status,
+        200
+    );
+    wait_for(
+        "lifted on A",
+        async || ban_left(&a, "127.0.96.1/32").await.is_none(),
+        Duration::from_secs(2),
+    )
+    .await;
+    let c = instance(up.addr, &redis.url(), tweak).await;
+    wait_for(
+        "C connected",
+        async || metric(&c, "doh_redis_up").await == 1.0,
+        Duration::from_secs(5),
+    )
+    .await;
+    assert_eq!(ban_left(&c, "127.0.96.1/32").await, None);
+    garbage(&c, "127.0.96.1").await;
+    let third = ban_left(&c, "127.0.96.1/32").await.unwrap();
+    assert!((390..=400).contains(&third), "{third}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_upstream_budget_is_one_for_the_fleet() {
+    let redis = Redis::start().await;
+    let up = MockUpstream::start().await;
+    let tweak = |c: &mut doh_proxy::config::Config| {
+        c.upstream_qps = 40;
+        c.per_ip_qps = 1_000_000;
+        c.per_ip_burst = 1_000_000;
+        c.per_prefix_qps = 1_000_000;
+    };
+    let (a, b) = pair(up.addr, &redis, tweak).await;
+    let (a, b) = (Arc::new(a), Arc::new(b));
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for w in 0..16 {
+        let p = if w % 2 == 0 { a.clone() } else { b.clone() };
+        tasks.push(tokio::spawn(async move {
+            let mut c = Client::connect(
+                &p,
+                Proto::H2,
+                Some(format!("127.0.97.{}", w + 1).parse().unwrap()),
+            )
+            .await
+            .unwrap();
+            let mut i = 0;
+            while start.elapsed() < Duration::from_secs(4) {
+                let _ = c
+                    .send(get(&ok_path(&format!("fleet{w}-{i}.example.test"))))
+                    .await;
+                i += 1;
+            }
+            (w, i)
+        }));
+    }
+    let mut tried = Vec::new();
+    for t in tasks {
+        tried.push(t.await.unwrap());
+    }
+    let secs = start.elapsed().as_secs_f64();
+    let sent: f64 = tried
+        .iter()
+        .map(|(w, n)| {
+            (0..*n)
+                .map(|i| up.count(&format!("fleet{w}-{i}.example.test.")) as f64)
+                .sum::<f64>()
+        })
+        .sum();
+    // 40 a second for the fleet, plus at most one lease batch (2) per
+    // instance at each second's turn; not 80 a second.
+    let bound = 40.0 * (secs + 1.0) + 2.0 * 2.0 * (secs + 1.0);
+    assert!(
+        sent <= bound,
+        "{sent} queries upstream in {secs:.1} s (bound {bound})"
+    );
+    assert!(sent >= 40.0 * (secs - 1.0), "the budget is used: {sent}");
+    assert!(sent < 80.0 * secs * 0.75, "not two budgets: {sent}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unique_clients_are_counted_for_the_fleet() {
+    let redis = Redis::start().await;
+    let up = MockUpstream::start().await;
+    let (a, b) = pair(up.addr, &redis, |_| {}).await;
+    let (a, b) = (Arc::new(a), Arc::new(b));
+    let mut tasks = Vec::new();
+    for w in 0..8u32 {
+        let (a, b) = (a.clone(), b.clone());
+        tasks.push(tokio::spawn(async move {
+            for i in 0..125u32 {
+                let n = w * 125 + i;
+                let src = format!("127.98.{}.{}", n / 250, 1 + n % 250);
+                let p = if n % 2 == 0 { &a } else { &b };
+                let r = send_from(p, Proto::PlainH1, &src, get(&ok_path("www.example.test")))
+                    .await
+                    .unwrap();
+                assert_eq!(r.status, 200);
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    for p in [&a, &b] {
+        let local = metric(p, "doh_unique_clients_local").await;
+        assert!(
+            (480.0..=520.0).contains(&local),
+            "each instance saw about half: {local}"
+        );
+    }
+    wait_for(
+        "both report the fleet's 1,000 within 3 %",
+        async || {
+            let (x, y) = (
+                metric(&a, "doh_unique_clients").await,
+                metric(&b, "doh_unique_clients").await,
+            );
+            (970.0..=1030.0).contains(&x) && (970.0..=1030.0).contains(&y)
+        },
+        Duration::from_secs(15),
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_gone_and_back() {
+    let mut redis = Redis::start().await;
+    let up = MockUpstream::start().await;
+    let (a, b) = pair(up.addr, &redis, |c| c.ban_after = 3).await;
+    assert_eq!(
+        send_from(
+            &a,
+            Proto::H2,
+            "127.0.99.1",
+            get(&ok_path("cached.example.test"))
+        )
+        .await
+        .unwrap()
+        .status,
+        200
+    );
+    redis.kill();
+    // Both keep answering, cached and uncached names.
+    for (i, p) in [&a, &b].into_iter().enumerate() {
+        let r = send_from(
+            p,
+            Proto::H2,
+            "127.0.99.1",
+            get(&ok_path("cached.example.test")),
+        )
+        .await
+        .unwrap();
+        assert_eq!(r.status, 200);
+        let r = send_from(
+            p,
+            Proto::H2,
+            "127.0.99.1",
+            get(&ok_path(&format!("new{i}.example.test"))),
+        )
+        .await
+        .unwrap();
+        assert_eq!(r.status, 200);
+        assert_eq!(r.dns().answers[0].data.to_string(), "192.0.2.1");
+    }
+    wait_for(
+        "redis down on both",
+        async || metric(&a, "doh_redis_up").await == 0.0 && metric(&b, "doh_redis_up").await == 0.0,
+        Duration::from_secs(5),
+    )
+    .await;
+    // A ban made while Redis is down...
+    for _ in 0..3 {
+        let _ = send_from(&a, Proto::H2, "127.0.99.2", get("/dns-query?ct=x")).await;
+    }
+    assert!(send_from(
+        &a,
+        Proto::H2,
+        "127.0.99.2",
+        get(&ok_path("www.example.test"))
+    )
+    .await
+    .is_err());
+    assert!(
+        send_from(
+            &b,
+            Proto::H2,
+            "127.0.99.2",
+            get(&ok_path("www.example.test"))
+        )
+        .await
+        .is_ok(),
+        "not shared yet"
+    );
+    redis.restart().await;
+    wait_for(
+        "redis up again",
+        async || metric(&a, "doh_redis_up").await == 1.0 && metric(&b, "doh_redis_up").await == 1.0,
+        Duration::from_secs(10),
+    )
+    .await;
+    // ...is shared once it is back.
+    wait_for(
+        "shared after reconnection",
+        async || {
+            send_from(
+                &b,
+                Proto::H2,
+                "127.0.99.2",
+                get(&ok_path("www.example.test")),
+            )
+            .await
+            .is_err()
+        },
+        Duration::from_secs(5),
+    )
+    .await;
+}
+
+/// A TCP relay to Redis that holds every reply for `delay`.
+async fn slow_relay(to: u16, delay: Duration) -> u16 {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = l.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        while let Ok((client, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let Ok(server) = TcpStream::connect(("127.0.0.1", to)).await else {
+                    return;
+                };
+                let (mut cr, mut cw) = client.into_split();
+                let (mut sr, mut sw) = server.into_split();
+                tokio::spawn(async move {
+                    let _ = tokio::io::copy(&mut cr, &mut sw).await;
+                });
+                let mut buf = vec![0u8; 65536];
+                loop {
+                    let Ok(n) = sr.read(&mut buf).await else {
+                        return;
+                    };
+                    if n == 0 {
+                        return;
+                    }
+                    tokio::time::sleep(delay).await;
+                    if cw.write_all(&buf[..n]).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    port
+}
+
+/// Latencies of 100 queries to each of `proxies`, taken in turns so that
+/// both see the same machine; half hits, half misses (which spend the
+/// upstream budget).
+async fn latencies(
+    proxies: [&doh_proxy::server::Running; 2],
+    src: &str,
+    tag: &str,
+) -> [Vec<Duration>; 2] {
+    let mut clients = Vec::new();
+    for p in proxies {
+        clients.push(
+            Client::connect(p, Proto::H2, Some(src.parse().unwrap()))
+                .await
+                .unwrap(),
+        );
+    }
+    let mut lat = [Vec::new(), Vec::new()];
+    for i in 0..100 {
+        for (k, c) in clients.iter_mut().enumerate() {
+            let name = if i % 2 == 0 {
+                "www.example.test".to_string()
+            } else {
+                format!("{tag}{k}-{i}.example.test")
+            };
+            let t = Instant::now();
+            let r = c.send(get(&ok_path(&name))).await.unwrap();
+            assert_eq!(r.status, 200);
+            lat[k].push(t.elapsed());
+        }
+    }
+    for l in &mut lat {
+        l.sort();
+    }
+    lat
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_redis_does_not_slow_clients() {
+    let redis = Redis::start().await;
+    let up = MockUpstream::start().await;
+    let alone = proxy(&[up.addr], |_| {}).await;
+    // 30 ms: slow but up (leases are late); 500 ms: past the command
+    // timeout, so Redis counts as down.
+    for (delay, up_after) in [(30, 1.0), (500, 0.0)] {
+        let relay = slow_relay(redis.port, Duration::from_millis(delay)).await;
+        let slow = instance(up.addr, &format!("redis://127.0.0.1:{relay}/0"), |_| {}).await;
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        let [base, with] = latencies(
+            [&alone, &slow],
+            &format!("127.0.100.{}", delay % 250),
+            &format!("d{delay}-"),
+        )
+        .await;
+        assert_eq!(metric(&slow, "doh_redis_up").await, up_after, "{delay} ms");
+        let p99 = |v: &[Duration]| v[98];
+        assert!(
+            p99(&with) < p99(&base) + Duration::from_millis(10),
+            "{delay} ms: p99 {:?} with a slow Redis, {:?} without",
+            p99(&with),
+            p99(&base)
+        );
+    }
+}
