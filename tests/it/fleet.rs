@@ -525,3 +525,45 @@ async fn a_slow_redis_does_not_slow_clients() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_odoh_key_for_the_fleet() {
+    use crate::privacy::{fetch_configs, oblivious};
+    let redis = Redis::start().await;
+    let up = MockUpstream::start().await;
+    let (a, b) = pair(up.addr, &redis, |c| {
+        c.odoh = true;
+        c.odoh_rotate_secs = 3;
+    })
+    .await;
+    let same = async || {
+        let (x, _) = fetch_configs(&a).await;
+        let (y, _) = fetch_configs(&b).await;
+        odoh_rs::compose(&x).unwrap() == odoh_rs::compose(&y).unwrap()
+    };
+    wait_for("one key", same, Duration::from_secs(2)).await;
+    let (first, _) = fetch_configs(&a).await;
+    // Sealed for A, opened by B.
+    let m = oblivious(&b, &first, query("www.example.test", 1, 9))
+        .await
+        .unwrap();
+    assert_eq!(m.answers[0].data.to_string(), "192.0.2.1");
+    // Rotated by one instance, followed by the other.
+    wait_for(
+        "rotated",
+        async || {
+            odoh_rs::compose(&fetch_configs(&b).await.0).unwrap()
+                != odoh_rs::compose(&first).unwrap()
+        },
+        Duration::from_secs(6),
+    )
+    .await;
+    wait_for("one key again", same, Duration::from_secs(2)).await;
+    let (second, _) = fetch_configs(&b).await;
+    assert!(oblivious(&a, &second, query("www.example.test", 1, 10))
+        .await
+        .is_ok());
+    assert!(oblivious(&b, &second, query("www.example.test", 1, 11))
+        .await
+        .is_ok());
+}

@@ -134,7 +134,7 @@ async fn padding_always_and_never_beyond_the_payload() {
     assert!(r.body.len() < 468);
 }
 
-async fn fetch_configs(p: &doh_proxy::server::Running) -> (ObliviousDoHConfigs, Reply) {
+pub async fn fetch_configs(p: &doh_proxy::server::Running) -> (ObliviousDoHConfigs, Reply) {
     let r = send(p, Proto::H2, get("/.well-known/odohconfigs")).await;
     assert_eq!(r.status, 200);
     let configs: ObliviousDoHConfigs = odoh_rs::parse(&mut r.body.clone()).unwrap();
@@ -142,7 +142,7 @@ async fn fetch_configs(p: &doh_proxy::server::Running) -> (ObliviousDoHConfigs, 
 }
 
 /// Seals `query` under `configs`, posts it, opens the answer.
-async fn oblivious(
+pub async fn oblivious(
     p: &doh_proxy::server::Running,
     configs: &ObliviousDoHConfigs,
     query: Vec<u8>,
