@@ -960,3 +960,35 @@ pub async fn admin_at(addr: SocketAddr, method: &str, path: &str) -> Reply {
         body,
     }
 }
+
+/// Makes sure `program` is on the PATH, installing Debian's `package` once
+/// with apt-get when it is not (the suite runs as root on Debian, as the
+/// end-to-end script does). Panics with what is missing otherwise.
+pub fn need(program: &str, package: &str) {
+    static APT: Mutex<()> = Mutex::new(());
+    let found = || {
+        std::process::Command::new("sh")
+            .args(["-c", &format!("command -v {program}")])
+            .stdout(std::process::Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    if found() {
+        return;
+    }
+    let _one_at_a_time = APT.lock().unwrap_or_else(|e| e.into_inner());
+    if found() {
+        return;
+    }
+    let _ = std::process::Command::new("sh")
+        .args([
+            "-c",
+            &format!(
+                "DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends {package} \
+                 || (apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends {package})"
+            ),
+        ])
+        .stdout(std::process::Stdio::null())
+        .status();
+    assert!(found(), "{program} is missing (Debian package {package})");
+}

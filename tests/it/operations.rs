@@ -243,6 +243,7 @@ async fn socket_activation_and_notifications() {
             let _ = self.0.wait();
         }
     }
+    crate::common::need("systemd-socket-activate", "systemd");
     let mut child = std::process::Command::new("systemd-socket-activate")
         .args(["-l", &format!("127.0.0.1:{tls}"), "--fdname=https"])
         .args(["-E", &format!("NOTIFY_SOCKET={}", notify_path.display())])
@@ -312,6 +313,7 @@ fn systemd_units_verify() {
         let text = text.replace("/usr/local/bin/doh-proxy", env!("CARGO_BIN_EXE_doh-proxy"));
         std::fs::write(dir.join(unit), text).unwrap();
     }
+    crate::common::need("systemd-analyze", "systemd");
     let out = std::process::Command::new("systemd-analyze")
         .arg("verify")
         .arg(dir.join("doh-proxy.socket"))
