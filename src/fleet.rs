@@ -38,6 +38,7 @@ use crate::guard::bans::{parse_target, target_label};
 use crate::guard::{BanEvent, Guard};
 use crate::hll::UniqueClients;
 use crate::metrics::Metrics;
+use crate::tickets::{Tickets, SECRET_LEN};
 use crate::upstream::Spend;
 
 const PREFIX: &str = "doh-proxy";
@@ -168,6 +169,7 @@ pub struct Fleet {
     peers: AtomicU32,
     // Unique clients.
     unique: Arc<UniqueClients>,
+    tickets: Option<Arc<Tickets>>,
     fleet_unique: AtomicU64,
 }
 
@@ -182,6 +184,7 @@ impl Fleet {
         upstream_qps: u32,
         guard: Arc<Guard>,
         unique: Arc<UniqueClients>,
+        tickets: Option<Arc<Tickets>>,
         metrics: Arc<Metrics>,
     ) -> Result<Arc<Fleet>, String> {
         let client =
@@ -206,6 +209,7 @@ impl Fleet {
             fallback: Mutex::new((upstream_qps, limiter(upstream_qps))),
             peers: AtomicU32::new(1),
             unique,
+            tickets,
             fleet_unique: AtomicU64::new(0),
         }))
     }
@@ -339,6 +343,7 @@ impl Fleet {
                     ever = true;
                     backoff = Duration::from_millis(100);
                     self.resync().await;
+                    self.sync_tickets().await;
                     // Up once the fleet's bans are loaded.
                     if self.is_up() {
                         self.metrics.redis_up.set(1);
@@ -708,6 +713,7 @@ impl Fleet {
                 continue;
             }
             self.heartbeat().await;
+            self.sync_tickets().await;
             if n % 5 == 1 {
                 self.share_clients().await;
             }
@@ -773,6 +779,43 @@ impl Fleet {
         let keys: Vec<String> = ids.iter().map(|id| key(&["clients", id])).collect();
         if let Some(n) = self.run::<u64>(redis::cmd("PFCOUNT").arg(keys)).await {
             self.fleet_unique.store(n, Ordering::Relaxed);
+        }
+    }
+
+    /// Shares the TLS ticket keys: the key of each period is the first
+    /// one an instance put in Redis; every instance installs the current
+    /// and the previous period's, so that a client resumes on any of them.
+    /// They expire from Redis when no instance may use them any more.
+    async fn sync_tickets(&self) {
+        let Some(t) = &self.tickets else { return };
+        let period = t.period();
+        let k = |p: u64| key(&["tls-ticket", &p.to_string()]);
+        if let Some(fresh) = t.generate() {
+            let _: Option<Option<String>> = self
+                .run(
+                    redis::cmd("SET")
+                        .arg(k(period))
+                        .arg(hex(&fresh))
+                        .arg("NX")
+                        .arg("EX")
+                        .arg(3 * t.lifetime_secs()),
+                )
+                .await;
+        }
+        let Some(both): Option<Vec<Option<String>>> = self
+            .run(
+                redis::cmd("MGET")
+                    .arg(k(period.saturating_sub(1)))
+                    .arg(k(period)),
+            )
+            .await
+        else {
+            return;
+        };
+        for (p, secret) in [period.saturating_sub(1), period].into_iter().zip(both) {
+            if let Some(s) = secret.as_deref().and_then(unhex::<SECRET_LEN>) {
+                t.install(p, &s);
+            }
         }
     }
 
@@ -878,9 +921,9 @@ fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
-fn unhex(s: &str) -> Option<[u8; 32]> {
-    let mut out = [0u8; 32];
-    if s.len() != 64 {
+fn unhex<const N: usize>(s: &str) -> Option<[u8; N]> {
+    let mut out = [0u8; N];
+    if s.len() != 2 * N {
         return None;
     }
     for (i, o) in out.iter_mut().enumerate() {
@@ -897,7 +940,7 @@ mod tests {
     fn seeds_round_trip_through_hex() {
         let seed = [9u8; 32];
         assert_eq!(unhex(&hex(&seed)), Some(seed));
-        assert_eq!(unhex("zz"), None);
-        assert_eq!(unhex(&"g".repeat(64)), None);
+        assert_eq!(unhex::<32>("zz"), None);
+        assert_eq!(unhex::<32>(&"g".repeat(64)), None);
     }
 }

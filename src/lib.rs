@@ -38,5 +38,6 @@ pub mod pipeline;
 pub mod proxyproto;
 pub mod reject;
 pub mod server;
+pub mod tickets;
 pub mod tls;
 pub mod upstream;

@@ -120,21 +120,40 @@ struct UpstreamFamilies {
     up: Family<Labels, Gauge>,
 }
 
-/// How a TLS handshake ended, the `result` of `doh_tls_handshakes_total`.
+/// How a TLS handshake ended, the `result` and `resumed` labels of
+/// `doh_tls_handshakes_total`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Handshake {
-    Ok,
+    /// Completed with a certificate and a signature.
+    Full,
+    /// Completed by resuming a session (a ticket or the session cache).
+    Resumed,
     Failed,
     Timeout,
 }
 
 impl Handshake {
-    const ALL: [Handshake; 3] = [Handshake::Ok, Handshake::Failed, Handshake::Timeout];
-    fn label(self) -> &'static str {
-        match self {
-            Handshake::Ok => "ok",
-            Handshake::Failed => "failed",
-            Handshake::Timeout => "timeout",
+    const ALL: [Handshake; 4] = [
+        Handshake::Full,
+        Handshake::Resumed,
+        Handshake::Failed,
+        Handshake::Timeout,
+    ];
+    fn labels(self) -> Labels {
+        let (result, resumed) = match self {
+            Handshake::Full => ("ok", "false"),
+            Handshake::Resumed => ("ok", "true"),
+            Handshake::Failed => ("failed", "false"),
+            Handshake::Timeout => ("timeout", "false"),
+        };
+        vec![("result", result.into()), ("resumed", resumed.into())]
+    }
+
+    /// How a completed rustls handshake went.
+    pub fn of(conn: &rustls::CommonState) -> Handshake {
+        match conn.handshake_kind() {
+            Some(rustls::HandshakeKind::Resumed) => Handshake::Resumed,
+            _ => Handshake::Full,
         }
     }
 }
@@ -351,7 +370,7 @@ impl Metrics {
                 .collect(),
             handshakes: Handshake::ALL
                 .iter()
-                .map(|h| one(&handshake_f, "result", h.label()))
+                .map(|h| handshake_f.get_or_create(&h.labels()).clone())
                 .collect(),
             accept_errors: AcceptError::ALL
                 .iter()
@@ -540,7 +559,7 @@ impl Metrics {
         );
         registry.register(
             "doh_tls_handshakes",
-            "TLS handshakes by result",
+            "TLS handshakes by result, and whether they resumed a session",
             handshake_f,
         );
         registry.register(
@@ -726,7 +745,7 @@ mod tests {
             "doh_connections_rejected_total{reason=\"conn_rate\"} 0",
             "doh_connections_evicted_total 0",
             "doh_protocol_errors_total{kind=\"h2_enhance_your_calm\"} 1",
-            "doh_tls_handshakes_total{result=\"ok\"} 0",
+            "doh_tls_handshakes_total{result=\"ok\",resumed=\"true\"} 0",
             "doh_accept_errors_total{kind=\"no_fds\"} 0",
         ] {
             assert!(text.contains(name), "missing {name} in\n{text}");

@@ -28,6 +28,7 @@ use crate::hll::UniqueClients;
 use crate::metrics::{Metrics, OdohResult};
 use crate::reject::{Outcome, Reject, Transport};
 use crate::server::ServerSettings;
+use crate::tickets::Tickets;
 use crate::upstream::{LocalBudget, Spend, Upstream, UpstreamError, UpstreamSettings};
 
 /// How long a request that found an expired entry waits for its refresh
@@ -68,6 +69,8 @@ pub struct App {
     pub fleet: Option<Arc<Fleet>>,
     pub metrics: Arc<Metrics>,
     pub unique: Arc<UniqueClients>,
+    /// TLS session ticket keys, for every TLS listener.
+    pub tickets: Option<Arc<Tickets>>,
     /// The background work requests start (refreshes, prefetches), so that
     /// shutdown can wait for it.
     pub tasks: tokio_util::task::TaskTracker,
@@ -122,6 +125,7 @@ impl App {
         let tasks = tokio_util::task::TaskTracker::new();
         let guard = Arc::new(Guard::new(s.guard.clone(), metrics.clone()));
         let unique = Arc::new(UniqueClients::default());
+        let tickets = s.server.ticket_lifetime.map(Tickets::new);
         let fleet = match &s.fleet {
             Some(f) => Some(
                 Fleet::new(
@@ -129,6 +133,7 @@ impl App {
                     s.upstream.qps,
                     guard.clone(),
                     unique.clone(),
+                    tickets.clone(),
                     metrics.clone(),
                 )
                 .map_err(anyhow::Error::msg)?,
@@ -165,6 +170,7 @@ impl App {
             upstream_settings: ArcSwap::from_pointee(s.upstream.clone()),
             metrics,
             unique,
+            tickets,
             tasks,
         })
     }

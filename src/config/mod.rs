@@ -169,6 +169,19 @@ pub struct Config {
     #[arg(long, global = true, value_name = "PEM", help_heading = "Listeners")]
     pub tls_key: Option<PathBuf>,
 
+    /// Seconds a TLS session ticket lets a returning client resume without
+    /// a full handshake (at most 604800); ticket keys change every period
+    /// and are erased after two, and are shared with --redis. 0: no
+    /// tickets, resumption from a 16,384-session memory cache only
+    #[arg(
+        long,
+        global = true,
+        value_name = "SECS",
+        default_value_t = 21600,
+        help_heading = "Listeners"
+    )]
+    pub tls_ticket_lifetime: u64,
+
     /// Plain-HTTP listener (HTTP/1.1 and h2c) for use behind a reverse
     /// proxy; repeatable [default: off]
     #[arg(long, global = true, value_name = "ADDR", help_heading = "Listeners")]

@@ -231,6 +231,12 @@ impl Config {
         for path in &self.upstream_ca {
             extra_roots.extend(crate::upstream::read_ca(path).map_err(ConfigError::Invalid)?);
         }
+        if self.tls_ticket_lifetime > 7 * 86400 {
+            return bad(format!(
+                "tls_ticket_lifetime {} s: at most 604800 (7 days, RFC 8446)",
+                self.tls_ticket_lifetime
+            ));
+        }
         let upstream_timeout = Duration::from_millis(self.upstream_timeout);
         if let Some(w) = descriptor_warning(self, upstream_timeout) {
             warnings.push(w);
@@ -243,6 +249,8 @@ impl Config {
                 h3_listen: self.listen_h3.clone(),
                 h3_retry_threshold: self.h3_retry_threshold,
                 tls,
+                ticket_lifetime: (self.tls_ticket_lifetime > 0)
+                    .then(|| Duration::from_secs(self.tls_ticket_lifetime)),
                 handshake_timeout: Duration::from_secs(self.handshake_timeout),
                 idle_timeout: Duration::from_secs(self.idle_timeout),
                 max_requests_per_conn: self.max_requests_per_conn,

@@ -93,7 +93,7 @@ impl DotListener {
                 return;
             }
         };
-        app.metrics.handshake(Handshake::Ok);
+        app.metrics.handshake(Handshake::of(tls.get_ref().1));
         let watch = watchdog::expired(&peer.conn, first, idle);
         tokio::pin!(watch);
         tokio::select! {

@@ -205,7 +205,8 @@ impl H3Listener {
                 return;
             }
         };
-        app.metrics.handshake(Handshake::Ok);
+        // Counted as full: QUIC does not report whether it resumed.
+        app.metrics.handshake(Handshake::Full);
         // The handshake proved the address.
         self.socket.validate(addr);
         let built = tokio::time::timeout_at(

@@ -69,6 +69,8 @@ pub struct ServerSettings {
     /// Unvalidated QUIC handshakes per second before Retry is required.
     pub h3_retry_threshold: u32,
     pub tls: TlsSource,
+    /// Session tickets' lifetime; none: no tickets.
+    pub ticket_lifetime: Option<Duration>,
     /// From accept to the first complete request.
     pub handshake_timeout: Duration,
     /// With nothing in flight and nothing started.
@@ -160,6 +162,9 @@ pub async fn start_with(
     inherited: systemd::Inherited,
 ) -> anyhow::Result<Running> {
     raise_nofile();
+    let metrics = Arc::new(Metrics::new());
+    let app = Arc::new(App::new(&settings, metrics)?);
+    let tickets = app.tickets.clone();
     let s = &settings.server;
     let needs_cert = !(s.tls_listen.is_empty()
         && s.dot_listen.is_empty()
@@ -182,7 +187,11 @@ pub async fn start_with(
             .as_ref()
             .map(|c| c.store.clone())
             .ok_or_else(|| anyhow::anyhow!("no certificate"))?;
-        Ok(TlsAcceptor::from(tls::server_config(store, alpn)?))
+        Ok(TlsAcceptor::from(tls::server_config(
+            store,
+            alpn,
+            tickets.clone(),
+        )?))
     };
     let bind_all = |addrs: &[SocketAddr],
                     passed: Vec<std::net::TcpListener>|
@@ -208,7 +217,7 @@ pub async fn start_with(
                 .as_ref()
                 .map(|c| c.store.clone())
                 .ok_or_else(|| anyhow::anyhow!("no certificate"))?;
-            Ok(tls::server_config(store, tls::Alpn::H3)?)
+            Ok(tls::server_config(store, tls::Alpn::H3, tickets.clone())?)
         };
         if inherited.h3.is_empty() {
             s.h3_listen
@@ -238,8 +247,6 @@ pub async fn start_with(
     #[cfg(not(feature = "h3"))]
     let h3_addrs: Vec<SocketAddr> = Vec::new();
 
-    let metrics = Arc::new(Metrics::new());
-    let app = Arc::new(App::new(&settings, metrics)?);
     app.guard.restore_state();
     // The ban file's rule names the bound ports (port 0 in the
     // configuration becomes the one the kernel chose).
@@ -350,22 +357,25 @@ pub async fn start_with(
     if let Some(f) = &app.fleet {
         f.start(&tasks, shutdown.clone());
     }
-    if app.odoh.is_some() {
-        // The ODoH key: shared through Redis when it is there, rotated
-        // here when it is not.
+    if app.odoh.is_some() || app.tickets.is_some() {
+        // The ODoH key and the TLS ticket keys: shared through Redis when
+        // it is there (tickets by the fleet's ticker), rotated here when
+        // it is not.
         tasks.spawn(every(Duration::from_millis(250), shutdown.clone(), {
             let app = app.clone();
             move || {
                 let app = app.clone();
                 async move {
-                    let Some(odoh) = &app.odoh else { return };
-                    match &app.fleet {
-                        Some(f) if f.is_up() => f.sync_odoh(odoh, odoh.lifetime()).await,
-                        _ => {
-                            if let Err(e) = odoh.rotate_if_due() {
-                                tracing::error!("cannot rotate the ODoH key: {e}");
-                            }
+                    let fleet = app.fleet.as_ref().filter(|f| f.is_up());
+                    if let (Some(odoh), Some(f)) = (&app.odoh, fleet) {
+                        f.sync_odoh(odoh, odoh.lifetime()).await;
+                    } else if let Some(odoh) = &app.odoh {
+                        if let Err(e) = odoh.rotate_if_due() {
+                            tracing::error!("cannot rotate the ODoH key: {e}");
                         }
+                    }
+                    if let (Some(t), None) = (&app.tickets, fleet) {
+                        t.rotate_if_due();
                     }
                 }
             }

@@ -153,7 +153,7 @@ impl Listener {
                         return;
                     }
                 };
-                app.metrics.handshake(Handshake::Ok);
+                app.metrics.handshake(Handshake::of(tls.get_ref().1));
                 c.h2 = Some(tls.get_ref().1.alpn_protocol() == Some(b"h2"));
                 http::serve(c, TokioIo::new(tls), shutdown).await;
             }

@@ -28,6 +28,7 @@ impl Redis {
     }
 
     async fn restart(&mut self) {
+        need("redis-server", "redis-server");
         let child = std::process::Command::new("redis-server")
             .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
             .args(["--save", "", "--appendonly", "no", "--protected-mode", "no"])
@@ -566,4 +567,34 @@ async fn one_odoh_key_for_the_fleet() {
     assert!(oblivious(&b, &second, query("www.example.test", 1, 11))
         .await
         .is_ok());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_resumes_on_any_instance() {
+    use crate::resumption::handshake;
+    use rustls::HandshakeKind;
+    let redis = Redis::start().await;
+    let up = MockUpstream::start().await;
+    let (a, b) = pair(up.addr, &redis, |_| {}).await;
+    let client = tls_connector(b"http/1.1");
+    assert_eq!(
+        handshake(&a, &client, "127.0.111.1").await,
+        HandshakeKind::Full
+    );
+    assert_eq!(
+        handshake(&b, &client, "127.0.111.1").await,
+        HandshakeKind::Resumed
+    );
+    // An instance started later (a restart) too.
+    let c = instance(up.addr, &redis.url(), |_| {}).await;
+    wait_for(
+        "C connected",
+        async || metric(&c, "doh_redis_up").await == 1.0,
+        Duration::from_secs(5),
+    )
+    .await;
+    assert_eq!(
+        handshake(&c, &client, "127.0.111.1").await,
+        HandshakeKind::Resumed
+    );
 }

@@ -16,4 +16,5 @@ mod http_rows;
 mod listeners;
 mod operations;
 mod privacy;
+mod resumption;
 mod upstream;
