@@ -9,6 +9,7 @@
 //! is erased, which is what bounds the damage a stolen key can do to
 //! forward secrecy (RFC 8446 §4.6.1 asks for at most 7 days). No 0-RTT.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -58,6 +59,12 @@ pub struct Tickets {
     lifetime: u32,
     ring: ArcSwap<Ring>,
     rng: SystemRandom,
+    /// Nonces: a random 4-byte prefix and a 64-bit counter from a random
+    /// start, both drawn once per process. No system call per ticket, and
+    /// no repeat under a key the fleet shares: two instances would need
+    /// the same prefix and overlapping counter ranges.
+    nonce_prefix: [u8; 4],
+    nonce_counter: AtomicU64,
 }
 
 impl std::fmt::Debug for Tickets {
@@ -79,10 +86,21 @@ impl Tickets {
     /// with a fresh local key for the current period.
     pub fn new(lifetime: Duration) -> Arc<Tickets> {
         let lifetime = lifetime.as_secs().clamp(1, 7 * 86400) as u32;
+        let rng = SystemRandom::new();
+        let mut start = [0u8; 12];
+        // Without a random source tickets could not be issued safely
+        // anyway; a zero start still gives distinct nonces in-process.
+        let _ = rng.fill(&mut start);
+        let mut nonce_prefix = [0u8; 4];
+        nonce_prefix.copy_from_slice(&start[..4]);
+        let mut counter = [0u8; 8];
+        counter.copy_from_slice(&start[4..]);
         let t = Tickets {
             lifetime,
             ring: ArcSwap::from_pointee(Ring::default()),
-            rng: SystemRandom::new(),
+            rng,
+            nonce_prefix,
+            nonce_counter: AtomicU64::new(u64::from_be_bytes(counter)),
         };
         t.rotate_if_due();
         Arc::new(t)
@@ -182,19 +200,23 @@ impl rustls::server::ProducesTickets for Tickets {
         let ring = self.ring.load();
         let key = ring.current.as_ref()?;
         let mut nonce = [0u8; NONCE_LEN];
-        self.rng.fill(&mut nonce).ok()?;
-        let mut out = Vec::with_capacity(ID_LEN + NONCE_LEN + plain.len() + 16);
+        nonce[..4].copy_from_slice(&self.nonce_prefix);
+        let n = self.nonce_counter.fetch_add(1, Ordering::Relaxed);
+        nonce[4..].copy_from_slice(&n.to_be_bytes());
+        let head = ID_LEN + NONCE_LEN;
+        let mut out = Vec::with_capacity(head + plain.len() + CHACHA20_POLY1305.tag_len());
         out.extend_from_slice(&key.id);
         out.extend_from_slice(&nonce);
-        let mut sealed = plain.to_vec();
-        key.key
-            .seal_in_place_append_tag(
+        out.extend_from_slice(plain);
+        let tag = key
+            .key
+            .seal_in_place_separate_tag(
                 aead::Nonce::assume_unique_for_key(nonce),
                 aead::Aad::from(key.id),
-                &mut sealed,
+                out.get_mut(head..)?,
             )
             .ok()?;
-        out.extend_from_slice(&sealed);
+        out.extend_from_slice(tag.as_ref());
         Some(out)
     }
 
@@ -272,5 +294,26 @@ mod tests {
             previous: None,
         }));
         assert_eq!(b.decrypt(&c.encrypt(b"o").unwrap()).unwrap(), b"o");
+    }
+
+    #[test]
+    fn nonces_never_repeat_in_a_process_or_across_instances_sharing_a_key() {
+        let (a, b) = (
+            Tickets::new(Duration::from_secs(60)),
+            Tickets::new(Duration::from_secs(60)),
+        );
+        let secret = a.generate().unwrap();
+        let p = a.period();
+        a.install(p, &secret);
+        b.install(p, &secret);
+        let mut seen = std::collections::HashSet::new();
+        for t in [&a, &b] {
+            for _ in 0..10_000 {
+                let sealed = t.encrypt(b"s").unwrap();
+                assert!(seen.insert(sealed[ID_LEN..ID_LEN + NONCE_LEN].to_vec()));
+                assert_eq!(a.decrypt(&sealed).unwrap(), b"s");
+            }
+        }
+        assert_ne!(a.nonce_prefix, b.nonce_prefix);
     }
 }
