@@ -16,14 +16,27 @@
 # instances (ROUNDS, 5) and reports the median ratio: what sharing bans,
 # the budget and the client count costs a cache hit.
 #
+# Handshake economy (doh-proxy against dnsdist, ROUNDS interleaved rounds,
+# medians of the per-round ratios):
+#   fresh   h2load -c 1000 -n 2000 (a new TLS connection for every two
+#           requests), FRESH_REPS runs per server and round
+#   hit_ab  cache hits over long-lived HTTP/2 (10 conns x 10 streams)
+#   resume  examples/handshakes: RESUME_CLIENTS (20000) clients connect
+#           once (full handshakes) and come back (resumed or not), against
+#           doh-proxy with tickets, doh-proxy with --tls-ticket-lifetime 0
+#           (session cache only), doh-proxy with an RSA-2048 certificate,
+#           and dnsdist
+#
 # Prints a Markdown table: requests/s, p99 latency, CPU seconds per 100k
 # requests for each server and scenario, peak RSS, and the ratio of
 # doh-proxy to each peer. Numbers from one run only: compare ratios.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 N=${N:-100000}
-SCEN=${SCEN:-hit_h2 hit_h1 reject miss hit_h2_idle fleet_ab}
+SCEN=${SCEN:-hit_h2 hit_h1 reject miss hit_h2_idle fleet_ab fresh hit_ab resume}
 ROUNDS=${ROUNDS:-5}
+FRESH_REPS=${FRESH_REPS:-5}
+RESUME_CLIENTS=${RESUME_CLIENTS:-20000}
 IDLE=${IDLE:-10000}
 want() { [[ " $SCEN " == *" $1 "* ]]; }
 PEERS=${PEERS:-../shared/peers/peers.sh}
@@ -36,7 +49,7 @@ echo "== peers (NSD, dnsdist, unbound, the doh-proxy crate)" >&2
 WITH_DNSCRYPT=0 WITH_PY=0 WITH_DOH_PROXY=1 bash "$PEERS" > "$OUT/peers.log" 2>&1 ||
   { tail -20 "$OUT/peers.log"; exit 1; }
 echo "== building doh-proxy (release)" >&2
-cargo build --release --quiet --bin doh-proxy --example idle_conns
+cargo build --release --quiet --bin doh-proxy --example idle_conns --example handshakes
 target/release/doh-proxy -l 127.0.0.1:8443 --listen-http 127.0.0.1:8088 -u 127.0.0.1:5300 \
   --tls-cert "$BASE/tls/cert.pem" --tls-key "$BASE/tls/key.pem" --metrics-listen 127.0.0.1:9199 \
   --per-ip-qps 100000000 --per-ip-burst 100000000 --per-prefix-qps 100000000 \
@@ -46,7 +59,29 @@ target/release/doh-proxy -l 127.0.0.1:8443 --listen-http 127.0.0.1:8088 -u 127.0
 OURS=$!
 FLEET=""
 REDIS_PID=""
-trap 'kill $OURS $FLEET $REDIS_PID 2>/dev/null; rm -rf "$OUT"' EXIT
+NOTICKETS=""
+RSA=""
+trap 'kill $OURS $FLEET $REDIS_PID $NOTICKETS $RSA 2>/dev/null; rm -rf "$OUT"' EXIT
+if want resume; then
+  # The same proxy without tickets, and one with an RSA-2048 leaf from the
+  # peers' CA: what resumption saves when a full handshake signs with RSA.
+  target/release/doh-proxy -l 127.0.0.1:8473 -u 127.0.0.1:5300 --tls-ticket-lifetime 0 \
+    --tls-cert "$BASE/tls/cert.pem" --tls-key "$BASE/tls/key.pem" --metrics-listen 127.0.0.1:9197 \
+    --per-ip-qps 100000000 --per-ip-burst 100000000 --per-prefix-qps 100000000 \
+    --per-ip-conn-rate 100000000 --per-prefix-conn-rate 100000000 \
+    --upstream-qps 1000000 --max-conns-per-ip 10000 --ban-after 4294967295 > "$OUT/notickets.log" 2>&1 &
+  NOTICKETS=$!
+  openssl req -newkey rsa:2048 -nodes -keyout "$OUT/rsa.key" -out "$OUT/rsa.csr" -subj /CN=localhost \
+    -addext subjectAltName=DNS:localhost,IP:127.0.0.1 2>/dev/null
+  openssl x509 -req -in "$OUT/rsa.csr" -CA "$BASE/tls/ca.pem" -CAkey "$BASE/tls/ca.key" -days 2 \
+    -copy_extensions copy -out "$OUT/rsa.pem" 2>/dev/null
+  target/release/doh-proxy -l 127.0.0.1:8483 -u 127.0.0.1:5300 \
+    --tls-cert "$OUT/rsa.pem" --tls-key "$OUT/rsa.key" --metrics-listen 127.0.0.1:9196 \
+    --per-ip-qps 100000000 --per-ip-burst 100000000 --per-prefix-qps 100000000 \
+    --per-ip-conn-rate 100000000 --per-prefix-conn-rate 100000000 \
+    --upstream-qps 1000000 --max-conns-per-ip 10000 --ban-after 4294967295 > "$OUT/rsa.log" 2>&1 &
+  RSA=$!
+fi
 if command -v redis-server >/dev/null; then
   redis-server --port 6390 --bind 127.0.0.1 --save "" --appendonly no > "$OUT/redis.log" 2>&1 &
   REDIS_PID=$!
@@ -155,6 +190,35 @@ if want fleet_ab && [ -n "$FLEET" ]; then
   done
 fi
 
+DNSDIST_PID=$(cat "$BASE/run/dnsdist.pid")
+if want fresh; then
+  echo "== fresh: doh-proxy and dnsdist in turns, $ROUNDS rounds of $FRESH_REPS x (h2load -c 1000 -n 2000)" >&2
+  for r in $(seq 1 "$ROUNDS"); do
+    for k in $(seq 1 "$FRESH_REPS"); do
+      run "fresh_${r}_$k" doh-proxy "$OURS" -n 2000 -c 1000 "https://127.0.0.1:8443/dns-query?dns=$Q"
+      run "fresh_${r}_$k" dnsdist "$DNSDIST_PID" -n 2000 -c 1000 "https://127.0.0.1:8453/dns-query?dns=$Q"
+    done
+  done
+fi
+if want hit_ab; then
+  echo "== hit_ab: doh-proxy and dnsdist in turns, $ROUNDS rounds" >&2
+  for r in $(seq 1 "$ROUNDS"); do
+    run "hit_ab_$r" doh-proxy "$OURS" -n "$N" -c 10 -m 10 "https://127.0.0.1:8443/dns-query?dns=$Q"
+    run "hit_ab_$r" dnsdist "$DNSDIST_PID" -n "$N" -c 10 -m 10 "https://127.0.0.1:8453/dns-query?dns=$Q"
+  done
+fi
+if want resume; then
+  echo "== resume: $RESUME_CLIENTS clients, twice" >&2
+  for target in "doh-proxy (tickets)|$OURS|8443|$CA" "doh-proxy (session cache only)|$NOTICKETS|8473|$CA" \
+                "doh-proxy (RSA-2048, tickets)|$RSA|8483|$CA" "dnsdist|$DNSDIST_PID|8453|$CA"; do
+    IFS='|' read -r name pid port ca <<< "$target"
+    echo "### $name" >> "$OUT/resume.md"
+    target/release/examples/handshakes --addr "127.0.0.1:$port" --ca "$ca" --clients "$RESUME_CLIENTS" \
+      --server-pid "$pid" >> "$OUT/resume.md" 2>> "$OUT/resume.err" || true
+    echo >> "$OUT/resume.md"
+  done
+fi
+
 python3 - "$OUT/results.tsv" "$N" <<'EOF'
 import sys
 rows = [l.rstrip("\n").split("\t") for l in open(sys.argv[1])]
@@ -191,8 +255,47 @@ ab = sorted(float(res[(k, "doh-proxy-redis")][2]) / float(res[(k, "doh-proxy")][
 if ab:
     print(f"\nCache hits with `--redis` against without, in turns ({len(ab)} rounds of {sys.argv[2]}): "
           f"median ratio {ab[len(ab) // 2]:.3f} (each round: {', '.join(f'{x:.3f}' for x in ab)}).")
+def median(xs):
+    xs = sorted(xs)
+    return xs[len(xs) // 2]
+def rounds(prefix):
+    """Per round and server: (mean req/s, CPU s per 100k requests)."""
+    acc = {}
+    for (k, s), r in res.items():
+        if not k.startswith(prefix):
+            continue
+        rnd = k[len(prefix):].split("_")[0]
+        a = acc.setdefault((rnd, s), [0.0, 0, 0.0, 0])
+        done = int(r[5])
+        a[0] += float(r[2]); a[3] += 1
+        a[1] += done; a[2] += float(r[4]) * done / 100000
+    return {key: (a[0] / a[3], a[2] / a[1] * 100000 if a[1] else 0.0) for key, a in acc.items()}
+for prefix, what in (("fresh_", "a new TLS connection for every 2 requests (h2load -c 1000 -n 2000)"),
+                     ("hit_ab_", "cache hits over long-lived TLS HTTP/2 (10 conns x 10 streams)")):
+    per = rounds(prefix)
+    rnds = sorted({k[0] for k in per if (k[0], "dnsdist") in per and (k[0], "doh-proxy") in per}, key=int)
+    if not rnds:
+        continue
+    rps = [per[(r, "doh-proxy")][0] / per[(r, "dnsdist")][0] for r in rnds if per[(r, "dnsdist")][0] > 0]
+    cpu = [per[(r, "dnsdist")][1] / per[(r, "doh-proxy")][1] for r in rnds if per[(r, "doh-proxy")][1] > 0]
+    print(f"\n{what}, doh-proxy and dnsdist in turns, {len(rnds)} rounds:\n")
+    print("| round | doh-proxy req/s | dnsdist req/s | doh-proxy CPU s / 100k | dnsdist CPU s / 100k |")
+    print("|---|---:|---:|---:|---:|")
+    for r in rnds:
+        o, d = per[(r, "doh-proxy")], per[(r, "dnsdist")]
+        print(f"| {r} | {o[0]:.0f} | {d[0]:.0f} | {o[1]:.2f} | {d[1]:.2f} |")
+    if rps and cpu:
+        print(f"\nMedian of the rounds: req/s {median(rps):.2f}x dnsdist's; "
+              f"server CPU per request {median(cpu):.2f}x less than dnsdist's.")
 hit = res.get(("hit_h2", "doh-proxy")); rej = res.get(("reject", "doh-proxy"))
 if hit and rej and float(rej[4]) > 0:
     print(f"\ndoh-proxy: a rejected request costs {float(hit[4]) / float(rej[4]):.2f}x less CPU than a cache hit "
           f"({rej[4]} vs {hit[4]} CPU s per 100k).")
 EOF
+if [ -s "$OUT/resume.md" ]; then
+  echo
+  echo "Returning clients ($RESUME_CLIENTS, each with its own session store; examples/handshakes):"
+  echo
+  cat "$OUT/resume.md"
+  head -5 "$OUT/resume.err" 2>/dev/null || true
+fi
