@@ -228,7 +228,9 @@ mod tests {
         assert!((59..=60).contains(&max_age), "{max_age}");
         let old = Key::from_shared([3u8; 32], first.born_unix() - 20).unwrap();
         o.install(old).unwrap();
-        assert!((39..=40).contains(&o.configs().1));
+        // 40 s left, less the time this test has taken on a busy machine.
+        let left = o.configs().1;
+        assert!((30..=40).contains(&left), "{left}");
         o.rotate().unwrap();
         let second = o.current();
         assert_ne!(first.id, second.id);
