@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use bytes::Bytes;
+use bytes::{Buf, Bytes};
 use http_body::{Frame, SizeHint};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
@@ -165,73 +165,83 @@ fn classify(err: &(dyn StdError + 'static), tls: bool) -> Option<ProtocolError> 
 }
 
 /// A response body of at most one chunk that, for a DNS answer, counts the
-/// request `answered` once the answer goes out, or `undelivered` if the
-/// body is dropped first (the client never opened its flow-control
-/// window, or went away).
+/// request `answered` once the answer is written out, or `undelivered` if
+/// it is dropped first (the client never opened its flow-control window,
+/// or went away).
 ///
-/// HTTP/1.1 writes the chunk as soon as it is taken. HTTP/2 (hyper's
-/// pipe) takes the chunk first and then waits for send capacity; so over
-/// HTTP/2 the body reports itself unfinished after its chunk, and counts
-/// the answer delivered when hyper, having handed the chunk to the
-/// stream, asks for more (the end of stream then goes out as an empty
-/// DATA frame).
+/// The body ends with its chunk, so that HTTP/2 sends one DATA frame with
+/// END_STREAM. Over HTTP/2 hyper takes the chunk before it has send
+/// capacity for it, so taking the chunk proves nothing: the chunk itself
+/// ([`Answer`]) reports delivery when its last byte is consumed into the
+/// connection's write buffer.
 pub struct AnswerBody {
-    data: Option<Bytes>,
-    track: Option<(Arc<Metrics>, Transport)>,
+    data: Option<Answer>,
 }
 
 impl AnswerBody {
     fn new(data: Bytes, track: Option<(Arc<Metrics>, Transport)>) -> AnswerBody {
-        let mut body = AnswerBody {
-            data: (!data.is_empty()).then_some(data),
-            track,
-        };
-        if body.data.is_none() {
-            body.delivered();
+        let mut answer = Answer { data, track };
+        if answer.data.is_empty() {
+            answer.delivered();
+            return AnswerBody { data: None };
         }
-        body
-    }
-
-    fn delivered(&mut self) {
-        if let Some((m, t)) = self.track.take() {
-            m.request(Outcome::Answered, t, false);
-        }
-    }
-
-    fn confirms_at_end(&self) -> bool {
-        matches!(self.track, Some((_, Transport::H2)))
+        AnswerBody { data: Some(answer) }
     }
 }
 
 impl http_body::Body for AnswerBody {
-    type Data = Bytes;
+    type Data = Answer;
     type Error = Infallible;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         _: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
-        let this = self.get_mut();
-        if let Some(d) = this.data.take() {
-            if !this.confirms_at_end() {
-                this.delivered();
-            }
-            return Poll::Ready(Some(Ok(Frame::data(d))));
-        }
-        this.delivered();
-        Poll::Ready(None)
+    ) -> Poll<Option<Result<Frame<Answer>, Infallible>>> {
+        Poll::Ready(self.get_mut().data.take().map(|d| Ok(Frame::data(d))))
     }
 
     fn is_end_stream(&self) -> bool {
-        self.data.is_none() && self.track.is_none()
+        self.data.is_none()
     }
 
     fn size_hint(&self) -> SizeHint {
-        SizeHint::with_exact(self.data.as_ref().map_or(0, |d| d.len() as u64))
+        SizeHint::with_exact(self.data.as_ref().map_or(0, |d| d.data.len() as u64))
     }
 }
 
-impl Drop for AnswerBody {
+/// The bytes of one answer, counted `answered` when the last of them is
+/// consumed and `undelivered` when dropped before.
+pub struct Answer {
+    data: Bytes,
+    track: Option<(Arc<Metrics>, Transport)>,
+}
+
+impl Answer {
+    fn delivered(&mut self) {
+        if let Some((m, t)) = self.track.take() {
+            m.request(Outcome::Answered, t, false);
+        }
+    }
+}
+
+impl Buf for Answer {
+    fn remaining(&self) -> usize {
+        self.data.len()
+    }
+
+    fn chunk(&self) -> &[u8] {
+        &self.data
+    }
+
+    fn advance(&mut self, cnt: usize) {
+        self.data.advance(cnt.min(self.data.len()));
+        if self.data.is_empty() {
+            self.delivered();
+        }
+    }
+}
+
+impl Drop for Answer {
     fn drop(&mut self) {
         if let Some((m, t)) = self.track.take() {
             m.request(Outcome::Undelivered, t, false);
