@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 use tokio::sync::{mpsc, Semaphore};
 use tokio::time::Instant;
 use tokio_rustls::TlsAcceptor;
@@ -38,7 +38,16 @@ pub struct DotListener {
 }
 
 impl DotListener {
-    pub async fn run(self, listener: TcpListener, tasks: TaskTracker, shutdown: CancellationToken) {
+    /// As [`super::tcp::Listener::run`]: one worker's accept loop.
+    pub async fn run(
+        self,
+        listener: std::net::TcpListener,
+        tasks: TaskTracker,
+        shutdown: CancellationToken,
+    ) {
+        let Some(listener) = super::tcp::register(listener) else {
+            return;
+        };
         loop {
             let (stream, peer): (TcpStream, SocketAddr) = tokio::select! {
                 r = listener.accept() => match r {

@@ -14,6 +14,7 @@
 //! - [`io`]: write batching on the client's TCP stream.
 //! - [`watchdog`]: the request-driven clock that closes slow and idle
 //!   connections, shared by every transport.
+//! - [`workers`]: the threads TCP connections are accepted and served on.
 
 #[cfg(feature = "h3")]
 pub mod amplification;
@@ -26,6 +27,7 @@ pub mod io;
 pub mod systemd;
 pub mod tcp;
 pub mod watchdog;
+pub mod workers;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -91,6 +93,8 @@ pub struct Running {
     pub certs: Option<Arc<certs::Certs>>,
     shutdown: CancellationToken,
     tasks: TaskTracker,
+    /// Ended (their threads stop) when the proxy is dropped.
+    _workers: workers::Workers,
 }
 
 impl Running {
@@ -195,7 +199,7 @@ pub async fn start_with(
     };
     let bind_all = |addrs: &[SocketAddr],
                     passed: Vec<std::net::TcpListener>|
-     -> anyhow::Result<Vec<tokio::net::TcpListener>> {
+     -> anyhow::Result<Vec<std::net::TcpListener>> {
         if passed.is_empty() {
             return addrs.iter().map(|a| tcp::bind(*a)).collect();
         }
@@ -203,7 +207,7 @@ pub async fn start_with(
             .into_iter()
             .map(|l| {
                 l.set_nonblocking(true)?;
-                Ok(tokio::net::TcpListener::from_std(l)?)
+                Ok(l)
             })
             .collect()
     };
@@ -232,8 +236,8 @@ pub async fn start_with(
                 .collect::<anyhow::Result<Vec<_>>>()?
         }
     };
-    let admin_listener = tcp::bind(settings.admin.listen)?;
-    let addrs = |ls: &[tokio::net::TcpListener]| -> Vec<SocketAddr> {
+    let admin_listener = tokio::net::TcpListener::from_std(tcp::bind(settings.admin.listen)?)?;
+    let addrs = |ls: &[std::net::TcpListener]| -> Vec<SocketAddr> {
         ls.iter().filter_map(|l| l.local_addr().ok()).collect()
     };
     let tls_addrs = addrs(&tls_listeners);
@@ -285,6 +289,7 @@ pub async fn start_with(
             ));
         }
     }
+    let workers = workers::Workers::per_core()?;
     let running = Running {
         certs: certs.clone(),
         admin_addr: admin_listener.local_addr()?,
@@ -295,34 +300,34 @@ pub async fn start_with(
         app: app.clone(),
         shutdown: shutdown.clone(),
         tasks: tasks.clone(),
+        _workers: workers,
     };
+    let workers = &running._workers;
     let listener = |tls: Option<TlsAcceptor>, extra: Arc<::http::HeaderMap>| tcp::Listener {
         app: app.clone(),
         tls,
         extra_headers: extra,
     };
     for l in tls_listeners {
-        let run = listener(Some(acceptor(https_alpn)?), alt_svc.clone()).run(
-            l,
-            tasks.clone(),
-            shutdown.clone(),
-        );
-        tasks.spawn(run);
+        let https = listener(Some(acceptor(https_alpn)?), alt_svc.clone());
+        workers.accept_on(l, &tasks, |l| {
+            https.clone().run(l, tasks.clone(), shutdown.clone())
+        })?;
     }
     for l in http_listeners {
-        let run = listener(None, Arc::new(::http::HeaderMap::new())).run(
-            l,
-            tasks.clone(),
-            shutdown.clone(),
-        );
-        tasks.spawn(run);
+        let plain = listener(None, Arc::new(::http::HeaderMap::new()));
+        workers.accept_on(l, &tasks, |l| {
+            plain.clone().run(l, tasks.clone(), shutdown.clone())
+        })?;
     }
     for l in dot_listeners {
         let dot = dot::DotListener {
             app: app.clone(),
             tls: acceptor(tls::Alpn::Dot)?,
         };
-        tasks.spawn(dot.run(l, tasks.clone(), shutdown.clone()));
+        workers.accept_on(l, &tasks, |l| {
+            dot.clone().run(l, tasks.clone(), shutdown.clone())
+        })?;
     }
     #[cfg(feature = "h3")]
     for (e, socket) in h3_endpoints {

@@ -36,8 +36,9 @@ pub struct Listener {
     pub extra_headers: Arc<::http::HeaderMap>,
 }
 
-/// Binds a TCP listener (SO_REUSEADDR, backlog 1024).
-pub fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
+/// Binds a TCP listener (SO_REUSEADDR, backlog 1024), non-blocking, to be
+/// registered by whichever runtime accepts on it.
+pub fn bind(addr: SocketAddr) -> anyhow::Result<std::net::TcpListener> {
     let sock = if addr.is_ipv4() {
         tokio::net::TcpSocket::new_v4()?
     } else {
@@ -46,11 +47,32 @@ pub fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
     sock.set_reuseaddr(true)?;
     sock.bind(addr)
         .map_err(|e| anyhow::anyhow!("cannot bind {addr}: {e}"))?;
-    Ok(sock.listen(1024)?)
+    Ok(sock.listen(1024)?.into_std()?)
+}
+
+/// Registers a listening socket with the current runtime.
+pub fn register(listener: std::net::TcpListener) -> Option<TcpListener> {
+    match TcpListener::from_std(listener) {
+        Ok(l) => Some(l),
+        Err(e) => {
+            tracing::error!(error = %e, "cannot listen");
+            None
+        }
+    }
 }
 
 impl Listener {
-    pub async fn run(self, listener: TcpListener, tasks: TaskTracker, shutdown: CancellationToken) {
+    /// Accepts on `listener` (one worker's duplicate of the listening
+    /// socket) and serves each admitted connection on this worker.
+    pub async fn run(
+        self,
+        listener: std::net::TcpListener,
+        tasks: TaskTracker,
+        shutdown: CancellationToken,
+    ) {
+        let Some(listener) = register(listener) else {
+            return;
+        };
         loop {
             let (stream, peer) = tokio::select! {
                 r = listener.accept() => match r {
