@@ -9,6 +9,7 @@
 //! [`App::refuse`], which counts it, scores it against the client and says
 //! whether the connection closes.
 
+use std::future::Future;
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
@@ -390,7 +391,10 @@ impl App {
         Ok(Served { wire, max_age })
     }
 
-    /// Finds or fetches the answer for `key`.
+    /// Finds or fetches the answer for `key`. A fresh hit is answered
+    /// without awaiting anything; stale entries and misses go through a
+    /// boxed future, so that the request future — moved whole into every
+    /// task hyper spawns — stays as small as the hit path needs.
     async fn answer(self: &Arc<Self>, key: &Key) -> Result<Arc<Entry>, Reject> {
         match self.cache.lookup(key) {
             Lookup::Fresh(e) => {
@@ -402,39 +406,40 @@ impl App {
                 }
                 Ok(e)
             }
-            Lookup::Stale(e) => {
-                // One request per STALE_TTL starts a refresh in the
-                // background and waits for it at most CLIENT_TIMER (RFC
-                // 8767's client response timer); everybody else, and that
-                // one too if the refresh fails or is slow, gets the stale
-                // answer at once.
-                if e.claim_refresh(Duration::from_secs(STALE_TTL.into())) {
-                    let app = self.clone();
-                    let k = key.clone();
-                    let refresh = self.tasks.spawn(async move { app.resolve(&k).await });
-                    let timer = CLIENT_TIMER.min(self.upstream.load().timeout());
-                    if let Ok(Ok(Resolution::Answer(new))) =
-                        tokio::time::timeout(timer, refresh).await
-                    {
-                        if !new.is_error() {
-                            self.metrics.cache_misses.inc();
-                            return Ok(new);
-                        }
-                    }
-                }
-                self.metrics.cache_stale.inc();
-                Ok(e)
-            }
+            Lookup::Stale(e) => Box::pin(self.answer_stale(key, e)).await,
             Lookup::Miss => {
                 self.metrics.cache_misses.inc();
-                // Boxed: the upstream path is large and rare next to hits,
-                // and the request future is moved whole on every spawn.
                 match Box::pin(self.resolve(key)).await {
                     Resolution::Answer(e) => Ok(e),
                     Resolution::Budget => Err(Reject::UpstreamBudget),
                 }
             }
         }
+    }
+
+    /// One request per STALE_TTL starts a refresh in the background and
+    /// waits for it at most CLIENT_TIMER (RFC 8767's client response
+    /// timer); everybody else, and that one too if the refresh fails or is
+    /// slow, gets the stale answer at once.
+    async fn answer_stale(
+        self: &Arc<Self>,
+        key: &Key,
+        e: Arc<Entry>,
+    ) -> Result<Arc<Entry>, Reject> {
+        if e.claim_refresh(Duration::from_secs(STALE_TTL.into())) {
+            let app = self.clone();
+            let k = key.clone();
+            let refresh = self.tasks.spawn(async move { app.resolve(&k).await });
+            let timer = CLIENT_TIMER.min(self.upstream.load().timeout());
+            if let Ok(Ok(Resolution::Answer(new))) = tokio::time::timeout(timer, refresh).await {
+                if !new.is_error() {
+                    self.metrics.cache_misses.inc();
+                    return Ok(new);
+                }
+            }
+        }
+        self.metrics.cache_stale.inc();
+        Ok(e)
     }
 
     /// Asks the upstream, once for any number of concurrent callers, and
@@ -461,116 +466,151 @@ impl App {
         res
     }
 
-    /// One DoH request: HTTP validation, budget, then the DNS message.
-    pub async fn doh<B>(
+    /// One DoH request: HTTP validation and the budget at once, from the
+    /// request's head; then, in the returned future, the body of a POST
+    /// and the DNS message. The future holds none of the request's
+    /// headers: it is what hyper moves into the task of every HTTP/2
+    /// stream, so its size is paid on every request.
+    pub fn doh<B>(
         self: &Arc<Self>,
         peer: &Peer,
         transport: Transport,
         req: Request<B>,
-    ) -> Reply
+    ) -> impl Future<Output = Reply>
     where
         B: http_body::Body,
         B::Error: std::error::Error + Send + Sync + 'static,
     {
-        let (n, _inflight) = peer.conn.begin();
+        let (n, inflight) = peer.conn.begin();
         let head_only = req.method() == http::Method::HEAD;
-        let mut reply = self.doh_inner(peer, transport, req).await;
-        if head_only {
-            // A response to HEAD carries no body.
-            *reply.response.body_mut() = Bytes::new();
-        }
-        if n >= self.server.load().max_requests_per_conn {
-            reply.close = true;
-        }
-        if reply.close && transport == Transport::H1 {
+        let front = self.front(peer, transport, req);
+        let close_after = n >= self.server.load().max_requests_per_conn;
+        let app = self.clone();
+        let from = Origin::of(peer);
+        async move {
+            let _inflight = inflight;
+            let mut reply = match front {
+                Front::Done(reply) => reply,
+                Front::Query(client, bytes) => app.plain(from, client, transport, &bytes).await,
+                Front::Body(client, body, limits, relayed) => {
+                    Box::pin(app.posted(from, client, transport, body, limits, relayed)).await
+                }
+            };
+            if head_only {
+                // A response to HEAD carries no body.
+                *reply.response.body_mut() = Bytes::new();
+            }
+            reply.close |= close_after;
+            if reply.close && transport == Transport::H1 {
+                reply
+                    .response
+                    .headers_mut()
+                    .insert(header::CONNECTION, HeaderValue::from_static("close"));
+            }
             reply
-                .response
-                .headers_mut()
-                .insert(header::CONNECTION, HeaderValue::from_static("close"));
         }
-        reply
     }
 
-    async fn doh_inner<B>(
-        self: &Arc<Self>,
-        peer: &Peer,
-        transport: Transport,
-        req: Request<B>,
-    ) -> Reply
-    where
-        B: http_body::Body,
-        B::Error: std::error::Error + Send + Sync + 'static,
-    {
+    /// What the head of a request decides: a refusal (or the ODoH
+    /// configurations), a GET's query, or a body still to read.
+    fn front<B>(self: &Arc<Self>, peer: &Peer, transport: Transport, req: Request<B>) -> Front<B> {
         let (parts, body) = req.into_parts();
         let client = self.client_of(peer, &parts.headers);
-        let refused = |reason: Reject, retry_after: Option<u64>| {
-            // A banned client loses its connection too, unless the
-            // connection is a trusted proxy's carrying other clients.
-            let close = reason.closes()
-                && (peer.proxied.is_some() || !self.guard.is_trusted_proxy(peer.conn.peer()));
-            Reply {
-                response: refusal(reason, retry_after),
-                answer: false,
-                close,
-            }
-        };
         let limits = self.limits.load_full();
         let head = doh::check_head(&parts, &limits);
         // A relay's sealed queries spend the relay's budget, everything
         // else the client's.
         let relayed = matches!(head, Ok(Wanted::Oblivious));
         if let Err((reason, retry)) = self.admit(client, transport, relayed) {
-            return refused(reason, retry);
+            return Front::Done(self.refused(Origin::of(peer), reason, retry));
         }
-        let (bytes, opened) = match head {
-            Ok(Wanted::Get(v)) => (Bytes::from(v), None),
-            Ok(Wanted::Post | Wanted::Oblivious) => {
-                match Box::pin(doh::read_body(body, &limits)).await {
-                    Ok(b) if relayed => match self.open(&b) {
-                        Ok(opened) => (opened.query(), Some(opened)),
-                        Err(r) => {
-                            self.refuse(client, r, transport);
-                            return refused(r, None);
-                        }
-                    },
-                    Ok(b) => (b, None),
-                    Err(r) => {
-                        self.refuse(client, r, transport);
-                        return refused(r, None);
-                    }
-                }
-            }
-            Ok(Wanted::OdohConfigs) => return self.odoh_configs(),
+        match head {
+            Ok(Wanted::Get(v)) => Front::Query(client, Bytes::from(v)),
+            Ok(Wanted::Post | Wanted::Oblivious) => Front::Body(client, body, limits, relayed),
+            Ok(Wanted::OdohConfigs) => Front::Done(self.odoh_configs()),
             Err(r) => {
                 self.refuse(client, r, transport);
-                return refused(r, None);
+                Front::Done(self.refused(Origin::of(peer), r, None))
+            }
+        }
+    }
+
+    /// The reply to a refused request. A banned client loses its
+    /// connection too, unless the connection is a trusted proxy's carrying
+    /// other clients.
+    fn refused(&self, from: Origin, reason: Reject, retry_after: Option<u64>) -> Reply {
+        let close = reason.closes() && (from.proxied || !self.guard.is_trusted_proxy(from.peer));
+        Reply {
+            response: refusal(reason, retry_after),
+            answer: false,
+            close,
+        }
+    }
+
+    /// A POST: its body, then a plain or an oblivious query.
+    async fn posted<B>(
+        self: &Arc<Self>,
+        from: Origin,
+        client: IpAddr,
+        transport: Transport,
+        body: B,
+        limits: Arc<Limits>,
+        relayed: bool,
+    ) -> Reply
+    where
+        B: http_body::Body,
+        B::Error: std::error::Error + Send + Sync + 'static,
+    {
+        let bytes = match doh::read_body(body, &limits).await {
+            Ok(b) => b,
+            Err(r) => {
+                self.refuse(client, r, transport);
+                return self.refused(from, r, None);
             }
         };
-        if let Some(opened) = opened {
-            return match self.answer_message(client, &bytes).await {
-                Ok(served) => match self.odoh.as_ref().map(|o| o.seal(&opened, &served.wire)) {
-                    Some(Ok(sealed)) => {
-                        self.metrics.odoh(OdohResult::Ok);
-                        Reply {
-                            response: sealed_response(sealed),
-                            answer: true,
-                            close: false,
-                        }
-                    }
-                    _ => {
-                        self.metrics.odoh(OdohResult::Rejected);
-                        self.refuse(client, Reject::OdohMalformed, transport);
-                        refused(Reject::OdohMalformed, None)
-                    }
-                },
-                Err(r) => {
-                    self.metrics.odoh(OdohResult::Rejected);
-                    self.refuse(client, r, transport);
-                    refused(r, (r == Reject::UpstreamBudget).then_some(1))
-                }
-            };
+        if !relayed {
+            return self.plain(from, client, transport, &bytes).await;
         }
-        match self.answer_message(client, &bytes).await {
+        let opened = match self.open(&bytes) {
+            Ok(opened) => opened,
+            Err(r) => {
+                self.refuse(client, r, transport);
+                return self.refused(from, r, None);
+            }
+        };
+        match self.answer_message(client, &opened.query()).await {
+            Ok(served) => match self.odoh.as_ref().map(|o| o.seal(&opened, &served.wire)) {
+                Some(Ok(sealed)) => {
+                    self.metrics.odoh(OdohResult::Ok);
+                    Reply {
+                        response: sealed_response(sealed),
+                        answer: true,
+                        close: false,
+                    }
+                }
+                _ => {
+                    self.metrics.odoh(OdohResult::Rejected);
+                    self.refuse(client, Reject::OdohMalformed, transport);
+                    self.refused(from, Reject::OdohMalformed, None)
+                }
+            },
+            Err(r) => {
+                self.metrics.odoh(OdohResult::Rejected);
+                self.refuse(client, r, transport);
+                self.refused(from, r, (r == Reject::UpstreamBudget).then_some(1))
+            }
+        }
+    }
+
+    /// A DNS query in the clear, to its DoH reply.
+    async fn plain(
+        self: &Arc<Self>,
+        from: Origin,
+        client: IpAddr,
+        transport: Transport,
+        bytes: &[u8],
+    ) -> Reply {
+        match self.answer_message(client, bytes).await {
             Ok(served) => Reply {
                 response: dns_response(served.wire, served.max_age),
                 answer: true,
@@ -579,8 +619,34 @@ impl App {
             Err(r) => {
                 self.refuse(client, r, transport);
                 let retry = (r == Reject::UpstreamBudget).then_some(1);
-                refused(r, retry)
+                self.refused(from, r, retry)
             }
+        }
+    }
+}
+
+/// What [`App::front`] decided from a request's head.
+enum Front<B> {
+    Done(Reply),
+    Query(IpAddr, Bytes),
+    /// The client, the body to read, the limits it is read under, and
+    /// whether it is a relay's sealed query.
+    Body(IpAddr, B, Arc<Limits>, bool),
+}
+
+/// The connection a request came on, as much as a refusal needs.
+#[derive(Clone, Copy)]
+struct Origin {
+    peer: IpAddr,
+    /// A PROXY header named the client.
+    proxied: bool,
+}
+
+impl Origin {
+    fn of(peer: &Peer) -> Origin {
+        Origin {
+            peer: peer.conn.peer(),
+            proxied: peer.proxied.is_some(),
         }
     }
 }

@@ -74,18 +74,21 @@ where
     let (app, peer) = (c.app.clone(), c.peer.clone());
     let extra = c.extra_headers.clone();
     let svc = service_fn(move |req: http::Request<hyper::body::Incoming>| {
-        let (app, peer, extra) = (app.clone(), peer.clone(), extra.clone());
+        let transport = if req.version() == http::Version::HTTP_2 {
+            Transport::H2
+        } else {
+            Transport::H1
+        };
+        // Decided here, before the task: the future hyper spawns holds
+        // only what the answer still needs, never the request's head.
+        let reply = app.doh(&peer, transport, req);
+        let (metrics, conn, extra) = (app.metrics.clone(), peer.conn.clone(), extra.clone());
         async move {
-            let transport = if req.version() == http::Version::HTTP_2 {
-                Transport::H2
-            } else {
-                Transport::H1
-            };
-            let reply = app.doh(&peer, transport, req).await;
+            let reply = reply.await;
             if reply.close {
-                peer.conn.close();
+                conn.close();
             }
-            let track = reply.answer.then(|| (app.metrics.clone(), transport));
+            let track = reply.answer.then_some((metrics, transport));
             let mut resp = reply.response.map(|b| AnswerBody::new(b, track));
             for (k, v) in extra.iter() {
                 resp.headers_mut().insert(k.clone(), v.clone());
