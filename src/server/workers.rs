@@ -6,7 +6,7 @@
 //! TLS, its HTTP/2 streams, the task hyper spawns for each request — stays
 //! on the thread that accepted it, so no wake-up crosses threads and the
 //! connection's locks are never contended: on cache hits over HTTP/2 that
-//! is a sixth of the CPU a work-stealing runtime spends. Whichever worker
+//! is about a fifth less CPU than on a work-stealing runtime. Whichever worker
 //! is waiting in its event loop wakes and takes the next connection, so a
 //! busy worker does not hold new clients back.
 //!
