@@ -11,9 +11,9 @@ use std::time::Duration;
 use base64::engine::general_purpose::{GeneralPurpose, GeneralPurposeConfig};
 use base64::engine::DecodePaddingMode;
 use base64::Engine;
-use bytes::Bytes;
+use bytes::{Buf, BufMut, Bytes};
 use http::{header, Method};
-use http_body_util::{BodyExt, Limited};
+use http_body_util::BodyExt;
 
 use crate::reject::Reject;
 
@@ -172,28 +172,69 @@ fn check_content_type(value: Option<&http::HeaderValue>) -> Result<(), Reject> {
     }
 }
 
+/// How much of a refused HTTP/1.1 request body is read and thrown away
+/// before the refusal goes out, and for how long at most.
+pub const LINGER_BYTES: usize = 256 * 1024;
+pub const LINGER_TIME: Duration = Duration::from_secs(1);
+
 /// Reads a POST body, at most `limits.max_body` bytes within
 /// `limits.body_timeout`.
-pub async fn read_body<B>(body: B, limits: &Limits) -> Result<Bytes, Reject>
+///
+/// With `linger` (HTTP/1.1), a body found too large is read on and thrown
+/// away, up to [`LINGER_BYTES`] within [`LINGER_TIME`], before the 413 is
+/// returned: a client still sending its body when the connection closes
+/// with unread data gets a reset instead of the answer.
+pub async fn read_body<B>(body: B, limits: &Limits, linger: bool) -> Result<Bytes, Reject>
 where
     B: http_body::Body,
     B::Error: std::error::Error + Send + Sync + 'static,
 {
-    let limited = Limited::new(body, limits.max_body);
-    match tokio::time::timeout(limits.body_timeout, limited.collect()).await {
-        Err(_) => Err(Reject::BodyTimeout),
-        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => Err(Reject::BodyTooLarge),
-        // A body that broke off mid-way is not worth more than a 400.
-        Ok(Err(_)) => Err(Reject::EmptyBody),
-        Ok(Ok(c)) => {
-            let b = c.to_bytes();
-            if b.is_empty() {
-                Err(Reject::EmptyBody)
-            } else {
-                Ok(b)
+    let mut body = std::pin::pin!(body);
+    let mut buf = bytes::BytesMut::new();
+    let read = async {
+        while let Some(frame) = body.frame().await {
+            // A body that broke off mid-way is not worth more than a 400.
+            let frame = frame.map_err(|_| Reject::EmptyBody)?;
+            if let Ok(data) = frame.into_data() {
+                if buf.len() + data.remaining() > limits.max_body {
+                    return Err(Reject::BodyTooLarge);
+                }
+                buf.put(data);
             }
         }
+        Ok(())
+    };
+    let read = tokio::time::timeout(limits.body_timeout, read).await;
+    match read {
+        Err(_) => Err(Reject::BodyTimeout),
+        Ok(Err(Reject::BodyTooLarge)) => {
+            if linger {
+                discard(body, LINGER_BYTES).await;
+            }
+            Err(Reject::BodyTooLarge)
+        }
+        Ok(Err(r)) => Err(r),
+        Ok(Ok(())) if buf.is_empty() => Err(Reject::EmptyBody),
+        Ok(Ok(())) => Ok(buf.freeze()),
     }
+}
+
+/// Reads and throws away the rest of a refused request's body, at most
+/// `max` bytes within [`LINGER_TIME`]; see [`read_body`].
+pub async fn discard<B: http_body::Body>(body: B, max: usize) {
+    let mut body = std::pin::pin!(body);
+    let mut seen = 0usize;
+    let drain = async {
+        while let Some(Ok(frame)) = body.frame().await {
+            if let Ok(data) = frame.into_data() {
+                seen += data.remaining();
+                if seen > max {
+                    return;
+                }
+            }
+        }
+    };
+    let _ = tokio::time::timeout(LINGER_TIME, drain).await;
 }
 
 /// Encodes a DNS message for a GET `dns` parameter (for clients and tests).
@@ -322,15 +363,39 @@ mod tests {
         );
     }
 
+    /// Throwing away a refused body stops at its byte bound, however much
+    /// the client has to send.
+    #[tokio::test]
+    async fn discarding_is_bounded() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        use std::sync::Arc;
+        let polled = Arc::new(AtomicUsize::new(0));
+        let count = polled.clone();
+        let endless = futures_util::stream::repeat_with(move || {
+            count.fetch_add(1, Ordering::Relaxed);
+            Ok::<_, std::convert::Infallible>(http_body::Frame::data(Bytes::from_static(
+                &[0u8; 1000],
+            )))
+        });
+        discard(http_body_util::StreamBody::new(endless), 10_000).await;
+        assert_eq!(polled.load(Ordering::Relaxed), 11);
+    }
+
     #[tokio::test]
     async fn body_limits() {
         let full = http_body_util::Full::new(Bytes::from(vec![1u8; 70_000]));
-        assert_eq!(read_body(full, &limits()).await, Err(Reject::BodyTooLarge));
+        assert_eq!(
+            read_body(full, &limits(), false).await,
+            Err(Reject::BodyTooLarge)
+        );
         let empty = http_body_util::Full::new(Bytes::new());
-        assert_eq!(read_body(empty, &limits()).await, Err(Reject::EmptyBody));
+        assert_eq!(
+            read_body(empty, &limits(), false).await,
+            Err(Reject::EmptyBody)
+        );
         let ok = http_body_util::Full::new(Bytes::from_static(b"abc"));
         assert_eq!(
-            read_body(ok, &limits()).await.unwrap(),
+            read_body(ok, &limits(), false).await.unwrap(),
             Bytes::from_static(b"abc")
         );
     }

@@ -491,6 +491,10 @@ impl App {
             let _inflight = inflight;
             let mut reply = match front {
                 Front::Done(reply) => reply,
+                Front::Linger(reply, body) => {
+                    Box::pin(doh::discard(body, doh::LINGER_BYTES)).await;
+                    reply
+                }
                 Front::Query(client, bytes) => app.plain(from, client, transport, &bytes).await,
                 Front::Body(client, body, limits, relayed) => {
                     Box::pin(app.posted(from, client, transport, body, limits, relayed)).await
@@ -530,7 +534,13 @@ impl App {
             Ok(Wanted::OdohConfigs) => Front::Done(self.odoh_configs()),
             Err(r) => {
                 self.refuse(client, r, transport);
-                Front::Done(self.refused(Origin::of(peer), r, None))
+                let reply = self.refused(Origin::of(peer), r, None);
+                if r == Reject::BodyTooLarge && transport == Transport::H1 {
+                    // See doh::read_body: the body is read and thrown
+                    // away before the 413 goes out.
+                    return Front::Linger(reply, body);
+                }
+                Front::Done(reply)
             }
         }
     }
@@ -561,7 +571,8 @@ impl App {
         B: http_body::Body,
         B::Error: std::error::Error + Send + Sync + 'static,
     {
-        let bytes = match doh::read_body(body, &limits).await {
+        let linger = transport == Transport::H1;
+        let bytes = match doh::read_body(body, &limits, linger).await {
             Ok(b) => b,
             Err(r) => {
                 self.refuse(client, r, transport);
@@ -628,6 +639,9 @@ impl App {
 /// What [`App::front`] decided from a request's head.
 enum Front<B> {
     Done(Reply),
+    /// A refusal of a body too large, sent once the body was read (and
+    /// thrown away) as far as HTTP/1.1 needs.
+    Linger(Reply, B),
     Query(IpAddr, Bytes),
     /// The client, the body to read, the limits it is read under, and
     /// whether it is a relay's sealed query.

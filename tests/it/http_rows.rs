@@ -280,3 +280,59 @@ async fn custom_path() {
         404
     );
 }
+
+/// An HTTP/1.1 client still sending a body too large when the proxy
+/// refuses it reads its 413, not a reset: the proxy reads the rest of the
+/// body (within bounds) before answering. Both with a declared length and
+/// with a chunked body.
+#[tokio::test]
+async fn http1_client_sending_a_large_body_reads_its_413() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let up = MockUpstream::start().await;
+    let p = proxy(&[up.addr], |c| c.ban_after = 10_000).await;
+    let chunked = |data: &[u8]| {
+        let mut v = format!("{:x}\r\n", data.len()).into_bytes();
+        v.extend_from_slice(data);
+        v.extend_from_slice(b"\r\n");
+        v
+    };
+    for declared in [true, false] {
+        let mut s = tokio::net::TcpStream::connect(p.http_addrs[0])
+            .await
+            .unwrap();
+        let framing = if declared {
+            "content-length: 140000".to_string()
+        } else {
+            "transfer-encoding: chunked".to_string()
+        };
+        let head = format!(
+            "POST /dns-query HTTP/1.1\r\nhost: localhost\r\ncontent-type: application/dns-message\r\n{framing}\r\n\r\n"
+        );
+        s.write_all(head.as_bytes()).await.unwrap();
+        // The body in slices, slower than the proxy decides.
+        for _ in 0..20 {
+            let slice = [0u8; 7000];
+            let bytes = if declared {
+                slice.to_vec()
+            } else {
+                chunked(&slice)
+            };
+            s.write_all(&bytes).await.unwrap();
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        if !declared {
+            s.write_all(b"0\r\n\r\n").await.unwrap();
+        }
+        let mut got = vec![0u8; 4096];
+        let n = s.read(&mut got).await.unwrap();
+        let text = String::from_utf8_lossy(&got[..n]);
+        assert!(
+            text.starts_with("HTTP/1.1 413"),
+            "declared={declared}: {text}"
+        );
+    }
+    assert_eq!(
+        metric(&p, "doh_rejects_total{reason=\"body_too_large\"}").await,
+        2.0
+    );
+}
