@@ -483,10 +483,10 @@ impl App {
     {
         let (n, inflight) = peer.conn.begin();
         let head_only = req.method() == http::Method::HEAD;
-        let front = self.front(peer, transport, req);
+        let from = Origin::of(peer);
+        let front = self.front(peer, from, transport, req);
         let close_after = n >= self.server.load().max_requests_per_conn;
         let app = self.clone();
-        let from = Origin::of(peer);
         async move {
             let _inflight = inflight;
             let mut reply = match front {
@@ -517,7 +517,13 @@ impl App {
 
     /// What the head of a request decides: a refusal (or the ODoH
     /// configurations), a GET's query, or a body still to read.
-    fn front<B>(self: &Arc<Self>, peer: &Peer, transport: Transport, req: Request<B>) -> Front<B> {
+    fn front<B>(
+        self: &Arc<Self>,
+        peer: &Peer,
+        from: Origin,
+        transport: Transport,
+        req: Request<B>,
+    ) -> Front<B> {
         let (parts, body) = req.into_parts();
         let client = self.client_of(peer, &parts.headers);
         let limits = self.limits.load_full();
@@ -526,7 +532,7 @@ impl App {
         // else the client's.
         let relayed = matches!(head, Ok(Wanted::Oblivious));
         if let Err((reason, retry)) = self.admit(client, transport, relayed) {
-            return Front::Done(self.refused(Origin::of(peer), reason, retry));
+            return Front::Done(self.refused(from, reason, retry));
         }
         match head {
             Ok(Wanted::Get(v)) => Front::Query(client, Bytes::from(v)),
@@ -534,7 +540,7 @@ impl App {
             Ok(Wanted::OdohConfigs) => Front::Done(self.odoh_configs()),
             Err(r) => {
                 self.refuse(client, r, transport);
-                let reply = self.refused(Origin::of(peer), r, None);
+                let reply = self.refused(from, r, None);
                 if r == Reject::BodyTooLarge && transport == Transport::H1 {
                     // See doh::read_body: the body is read and thrown
                     // away before the 413 goes out.

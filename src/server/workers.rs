@@ -15,18 +15,18 @@
 
 use std::future::Future;
 use std::io;
-use std::thread::JoinHandle;
 
 use tokio::runtime::Handle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 /// The running workers; dropping them ends their threads, and with them
-/// whatever still runs there.
+/// whatever still runs there. The threads are not joined: a worker ends
+/// once its runtime has dropped what it still held, which may take a
+/// moment and must not block the caller's runtime.
 pub struct Workers {
     handles: Vec<Handle>,
     stop: CancellationToken,
-    threads: Vec<JoinHandle<()>>,
 }
 
 impl Workers {
@@ -39,23 +39,17 @@ impl Workers {
     pub fn start(n: usize) -> io::Result<Workers> {
         let stop = CancellationToken::new();
         let mut handles = Vec::with_capacity(n);
-        let mut threads = Vec::with_capacity(n);
         for i in 0..n {
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()?;
             handles.push(rt.handle().clone());
             let stop = stop.clone();
-            let thread = std::thread::Builder::new()
+            std::thread::Builder::new()
                 .name(format!("doh-conn-{i}"))
                 .spawn(move || rt.block_on(stop.cancelled()))?;
-            threads.push(thread);
         }
-        Ok(Workers {
-            handles,
-            stop,
-            threads,
-        })
+        Ok(Workers { handles, stop })
     }
 
     /// Gives every worker its own duplicate of `listener` and runs there
@@ -80,23 +74,11 @@ impl Workers {
         }
         Ok(())
     }
-
-    pub fn len(&self) -> usize {
-        self.handles.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.handles.is_empty()
-    }
 }
 
 impl Drop for Workers {
     fn drop(&mut self) {
         self.stop.cancel();
-        // Not joined: a worker ends once its runtime has dropped what it
-        // still held, which may take a moment and must not block the
-        // caller's runtime.
-        self.threads.clear();
     }
 }
 
