@@ -12,7 +12,7 @@ if ! cargo fuzz --version >/dev/null 2>&1; then
   cargo install --locked cargo-fuzz
 fi
 status=0
-for t in request answer rewrite config; do
+for t in request answer rewrite config state; do
   mkdir -p "corpus/$t"
   echo "--- fuzz $t for ${SECS}s"
   log=$(mktemp)

@@ -2,12 +2,23 @@
 //!
 //! With `--admin-token`, every request must carry `Authorization: Bearer
 //! TOKEN` (401 otherwise); without one, the configuration checker refuses
-//! any address but loopback. The listener serves a few connections at a
-//! time ([`AdminSettings::max_conns`]); more are closed at accept, so it
-//! cannot take the descriptors the DoH listeners need.
+//! any address but loopback, reads stay open there, and requests that
+//! change state (`DELETE /bans/…`) are refused with 403: any local process
+//! can read metrics, none can lift a ban without the token.
+//!
+//! One local process must not be able to starve `/healthz` (a load
+//! balancer would pull a healthy node). So the listener serves a few
+//! connections at a time ([`AdminSettings::max_conns`], so it cannot take
+//! the descriptors the DoH listeners need), at most [`PER_ADDRESS`] per
+//! address; a connection must send its request head within
+//! [`HEADER_DEADLINE`] and lives at most [`LIFETIME`]; and when every
+//! place is taken, a new connection closes the one held the longest
+//! instead of being refused: a probe takes milliseconds, a hoarder loses
+//! its oldest connection to every newcomer.
 
-use std::net::SocketAddr;
-use std::sync::Arc;
+use std::collections::VecDeque;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -18,15 +29,17 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use ipnet::IpNet;
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
 use crate::net::Cidr;
 use crate::pipeline::App;
 
-/// Health needs an answered probe within this window (upstreams are
-/// probed every 2 s, so a healthy one is never this quiet).
-pub const HEALTH_WINDOW: Duration = Duration::from_secs(30);
+/// Admin connections per client address at most.
+pub const PER_ADDRESS: usize = 4;
+/// Time for a request head, on a new connection and between requests.
+pub const HEADER_DEADLINE: Duration = Duration::from_secs(2);
+/// Longest an admin connection stays open.
+pub const LIFETIME: Duration = Duration::from_secs(10);
 
 /// What the admin listener runs with.
 #[derive(Debug, Clone)]
@@ -43,10 +56,10 @@ pub async fn serve(
     listener: TcpListener,
     shutdown: CancellationToken,
 ) {
-    let slots = Arc::new(Semaphore::new(settings.max_conns.max(1)));
+    let places = Arc::new(Places::new(settings.max_conns.max(1)));
     let token: Arc<Option<String>> = Arc::new(settings.token);
     loop {
-        let (stream, _) = tokio::select! {
+        let (stream, peer) = tokio::select! {
             r = listener.accept() => match r {
                 Ok(x) => x,
                 Err(_) => {
@@ -56,27 +69,82 @@ pub async fn serve(
             },
             _ = shutdown.cancelled() => return,
         };
-        let Ok(slot) = slots.clone().try_acquire_owned() else {
+        let Some(place) = places.take(peer.ip()) else {
             continue;
         };
         let app = app.clone();
         let token = token.clone();
         tokio::spawn(async move {
-            let _slot = slot;
             let svc = service_fn(move |req| {
                 let app = app.clone();
                 let token = token.clone();
                 async move { Ok::<_, std::convert::Infallible>(route(&app, token.as_deref(), req)) }
             });
-            let _ = tokio::time::timeout(
-                Duration::from_secs(30),
-                http1::Builder::new()
-                    .timer(TokioTimer::new())
-                    .header_read_timeout(Duration::from_secs(5))
-                    .serve_connection(TokioIo::new(stream), svc),
-            )
-            .await;
+            let conn = http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(HEADER_DEADLINE)
+                .serve_connection(TokioIo::new(stream), svc);
+            tokio::select! {
+                _ = tokio::time::timeout(LIFETIME, conn) => {}
+                _ = place.closed.cancelled() => {}
+            }
+            drop(place);
         });
+    }
+}
+
+/// The admin listener's places: at most `max` connections, at most
+/// [`PER_ADDRESS`] from one address, the oldest closed to make room.
+struct Places {
+    max: usize,
+    /// The last id given, and each open connection, oldest first.
+    open: Mutex<(u64, VecDeque<Held>)>,
+}
+
+/// An open admin connection: its id, its address, how to close it.
+type Held = (u64, IpAddr, CancellationToken);
+
+/// One admin connection's place; given back when dropped.
+struct Place {
+    places: Arc<Places>,
+    id: u64,
+    closed: CancellationToken,
+}
+
+impl Places {
+    fn new(max: usize) -> Places {
+        Places {
+            max,
+            open: Mutex::default(),
+        }
+    }
+
+    fn take(self: &Arc<Self>, ip: IpAddr) -> Option<Place> {
+        let mut g = self.open.lock().unwrap_or_else(|p| p.into_inner());
+        let (next, open) = &mut *g;
+        if open.iter().filter(|(_, a, _)| *a == ip).count() >= PER_ADDRESS {
+            return None;
+        }
+        if open.len() >= self.max {
+            if let Some((_, _, oldest)) = open.pop_front() {
+                oldest.cancel();
+            }
+        }
+        *next += 1;
+        let closed = CancellationToken::new();
+        open.push_back((*next, ip, closed.clone()));
+        Some(Place {
+            places: self.clone(),
+            id: *next,
+            closed,
+        })
+    }
+}
+
+impl Drop for Place {
+    fn drop(&mut self) {
+        let mut g = self.places.open.lock().unwrap_or_else(|p| p.into_inner());
+        g.1.retain(|(id, _, _)| *id != self.id);
     }
 }
 
@@ -107,28 +175,6 @@ fn authorized<B>(token: Option<&str>, req: &Request<B>) -> bool {
             .zip(token.bytes())
             .fold(0u8, |acc, (a, b)| acc | (a ^ b))
             == 0
-}
-
-/// Health: the listeners are up (this runs beside them), at least one
-/// upstream is up by the proxy's own probes (not 3 failed probes in a
-/// row), and one answered a probe within [`HEALTH_WINDOW`]. Client
-/// queries play no part: clients asking dead names cannot mark an
-/// upstream down.
-pub fn health(app: &App) -> Result<(), String> {
-    let upstream = app.upstream.load();
-    let status = upstream.status();
-    if !status.iter().any(|(_, up)| *up) {
-        let names: Vec<String> = status.iter().map(|(a, _)| a.to_string()).collect();
-        return Err(format!("every upstream is down: {}", names.join(", ")));
-    }
-    match upstream.since_last_probe() {
-        Some(d) if d <= HEALTH_WINDOW => Ok(()),
-        Some(d) => Err(format!(
-            "no upstream answered a probe for {} s",
-            d.as_secs()
-        )),
-        None => Err("no upstream has answered a probe yet".into()),
-    }
 }
 
 fn route<B>(app: &App, token: Option<&str>, req: Request<B>) -> Response<Full<Bytes>> {
@@ -163,7 +209,7 @@ fn route<B>(app: &App, token: Option<&str>, req: Request<B>) -> Response<Full<By
                 app.metrics.encode(),
             )
         }
-        (&Method::GET, "/healthz") => match health(app) {
+        (&Method::GET, "/healthz") => match app.health() {
             Ok(()) => reply(StatusCode::OK, "text/plain", "ok\n".into()),
             Err(why) => reply(
                 StatusCode::SERVICE_UNAVAILABLE,
@@ -175,6 +221,11 @@ fn route<B>(app: &App, token: Option<&str>, req: Request<B>) -> Response<Full<By
             StatusCode::OK,
             "application/json",
             serde_json::to_string_pretty(&app.guard.bans()).unwrap_or_else(|_| "[]".into()),
+        ),
+        (&Method::DELETE, p) if p.starts_with("/bans/") && token.is_none() => reply(
+            StatusCode::FORBIDDEN,
+            "text/plain",
+            "changing state needs --admin-token\n".into(),
         ),
         (&Method::DELETE, p) if p.starts_with("/bans/") => {
             // Accept `1.2.3.4`, `1.2.3.0/24`, or the slash percent-encoded.

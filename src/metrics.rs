@@ -272,6 +272,7 @@ pub struct Metrics {
     pub cache_stale: Counter,
     pub coalesced: Counter,
     pub upstream_budget_exhausted: Counter,
+    pub forwarded_missing: Counter,
     pub connections_evicted: Counter,
     pub cache_entries: Gauge,
     pub cache_bytes: Gauge,
@@ -402,6 +403,7 @@ impl Metrics {
             cache_stale: Counter::default(),
             coalesced: Counter::default(),
             upstream_budget_exhausted: Counter::default(),
+            forwarded_missing: Counter::default(),
             connections_evicted: Counter::default(),
             cache_entries: Gauge::default(),
             cache_bytes: Gauge::default(),
@@ -505,6 +507,11 @@ impl Metrics {
             "doh_upstream_up",
             "Whether the proxy's own probes find the upstream up",
             fams.up,
+        );
+        registry.register(
+            "doh_forwarded_missing",
+            "Requests from a --trusted-proxy without the --forwarded-header, counted as the unknown client",
+            m.forwarded_missing.clone(),
         );
         registry.register(
             "doh_upstream_budget_exhausted",

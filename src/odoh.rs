@@ -69,7 +69,10 @@ impl Key {
     /// The key another instance made at `born` (Unix seconds).
     pub fn from_shared(seed: [u8; 32], born: u64) -> Result<Key, String> {
         let mut k = Key::from_seed(seed)?;
-        k.born = UNIX_EPOCH + Duration::from_secs(born);
+        // Another instance's word: a time that does not fit is now.
+        if let Some(t) = UNIX_EPOCH.checked_add(Duration::from_secs(born)) {
+            k.born = t.min(SystemTime::now());
+        }
         Ok(k)
     }
 

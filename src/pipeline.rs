@@ -36,6 +36,14 @@ use crate::upstream::{LocalBudget, Spend, Upstream, UpstreamError, UpstreamSetti
 /// before it gets the stale answer (RFC 8767 suggests 1.8 s).
 const CLIENT_TIMER: Duration = Duration::from_millis(1800);
 
+/// Health needs an answered probe within this window (upstreams are
+/// probed every 2 s, so a healthy one is never this quiet).
+pub const HEALTH_WINDOW: Duration = Duration::from_secs(30);
+
+/// The path a trusted proxy's own health checks may ask on the DoH
+/// listeners (without a forwarding header), as on the admin listener.
+pub const HEALTH_PATH: &str = "/healthz";
+
 /// How often a popular entry may be prefetched.
 const PREFETCH_EVERY: Duration = Duration::from_secs(5);
 
@@ -253,6 +261,47 @@ impl App {
                 transport = transport.label(),
                 "refused"
             );
+        }
+    }
+
+    /// Health: the listeners are up (this runs beside them), at least one
+    /// upstream is up by the proxy's own probes (not 3 failed probes in a
+    /// row), and one answered a probe within [`HEALTH_WINDOW`]. Client
+    /// queries play no part: clients asking dead names cannot mark an
+    /// upstream down.
+    pub fn health(&self) -> Result<(), String> {
+        let upstream = self.upstream.load();
+        let status = upstream.status();
+        if !status.iter().any(|(_, up)| *up) {
+            let names: Vec<String> = status.iter().map(|(a, _)| a.to_string()).collect();
+            return Err(format!("every upstream is down: {}", names.join(", ")));
+        }
+        match upstream.since_last_probe() {
+            Some(d) if d <= HEALTH_WINDOW => Ok(()),
+            Some(d) => Err(format!(
+                "no upstream answered a probe for {} s",
+                d.as_secs()
+            )),
+            None => Err("no upstream has answered a probe yet".into()),
+        }
+    }
+
+    /// `GET /healthz` from a trusted proxy itself: 200 or 503 with why,
+    /// never limited nor counted as a client's request.
+    fn health_reply(&self) -> Reply {
+        let (status, text) = match self.health() {
+            Ok(()) => (StatusCode::OK, "ok\n".to_string()),
+            Err(why) => (StatusCode::SERVICE_UNAVAILABLE, format!("{why}\n")),
+        };
+        let mut response = Response::new(Bytes::from(text));
+        *response.status_mut() = status;
+        let h = response.headers_mut();
+        h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+        h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+        Reply {
+            response,
+            answer: false,
+            close: false,
         }
     }
 
@@ -525,6 +574,13 @@ impl App {
         req: Request<B>,
     ) -> Front<B> {
         let (parts, body) = req.into_parts();
+        if parts.uri.path() == HEALTH_PATH
+            && parts.method == http::Method::GET
+            && peer.proxied.is_none()
+            && self.guard.is_own_probe(peer.conn.peer(), &parts.headers)
+        {
+            return Front::Done(self.health_reply());
+        }
         let client = self.client_of(peer, &parts.headers);
         let limits = self.limits.load_full();
         let head = doh::check_head(&parts, &limits);

@@ -22,6 +22,10 @@ use crate::net::{client_label, is_host, UNKNOWN_CLIENT};
 
 /// Bans kept at most; above it the ban closest to expiry gives way.
 pub const MAX_BANS: usize = 200_000;
+/// The longest any ban lasts, whoever asks for it (the penalty box, a
+/// restored state file, another instance): times further out are cut to
+/// this, so that no input can overflow the clock.
+pub const MAX_BAN: Duration = Duration::from_secs(366 * 86_400);
 /// Banned addresses in one prefix that get the whole prefix banned.
 pub const PREFIX_BAN_HOSTS: u32 = 8;
 
@@ -129,7 +133,7 @@ struct Offence {
 }
 
 /// Offences are remembered for a day after the last one.
-const OFFENCE_MEMORY: Duration = Duration::from_secs(86400);
+pub const OFFENCE_MEMORY: Duration = Duration::from_secs(86400);
 
 struct OffenceExpiry;
 
@@ -300,13 +304,13 @@ impl Bans {
             target,
             Offence {
                 count,
-                until: Instant::now() + remaining,
+                until: Instant::now() + remaining.min(OFFENCE_MEMORY),
             },
         );
     }
 
-    /// Bans `target` for `secs`. `prefix` is, for a host, the prefix it
-    /// counts towards.
+    /// Bans `target` for `secs` (at most [`MAX_BAN`]). `prefix` is, for a
+    /// host, the prefix it counts towards.
     pub fn add(
         &self,
         target: IpNet,
@@ -318,7 +322,7 @@ impl Bans {
         let ban = Ban {
             reason,
             since: SystemTime::now(),
-            expires: now + Duration::from_secs(secs),
+            expires: now + Duration::from_secs(secs).min(MAX_BAN),
             prefix: prefix.filter(|_| is_host(&target)),
             hits: AtomicU64::new(0),
         };

@@ -16,14 +16,15 @@ use crate::config::ForwardedHeader;
 use crate::net::{canonical, UNKNOWN_CLIENT};
 
 /// The client named by `headers` for a request that a trusted proxy
-/// `peer` forwarded; `peer` itself when the header is absent (the proxy's
-/// own request, a health check).
+/// `peer` forwarded; `None` when the configured header is absent (a
+/// proxy that sends the other header, or none: the caller decides, and
+/// never attributes it to the proxy).
 pub fn client(
     peer: IpAddr,
     headers: &HeaderMap,
     which: ForwardedHeader,
     is_trusted: impl Fn(IpAddr) -> bool,
-) -> IpAddr {
+) -> Option<IpAddr> {
     let mut hops: Vec<Option<IpAddr>> = Vec::new();
     match which {
         ForwardedHeader::Xff => {
@@ -51,7 +52,7 @@ pub fn client(
         }
     }
     if hops.is_empty() {
-        return peer;
+        return None;
     }
     let mut client = peer;
     for hop in hops.iter().rev() {
@@ -59,13 +60,13 @@ pub fn client(
             Some(ip) => {
                 client = canonical(*ip);
                 if !is_trusted(client) {
-                    return client;
+                    return Some(client);
                 }
             }
-            None => return UNKNOWN_CLIENT,
+            None => return Some(UNKNOWN_CLIENT),
         }
     }
-    client
+    Some(client)
 }
 
 /// Whether `headers` carry any forwarding header at all.
@@ -114,13 +115,13 @@ mod tests {
     fn xff(v: &str) -> IpAddr {
         let mut h = HeaderMap::new();
         h.insert("x-forwarded-for", v.parse().unwrap());
-        client(ip("127.0.0.1"), &h, ForwardedHeader::Xff, trusted)
+        client(ip("127.0.0.1"), &h, ForwardedHeader::Xff, trusted).unwrap()
     }
 
     fn fwd(v: &str) -> IpAddr {
         let mut h = HeaderMap::new();
         h.insert("forwarded", v.parse().unwrap());
-        client(ip("127.0.0.1"), &h, ForwardedHeader::Forwarded, trusted)
+        client(ip("127.0.0.1"), &h, ForwardedHeader::Forwarded, trusted).unwrap()
     }
 
     #[test]
@@ -172,18 +173,18 @@ mod tests {
         let peer = ip("127.0.0.1");
         assert_eq!(
             client(peer, &h, ForwardedHeader::Xff, trusted),
-            ip("203.0.113.1")
+            Some(ip("203.0.113.1"))
         );
         assert_eq!(
             client(peer, &h, ForwardedHeader::Forwarded, trusted),
-            ip("198.51.100.2")
+            Some(ip("198.51.100.2"))
         );
         let mut only_fwd = HeaderMap::new();
         only_fwd.insert("forwarded", "for=198.51.100.2".parse().unwrap());
         assert_eq!(
             client(peer, &only_fwd, ForwardedHeader::Xff, trusted),
-            peer,
-            "no XFF: the proxy's own request"
+            None,
+            "no XFF: nobody named"
         );
     }
 }

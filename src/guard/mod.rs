@@ -158,6 +158,7 @@ pub struct Guard {
     metrics: Arc<Metrics>,
     epoch: Instant,
     last_forwarding_warning: AtomicU64,
+    last_missing_warning: AtomicU64,
     /// Where bans made and lifted here are told, when instances share them.
     events: std::sync::OnceLock<tokio::sync::mpsc::Sender<BanEvent>>,
 }
@@ -180,6 +181,7 @@ impl Guard {
             metrics,
             epoch: Instant::now(),
             last_forwarding_warning: AtomicU64::new(0),
+            last_missing_warning: AtomicU64::new(0),
             events: std::sync::OnceLock::new(),
             settings: ArcSwap::from_pointee(s),
         }
@@ -209,6 +211,12 @@ impl Guard {
 
     pub fn is_trusted_proxy(&self, ip: IpAddr) -> bool {
         any_contains(&self.settings.load().trusted, ip)
+    }
+
+    /// Whether a request is a trusted proxy's own (its health check): it
+    /// comes from a `--trusted-proxy` and names nobody else.
+    pub fn is_own_probe(&self, peer: IpAddr, headers: &HeaderMap) -> bool {
+        self.is_trusted_proxy(canonical(peer)) && !forwarded::has_forwarding(headers)
     }
 
     /// Whether requests from `client` are exempt from budgets and bans.
@@ -293,7 +301,8 @@ impl Guard {
     /// The real client of a request on a connection from `peer`: the
     /// client a PROXY header named (`proxied`, where `Some(None)` is an
     /// `UNKNOWN`/`LOCAL` header), or, for a trusted proxy, the client its
-    /// forwarding header names, or the peer itself.
+    /// forwarding header names — the shared `unknown` key when the header
+    /// is missing —, or the peer itself.
     pub fn client_of(
         &self,
         peer: IpAddr,
@@ -311,20 +320,47 @@ impl Guard {
             }
             return peer;
         }
-        forwarded::client(peer, headers, s.forwarded_header, |ip| {
+        match forwarded::client(peer, headers, s.forwarded_header, |ip| {
             any_contains(&s.trusted, ip)
-        })
+        }) {
+            Some(client) => client,
+            None => {
+                // Never the proxy itself, which is never limited: the
+                // shared key, limited like any client.
+                self.metrics.forwarded_missing.inc();
+                self.warn_missing_header(peer, s.forwarded_header);
+                crate::net::UNKNOWN_CLIENT
+            }
+        }
+    }
+
+    fn warn_missing_header(&self, peer: IpAddr, which: ForwardedHeader) {
+        if self.once_a_minute(&self.last_missing_warning) {
+            let (name, other) = match which {
+                ForwardedHeader::Xff => ("X-Forwarded-For", "forwarded"),
+                ForwardedHeader::Forwarded => ("Forwarded", "xff"),
+            };
+            tracing::warn!(
+                peer = %peer,
+                "a request from a --trusted-proxy without {name}: counted as the unknown client \
+                 (does the proxy send the other header? then --forwarded-header {other}; \
+                 this warning repeats at most once a minute)"
+            );
+        }
+    }
+
+    /// True at most once a minute per `last`.
+    fn once_a_minute(&self, last: &AtomicU64) -> bool {
+        let now = self.epoch.elapsed().as_secs() + 60;
+        let before = last.load(Ordering::Relaxed);
+        now >= before + 60
+            && last
+                .compare_exchange(before, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
     }
 
     fn warn_untrusted_forwarding(&self, peer: IpAddr) {
-        let now = self.epoch.elapsed().as_secs() + 60;
-        let last = self.last_forwarding_warning.load(Ordering::Relaxed);
-        if now >= last + 60
-            && self
-                .last_forwarding_warning
-                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
-                .is_ok()
-        {
+        if self.once_a_minute(&self.last_forwarding_warning) {
             tracing::warn!(
                 peer = %peer,
                 "forwarding headers from a peer that is not a --trusted-proxy: ignored \
@@ -564,10 +600,22 @@ impl Guard {
         let Some(path) = &s.state_file else {
             return;
         };
-        match state::load(path) {
+        let limits = state::Limits {
+            prefix_v4: s.prefix_v4,
+            prefix_v6: s.prefix_v6,
+        };
+        match state::load(path, limits) {
             Ok(None) => {}
             Ok(Some(r)) => {
                 let (n, m) = (r.bans.len(), r.offences.len());
+                for why in r.invalid.iter().take(10) {
+                    tracing::warn!(file = %path.display(), "state file entry dropped: {why}");
+                }
+                if let Some(aside) = &r.set_aside {
+                    tracing::warn!("{aside}");
+                    // What was valid is written back at the next tick.
+                    self.bans.mark_dirty();
+                }
                 for (net, reason, since, remaining, hits) in r.bans {
                     let prefix =
                         is_host(&net).then(|| prefix_of(net.addr(), s.prefix_v4, s.prefix_v6));
@@ -582,6 +630,7 @@ impl Guard {
                     bans = n,
                     repeat_counts = m,
                     expired = r.dropped,
+                    invalid = r.invalid.len(),
                     file = %path.display(),
                     "state restored"
                 );

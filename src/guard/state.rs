@@ -3,9 +3,14 @@
 //!
 //! Written atomically (a temporary file, then rename) when bans change, at
 //! most once a second, and at shutdown; read once at start, dropping what
-//! expired meanwhile. A file that cannot be read as ours (truncated,
-//! corrupt, another program's) is reported, set aside as `PATH.bad`, and
-//! never fatal.
+//! expired meanwhile. The file is untrusted input: anybody who can write
+//! it (or a disk that damaged it) must not be able to stop the proxy from
+//! starting, nor ban more than the ban rules ever could. So every number is
+//! range-checked before any time arithmetic ([`Limits`]): a time past
+//! [`HORIZON`], a ban wider than the configured prefixes, a target that does
+//! not parse drops its entry with a warning. A file that cannot be read as
+//! ours (truncated, corrupt, another program's), or that held such entries,
+//! is reported and set aside as `PATH.bad`; never fatal.
 
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
@@ -27,6 +32,21 @@ struct StateFile {
     written: u64,
     bans: Vec<SavedBan>,
     offences: Vec<SavedOffence>,
+}
+
+/// How far in the future any time in the file may lie: no ban the proxy
+/// makes lasts longer ([`super::bans::MAX_BAN`]).
+pub const HORIZON: Duration = super::bans::MAX_BAN;
+/// Earliest plausible `since`: 2000-01-01.
+const EPOCH_FLOOR: u64 = 946_684_800;
+
+/// What the ban rules allow, for checking entries read back.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Widest IPv4 ban: `--prefix-v4`.
+    pub prefix_v4: u8,
+    /// Widest IPv6 ban: `--prefix-v6`.
+    pub prefix_v6: u8,
 }
 
 fn unix_now() -> u64 {
@@ -55,8 +75,12 @@ pub struct Restored {
     pub bans: Vec<(ipnet::IpNet, &'static str, SystemTime, Duration, u64)>,
     /// (target, count, remaining)
     pub offences: Vec<(ipnet::IpNet, u32, Duration)>,
-    /// Entries dropped because they expired or did not parse.
+    /// Entries dropped because they expired.
     pub dropped: usize,
+    /// Entries dropped as out of range or unparseable, each with why.
+    pub invalid: Vec<String>,
+    /// Where the file went, when it held invalid entries.
+    pub set_aside: Option<String>,
 }
 
 /// The label of a known reason, as a static string; `restored` otherwise.
@@ -77,57 +101,107 @@ fn reason(label: &str) -> &'static str {
 
 /// Reads a state file. `Ok(None)` when there is none yet; `Err` with a
 /// one-line reason when it is not ours or is damaged (the file is then
-/// moved to `PATH.bad`, so that it is not overwritten unread).
-pub fn load(path: &Path) -> Result<Option<Restored>, String> {
-    let text = match std::fs::read_to_string(path) {
+/// moved to `PATH.bad`, so that it is not overwritten unread). A file
+/// with entries out of range gives what was valid in it, and is set aside
+/// too (`Restored::set_aside`).
+pub fn load(path: &Path, limits: Limits) -> Result<Option<Restored>, String> {
+    let text = match std::fs::read(path) {
         Ok(t) => t,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => {
-            return Err(format!(
-                "cannot read the state file {}: {e}",
-                path.display()
-            ))
-        }
+        Err(e) => return Err(set_aside(path, &format!("unreadable ({e})"))),
     };
-    let state: StateFile = match serde_json::from_str(&text) {
-        Ok(s) => s,
-        Err(e) => {
-            return Err(set_aside(
-                path,
-                &format!("not a doh-proxy state file ({e})"),
-            ))
-        }
-    };
-    if state.format != FORMAT || state.version != VERSION {
-        return Err(set_aside(
+    let mut r = parse(&text, unix_now(), limits).map_err(|why| set_aside(path, &why))?;
+    if !r.invalid.is_empty() {
+        r.set_aside = Some(set_aside(
             path,
-            &format!("format `{}` version {}", state.format, state.version),
+            &format!("holding {} entries out of range", r.invalid.len()),
         ));
     }
-    let now = unix_now();
+    Ok(Some(r))
+}
+
+/// Parses the text of a state file as of `now` (Unix seconds): the file
+/// system and the clock stay outside, so that any input can be fuzzed.
+/// Never panics; `Err` says why the whole file is refused.
+pub fn parse(text: &[u8], now: u64, limits: Limits) -> Result<Restored, String> {
+    let state: StateFile =
+        serde_json::from_slice(text).map_err(|e| format!("not a doh-proxy state file ({e})"))?;
+    if state.format != FORMAT || state.version != VERSION {
+        return Err(format!(
+            "format `{}` version {}",
+            state.format.chars().take(40).collect::<String>(),
+            state.version
+        ));
+    }
+    let horizon = now.saturating_add(HORIZON.as_secs());
     let mut r = Restored::default();
     for b in state.bans {
-        match parse_target(&b.target) {
-            Some(net) if b.expires > now => r.bans.push((
+        let checked = check_target(&b.target, limits).and_then(|net| {
+            if b.expires > horizon {
+                Err(format!("expires {} is past the horizon", b.expires))
+            } else if b.since < EPOCH_FLOOR || b.since > now.saturating_add(86_400) {
+                Err(format!("since {} is not a plausible time", b.since))
+            } else {
+                Ok(net)
+            }
+        });
+        match checked {
+            Ok(_) if b.expires <= now => r.dropped += 1,
+            Ok(net) => r.bans.push((
                 net,
                 reason(&b.reason),
                 UNIX_EPOCH + Duration::from_secs(b.since),
                 Duration::from_secs(b.expires - now),
                 b.hits,
             )),
-            _ => r.dropped += 1,
+            Err(why) => r.invalid.push(format!("ban {}: {why}", short(&b.target))),
         }
     }
     for o in state.offences {
-        match parse_target(&o.target) {
-            Some(net) if o.until > now => {
-                r.offences
-                    .push((net, o.count, Duration::from_secs(o.until - now)))
+        let checked = check_target(&o.target, limits).and_then(|net| {
+            // Repeat counts are remembered for a day after the last ban.
+            if o.until > now.saturating_add(super::bans::OFFENCE_MEMORY.as_secs()) {
+                Err(format!("until {} is past the horizon", o.until))
+            } else {
+                Ok(net)
             }
-            _ => r.dropped += 1,
+        });
+        match checked {
+            Ok(_) if o.until <= now => r.dropped += 1,
+            Ok(net) => r.offences.push((
+                net,
+                o.count.min(MAX_OFFENCES),
+                Duration::from_secs(o.until - now),
+            )),
+            Err(why) => r
+                .invalid
+                .push(format!("repeat count {}: {why}", short(&o.target))),
         }
     }
-    Ok(Some(r))
+    Ok(r)
+}
+
+/// Repeat counts above this change nothing (bans stop doubling at 16x).
+const MAX_OFFENCES: u32 = 64;
+
+/// A target as the file writes it, no wider than the ban rules allow.
+fn check_target(target: &str, limits: Limits) -> Result<ipnet::IpNet, String> {
+    let net = parse_target(target).ok_or_else(|| "not an address or range".to_string())?;
+    let widest = match net {
+        ipnet::IpNet::V4(_) => limits.prefix_v4,
+        ipnet::IpNet::V6(_) => limits.prefix_v6,
+    };
+    if net.prefix_len() < widest {
+        return Err(format!(
+            "wider than /{widest}, the widest ban the rules make"
+        ));
+    }
+    Ok(net.trunc())
+}
+
+/// At most 60 characters of what the file said, for a log line.
+fn short(s: &str) -> String {
+    s.chars().take(60).collect()
 }
 
 fn set_aside(path: &Path, why: &str) -> String {
@@ -152,6 +226,11 @@ pub fn is_unknown(ip: IpAddr) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    const LIMITS: Limits = Limits {
+        prefix_v4: 24,
+        prefix_v6: 56,
+    };
 
     fn temp(name: &str) -> PathBuf {
         let dir = std::env::temp_dir().join(format!("doh-state-{}", std::process::id()));
@@ -184,7 +263,7 @@ mod tests {
             }],
         )
         .unwrap();
-        let r = load(&p).unwrap().unwrap();
+        let r = load(&p, LIMITS).unwrap().unwrap();
         assert_eq!(r.bans.len(), 2);
         assert_eq!(r.dropped, 1);
         assert_eq!(r.bans[0].1, "obsolete_draft");
@@ -197,16 +276,77 @@ mod tests {
     fn a_damaged_file_is_set_aside_not_fatal() {
         let p = temp("bad.json");
         std::fs::write(&p, "{\"format\": \"doh-proxy state\", \"vers").unwrap();
-        let e = load(&p).unwrap_err();
+        let e = load(&p, LIMITS).unwrap_err();
         assert!(e.contains("not a doh-proxy state file"), "{e}");
         assert!(!p.exists());
         assert!(temp("bad.json.bad").exists());
-        assert!(load(&temp("none.json")).unwrap().is_none());
+        assert!(load(&temp("none.json"), LIMITS).unwrap().is_none());
         std::fs::write(
             &p,
             "{\"format\":\"other\",\"version\":1,\"written\":0,\"bans\":[],\"offences\":[]}",
         )
         .unwrap();
-        assert!(load(&p).unwrap_err().contains("format `other`"));
+        assert!(load(&p, LIMITS).unwrap_err().contains("format `other`"));
+    }
+
+    fn file(bans: &str, offences: &str) -> String {
+        format!(
+            "{{\"format\":\"doh-proxy state\",\"version\":1,\"written\":0,\"bans\":[{bans}],\"offences\":[{offences}]}}"
+        )
+    }
+
+    #[test]
+    fn numbers_out_of_range_drop_their_entry_never_panic() {
+        let now = unix_now();
+        let max = u64::MAX;
+        let ok = format!(
+            "{{\"target\":\"192.0.2.1/32\",\"reason\":\"manual\",\"since\":{},\"expires\":{},\"hits\":1}}",
+            now - 5,
+            now + 60
+        );
+        let cases = [
+            format!("{{\"target\":\"192.0.2.2/32\",\"reason\":\"x\",\"since\":{now},\"expires\":{max},\"hits\":{max}}}"),
+            format!("{{\"target\":\"192.0.2.3/32\",\"reason\":\"x\",\"since\":{max},\"expires\":{},\"hits\":0}}", now + 60),
+            format!("{{\"target\":\"0.0.0.0/0\",\"reason\":\"x\",\"since\":{now},\"expires\":{},\"hits\":0}}", now + 60),
+            format!("{{\"target\":\"2001:db8::/32\",\"reason\":\"x\",\"since\":{now},\"expires\":{},\"hits\":0}}", now + 60),
+            format!("{{\"target\":\"300.1.1.1\",\"reason\":\"x\",\"since\":{now},\"expires\":{},\"hits\":0}}", now + 60),
+        ];
+        for bad in &cases {
+            let text = file(&format!("{ok},{bad}"), "");
+            let r = parse(text.as_bytes(), now, LIMITS).unwrap();
+            assert_eq!(r.bans.len(), 1, "{bad}");
+            assert_eq!(r.invalid.len(), 1, "{bad}");
+        }
+        let text = file(
+            "",
+            &format!("{{\"target\":\"192.0.2.9/32\",\"count\":4294967295,\"until\":{max}}}"),
+        );
+        let r = parse(text.as_bytes(), now, LIMITS).unwrap();
+        assert!(r.offences.is_empty() && r.invalid.len() == 1);
+        // The widest prefix the rules make is restored.
+        let text = file(
+            &format!("{{\"target\":\"198.51.100.0/24\",\"reason\":\"prefix\",\"since\":{now},\"expires\":{},\"hits\":0}}", now + 60),
+            "",
+        );
+        assert_eq!(parse(text.as_bytes(), now, LIMITS).unwrap().bans.len(), 1);
+    }
+
+    #[test]
+    fn a_file_with_invalid_entries_is_set_aside_with_the_rest_restored() {
+        let p = temp("range.json");
+        let now = unix_now();
+        let text = file(
+            &format!(
+                "{{\"target\":\"192.0.2.1/32\",\"reason\":\"manual\",\"since\":{now},\"expires\":{},\"hits\":1}},\
+                 {{\"target\":\"192.0.2.2/32\",\"reason\":\"manual\",\"since\":{now},\"expires\":18446744073709551615,\"hits\":1}}",
+                now + 60
+            ),
+            "",
+        );
+        std::fs::write(&p, text).unwrap();
+        let r = load(&p, LIMITS).unwrap().unwrap();
+        assert_eq!(r.bans.len(), 1);
+        assert!(r.set_aside.is_some());
+        assert!(!p.exists() && temp("range.json.bad").exists());
     }
 }

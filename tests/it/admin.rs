@@ -218,7 +218,7 @@ async fn admin_token_is_required_when_set() {
     let up = MockUpstream::start().await;
     let p = proxy(&[up.addr], |c| c.admin_token = Some("s3cret".into())).await;
     for path in ["/metrics", "/healthz", "/bans"] {
-        assert_eq!(admin(&p, "GET", path, None).await.status, 401, "{path}");
+        assert_eq!(admin(&p, "GET", path, Some("")).await.status, 401, "{path}");
         assert_eq!(
             admin(&p, "GET", path, Some("wrong")).await.status,
             401,
@@ -231,7 +231,9 @@ async fn admin_token_is_required_when_set() {
         );
     }
     assert_eq!(
-        admin(&p, "DELETE", "/bans/127.0.0.1", None).await.status,
+        admin(&p, "DELETE", "/bans/127.0.0.1", Some(""))
+            .await
+            .status,
         401
     );
 }

@@ -299,7 +299,13 @@ async fn answers(q: &[u8], name: &str, tcp: bool) -> Vec<Vec<u8>> {
     vec![wire]
 }
 
-/// The test configuration: ephemeral loopback ports, TLS with the test PKI.
+/// The admin token of the test configuration: changing state on the admin
+/// listener needs one.
+pub const ADMIN_TOKEN: &str = "test-admin-token";
+
+/// The test configuration: ephemeral loopback ports, TLS with the test PKI,
+/// an admin token ([`ADMIN_TOKEN`], which [`admin`] sends unless told
+/// otherwise).
 pub fn test_config(upstreams: &[SocketAddr]) -> Config {
     let p = pki();
     Config {
@@ -308,6 +314,7 @@ pub fn test_config(upstreams: &[SocketAddr]) -> Config {
         listen_h3: vec!["127.0.0.1:0".parse().unwrap()],
         listen_dot: vec!["127.0.0.1:0".parse().unwrap()],
         metrics_listen: "127.0.0.1:0".parse().unwrap(),
+        admin_token: Some(ADMIN_TOKEN.into()),
         tls_cert: Some(p.cert.clone()),
         tls_key: Some(p.key.clone()),
         upstream: upstreams.iter().map(|a| UpstreamSpec::udp(*a)).collect(),
@@ -731,8 +738,10 @@ pub async fn send_from(
     c.send(req).await.map_err(std::io::Error::other)
 }
 
-/// GET on the admin listener.
+/// A request on the admin listener, with `token` (`None`: [`ADMIN_TOKEN`];
+/// `Some("")`: no `Authorization` header at all).
 pub async fn admin(running: &Running, method: &str, path: &str, token: Option<&str>) -> Reply {
+    let token = Some(token.unwrap_or(ADMIN_TOKEN)).filter(|t| !t.is_empty());
     let tcp = TcpStream::connect(running.admin_addr).await.unwrap();
     let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
         .await
@@ -833,6 +842,19 @@ pub fn free_port() -> u16 {
         .local_addr()
         .unwrap()
         .port()
+}
+
+/// Polls `cond` every 50 ms until it holds; panics with `what` after
+/// `within` (a bound for a busy machine, never a measurement).
+pub async fn wait_for(what: &str, mut cond: impl AsyncFnMut() -> bool, within: Duration) {
+    let t = std::time::Instant::now();
+    while t.elapsed() < within {
+        if cond().await {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("{what}: not within {within:?}");
 }
 
 /// A scratch directory for one test.

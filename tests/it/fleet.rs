@@ -93,17 +93,6 @@ async fn pair(
     (a, b)
 }
 
-async fn wait_for(what: &str, mut cond: impl AsyncFnMut() -> bool, within: Duration) {
-    let t = Instant::now();
-    while t.elapsed() < within {
-        if cond().await {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("{what}: not within {within:?}");
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_ban_on_one_instance_is_enforced_by_the_other() {
     let redis = Redis::start().await;

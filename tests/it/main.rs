@@ -6,6 +6,7 @@ mod common;
 
 mod admin;
 mod cache;
+mod doors;
 mod e2e;
 mod examples_files;
 mod fleet;

@@ -1,0 +1,251 @@
+//! The second round of hardening: the doors the second wave opened (the
+//! state file, the admin listener, forwarded attribution, ODoH, DNS over
+//! TLS, QUIC, the upstream budget), each attacked on loopback while a
+//! legitimate client on another address is measured: the legitimate client
+//! keeps being served, and the defence fires.
+
+use std::time::Duration;
+
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+
+use crate::common::*;
+
+/// A state file whose numbers overflow any clock, whose ban covers the
+/// whole Internet, or that is cut short: the proxy starts, keeps what was
+/// valid, and sets the file aside.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hostile_state_file_never_stops_the_start() {
+    let up = MockUpstream::start().await;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let max = u64::MAX;
+    let ban = |target: &str, since: u64, expires: u64| {
+        format!(
+            "{{\"target\":\"{target}\",\"reason\":\"manual\",\"since\":{since},\"expires\":{expires},\"hits\":{max}}}"
+        )
+    };
+    let file = |bans: &[String], offences: &str| {
+        format!(
+            "{{\"format\":\"doh-proxy state\",\"version\":1,\"written\":{max},\"bans\":[{}],\"offences\":[{offences}]}}",
+            bans.join(",")
+        )
+    };
+    let valid = ban("127.0.81.1/32", now - 10, now + 600);
+    let cases = [
+        (
+            "expires",
+            file(&[valid.clone(), ban("127.0.81.2/32", now, max)], ""),
+        ),
+        (
+            "since",
+            file(&[valid.clone(), ban("127.0.81.3/32", max, now + 60)], ""),
+        ),
+        (
+            "until",
+            file(
+                std::slice::from_ref(&valid),
+                &format!("{{\"target\":\"127.0.81.4/32\",\"count\":4294967295,\"until\":{max}}}"),
+            ),
+        ),
+        (
+            "wide",
+            file(
+                &[valid.clone(), ban("0.0.0.0/0", now, now + 86_400 * 300)],
+                "",
+            ),
+        ),
+        (
+            "truncated",
+            file(std::slice::from_ref(&valid), "")[..60].to_string(),
+        ),
+    ];
+    for (what, text) in cases {
+        let dir = scratch(&format!("state-{what}"));
+        let state = dir.join("state.json");
+        std::fs::write(&state, &text).unwrap();
+        let p = proxy(&[up.addr], |c| c.state_file = Some(state.clone())).await;
+        assert!(
+            dir.join("state.json.bad").exists(),
+            "{what}: the file is set aside"
+        );
+        // The valid ban is back (not for a truncated file), the rest of
+        // the world is served.
+        let bans = String::from_utf8_lossy(&admin(&p, "GET", "/bans", None).await.body).to_string();
+        assert_eq!(
+            bans.contains("127.0.81.1/32"),
+            what != "truncated",
+            "{what}: {bans}"
+        );
+        assert!(!bans.contains("0.0.0.0/0"), "{what}: {bans}");
+        let r = send_from(
+            &p,
+            Proto::H2,
+            "127.0.82.1",
+            get(&ok_path("www.example.test")),
+        )
+        .await
+        .unwrap();
+        assert_eq!(r.status, 200, "{what}");
+        // What was valid is written back.
+        if what != "truncated" {
+            wait_for(
+                "the state file written again",
+                async || {
+                    std::fs::read_to_string(&state)
+                        .is_ok_and(|t| t.contains("127.0.81.1/32") && !t.contains("0.0.0.0/0"))
+                },
+                Duration::from_secs(10),
+            )
+            .await;
+        }
+    }
+}
+
+/// One local process holding every admin connection it can: `/healthz`
+/// still answers, at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn held_admin_connections_do_not_starve_healthz() {
+    let up = MockUpstream::start().await;
+    let p = proxy(&[up.addr], |_| {}).await;
+    wait_for(
+        "healthy",
+        async || admin(&p, "GET", "/healthz", None).await.status == 200,
+        Duration::from_secs(10),
+    )
+    .await;
+    // 16 addresses × 4 connections, each sending half a request and
+    // holding on.
+    let mut held = Vec::new();
+    for i in 1..=16 {
+        for _ in 0..4 {
+            let mut s = tcp_from(Some(format!("127.0.83.{i}").parse().unwrap()), p.admin_addr)
+                .await
+                .unwrap();
+            s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n")
+                .await
+                .unwrap();
+            held.push(s);
+        }
+    }
+    for _ in 0..10 {
+        let r = tokio::time::timeout(Duration::from_secs(5), admin(&p, "GET", "/healthz", None))
+            .await
+            .expect("healthz answers while connections are held");
+        assert_eq!(r.status, 200);
+    }
+    // A fifth connection from one address is closed at once.
+    let mut extra = Vec::new();
+    for _ in 0..4 {
+        extra.push(
+            tcp_from(Some("127.0.83.99".parse().unwrap()), p.admin_addr)
+                .await
+                .unwrap(),
+        );
+    }
+    let mut fifth = tcp_from(Some("127.0.83.99".parse().unwrap()), p.admin_addr)
+        .await
+        .unwrap();
+    assert!(
+        closed_within(&mut fifth, Duration::from_secs(5)).await,
+        "over the per-address cap"
+    );
+    drop(held);
+}
+
+/// Without `--admin-token`, reads stay open on loopback and nothing that
+/// changes state is allowed.
+#[tokio::test]
+async fn changing_state_needs_a_token() {
+    let up = MockUpstream::start().await;
+    let p = proxy(&[up.addr], |c| {
+        c.admin_token = None;
+        c.ban_after = 2;
+    })
+    .await;
+    for _ in 0..2 {
+        let _ = send_from(&p, Proto::H2, "127.0.84.1", get("/dns-query?ct=x")).await;
+    }
+    let r = admin(&p, "GET", "/bans", Some("")).await;
+    assert_eq!(r.status, 200);
+    assert!(String::from_utf8_lossy(&r.body).contains("127.0.84.1/32"));
+    let r = admin(&p, "DELETE", "/bans/127.0.84.1", Some("")).await;
+    assert_eq!(r.status, 403);
+    assert!(send_from(
+        &p,
+        Proto::H2,
+        "127.0.84.1",
+        get(&ok_path("www.example.test"))
+    )
+    .await
+    .is_err());
+    assert_eq!(admin(&p, "GET", "/healthz", Some("")).await.status, 200);
+}
+
+/// A trusted proxy that sends no forwarding header (or the other one) is
+/// not a free pass: its requests are the shared `unknown` client, limited,
+/// and counted; its own health checks on `/healthz` are answered.
+#[tokio::test]
+async fn a_trusted_proxy_without_the_header_is_the_unknown_client() {
+    let up = MockUpstream::start().await;
+    let p = proxy(&[up.addr], |c| {
+        c.trusted_proxy = vec!["127.0.0.1".parse().unwrap()];
+        c.per_ip_qps = 1;
+        c.per_ip_burst = 3;
+        c.ban_after = 1000;
+    })
+    .await;
+    let mut c = Client::connect(&p, Proto::PlainH1, Some("127.0.0.1".parse().unwrap()))
+        .await
+        .unwrap();
+    let mut statuses = Vec::new();
+    for i in 0..6 {
+        // nginx told to send `Forwarded` to a proxy reading XFF, or nothing.
+        let mut req = http::Request::get(ok_path("www.example.test"));
+        if i % 2 == 0 {
+            req = req.header("forwarded", "for=198.51.100.7");
+        }
+        statuses.push(
+            c.send(req.body(Default::default()).unwrap())
+                .await
+                .unwrap()
+                .status,
+        );
+    }
+    assert_eq!(&statuses[..3], &[200, 200, 200]);
+    assert!(statuses[3..].iter().all(|s| *s == 429), "{statuses:?}");
+    assert_eq!(metric(&p, "doh_forwarded_missing_total").await, 6.0);
+    // The proxy's own health checks: answered, never limited.
+    for _ in 0..10 {
+        let r = c.send(get("/healthz")).await.unwrap();
+        assert_eq!(r.status, 200);
+        assert_eq!(&r.body[..], b"ok\n");
+    }
+    // A real client behind the proxy keeps its own budget.
+    let r = c
+        .send(get_xff(&ok_path("www.example.test"), "203.0.113.9"))
+        .await
+        .unwrap();
+    assert_eq!(r.status, 200);
+    // Anybody else asking /healthz on the DoH listener gets a 404.
+    let r = send_from(&p, Proto::PlainH1, "127.0.85.1", get("/healthz"))
+        .await
+        .unwrap();
+    assert_eq!(r.status, 404);
+}
+
+/// Whether the server closed `s` within `wait`.
+async fn closed_within(s: &mut TcpStream, wait: Duration) -> bool {
+    use tokio::io::AsyncReadExt;
+    let mut buf = [0u8; 4096];
+    let until = tokio::time::Instant::now() + wait;
+    loop {
+        match tokio::time::timeout_at(until, s.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => return true,
+            Ok(Ok(_)) => continue,
+            Err(_) => return false,
+        }
+    }
+}
