@@ -19,14 +19,13 @@
 //! last 24 hours, kept 25 hours), `clients` (sorted set of sketches),
 //! `instances` (sorted set of heartbeats), `odoh` (the current key's seed).
 
-use std::num::NonZeroU32;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use arc_swap::ArcSwapOption;
 use futures_util::StreamExt;
-use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
+
 use redis::aio::MultiplexedConnection;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, Notify};
@@ -39,7 +38,7 @@ use crate::guard::{BanEvent, Guard};
 use crate::hll::UniqueClients;
 use crate::metrics::Metrics;
 use crate::tickets::{Tickets, SECRET_LEN};
-use crate::upstream::Spend;
+use crate::upstream::{Spend, TokenBucket};
 
 const PREFIX: &str = "doh-proxy";
 /// Longest wait for any Redis command: past it Redis counts as down.
@@ -165,7 +164,7 @@ pub struct Fleet {
     /// The last second (unix) for which the fleet's budget ran out.
     exhausted: AtomicU64,
 
-    fallback: Mutex<(u32, DefaultDirectRateLimiter)>,
+    fallback: Mutex<(u32, TokenBucket)>,
     peers: AtomicU32,
     // Unique clients.
     unique: Arc<UniqueClients>,
@@ -173,9 +172,8 @@ pub struct Fleet {
     fleet_unique: AtomicU64,
 }
 
-fn limiter(qps: u32) -> DefaultDirectRateLimiter {
-    let q = NonZeroU32::new(qps.max(1)).unwrap_or(NonZeroU32::MIN);
-    RateLimiter::direct(Quota::per_second(q).allow_burst(q))
+fn limiter(qps: u32) -> TokenBucket {
+    TokenBucket::new(qps, qps)
 }
 
 impl Fleet {
@@ -696,7 +694,7 @@ impl Fleet {
         if f.0 != share {
             *f = (share, limiter(share));
         }
-        f.1.check().is_ok()
+        f.1.take()
     }
 
     /// Once a second: heartbeat, unique clients, ODoH keys.

@@ -9,8 +9,10 @@
 //! next attempt goes out: to the next upstream, or, after each was tried
 //! once, a retransmission. An error, SERVFAIL or REFUSED moves on at once.
 //! The first valid answer from any attempt wins; the rest are dropped.
-//! Every query sent spends one token of the global `--upstream-qps` budget
-//! and is counted in `doh_upstream_queries_total`.
+//! Every packet sent spends one token of the global `--upstream-qps`
+//! budget ([`budget`]) — first attempts, hedges, retransmissions and the
+//! TCP retry after a truncated UDP answer alike — and is counted in
+//! `doh_upstream_queries_total`.
 //!
 //! Transports ([`spec`]): UDP from a fresh socket (a random port) with a
 //! random ID, TCP after a truncated or oversized answer; pipelined TCP and
@@ -22,21 +24,21 @@
 //! reasons of their own (a dead authoritative server), and must not let
 //! clients mark a healthy upstream down.
 
+mod budget;
 mod https;
 pub mod spec;
 mod stream;
 mod tls;
 
+pub use budget::{LocalBudget, Spend, TokenBucket, Unlimited};
 pub use tls::read_ca;
 
 use std::net::SocketAddr;
-use std::num::NonZeroU32;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures_util::stream::{FuturesUnordered, StreamExt};
-use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use rustls::pki_types::{CertificateDer, ServerName};
 use serde::{Deserialize, Serialize};
 use tokio::net::UdpSocket;
@@ -57,30 +59,6 @@ const MIN_HEDGE: Duration = Duration::from_millis(100);
 /// RTO of an upstream never measured.
 const INITIAL_RTO: Duration = Duration::from_millis(150);
 const RCODE_REFUSED: u8 = 5;
-
-/// The global upstream budget: one token per query sent. Local (a token
-/// bucket), or leased from the fleet's (`--redis`).
-pub trait Spend: Send + Sync {
-    /// Takes one token; false when the budget is spent.
-    fn spend(&self) -> futures_util::future::BoxFuture<'_, bool>;
-}
-
-/// `--upstream-qps` for one instance: a token bucket with a burst of one
-/// second's worth.
-pub struct LocalBudget(DefaultDirectRateLimiter);
-
-impl LocalBudget {
-    pub fn new(qps: u32) -> LocalBudget {
-        let qps = NonZeroU32::new(qps).unwrap_or(NonZeroU32::MIN);
-        LocalBudget(RateLimiter::direct(Quota::per_second(qps).allow_burst(qps)))
-    }
-}
-
-impl Spend for LocalBudget {
-    fn spend(&self) -> futures_util::future::BoxFuture<'_, bool> {
-        Box::pin(std::future::ready(self.0.check().is_ok()))
-    }
-}
 
 /// How upstreams are ordered for each resolution.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize, Deserialize)]
@@ -137,6 +115,8 @@ pub enum ExchangeError {
     Status(u16),
     #[error("answer dropped: {0}")]
     Answer(dns::AnswerError),
+    #[error("upstream budget spent")]
+    Budget,
 }
 
 /// Reconnection backoff, and a log line when an upstream starts failing
@@ -248,10 +228,22 @@ struct Server {
 }
 
 impl Server {
-    async fn exchange(&self, key: &Key) -> Result<(Vec<u8>, AnswerInfo), ExchangeError> {
+    /// One exchange with this upstream. A truncated UDP answer is asked
+    /// again over TCP, which is a second packet: it spends a second token
+    /// of `budget`.
+    async fn exchange(
+        &self,
+        key: &Key,
+        budget: &dyn Spend,
+    ) -> Result<(Vec<u8>, AnswerInfo), ExchangeError> {
         let r = match &self.link {
             Link::Udp(tcp) => match udp_exchange(self.spec.addr, key, &self.metrics).await? {
-                Exchanged::Truncated => tcp.exchange(key).await?,
+                Exchanged::Truncated => {
+                    if !budget.spend().await {
+                        return Err(ExchangeError::Budget);
+                    }
+                    tcp.exchange(key).await?
+                }
                 answered => answered,
             },
             Link::Stream(pool) => pool.exchange(key).await?,
@@ -430,6 +422,7 @@ impl Upstream {
         let mut failed = vec![false; n];
         let mut answered = vec![false; n];
         let mut fallback = None;
+        let mut out_of_budget = false;
         let mut attempts = FuturesUnordered::new();
         loop {
             // Send the next attempt if it is due.
@@ -451,6 +444,7 @@ impl Upstream {
                 }
                 if !self.budget.spend().await {
                     self.metrics.upstream_budget_exhausted.inc();
+                    out_of_budget = true;
                     next = plan.len();
                     break;
                 }
@@ -461,9 +455,10 @@ impl Upstream {
                 let hedge = sent > 0;
                 sent += 1;
                 pending[i] += 1;
+                let budget = &*self.budget;
                 attempts.push(async move {
                     let started = Instant::now();
-                    (i, hedge, started, s.exchange(key).await)
+                    (i, hedge, started, s.exchange(key, budget).await)
                 });
                 next_at = Instant::now() + self.hedge_after(i);
             }
@@ -504,6 +499,12 @@ impl Upstream {
                             }
                             return Ok(answer);
                         }
+                        Err(ExchangeError::Budget) => {
+                            // Truncated, and no token left for the TCP retry.
+                            self.metrics.upstream_budget_exhausted.inc();
+                            out_of_budget = true;
+                            next = plan.len();
+                        }
                         Err(e) => {
                             tracing::debug!(upstream = s.spec.label(), error = %e, "upstream attempt failed");
                             s.metrics.result(UpstreamResult::Error, None);
@@ -526,7 +527,14 @@ impl Upstream {
                     .result(UpstreamResult::Timeout, None);
             }
         }
-        fallback.ok_or(UpstreamError::Failed)
+        match fallback {
+            Some(f) => Ok(f),
+            // Nothing answered because the budget ran out on the way: the
+            // caller may serve stale or refuse with 503, as for a spent
+            // budget at the start.
+            None if out_of_budget && pending.iter().all(|&p| p == 0) => Err(UpstreamError::Budget),
+            None => Err(UpstreamError::Failed),
+        }
     }
 
     /// Probes every upstream once, over its own transport (the root's NS,
@@ -544,7 +552,7 @@ impl Upstream {
             let key = key.clone();
             async move {
                 let started = Instant::now();
-                let r = tokio::time::timeout(self.timeout, s.exchange(&key)).await;
+                let r = tokio::time::timeout(self.timeout, s.exchange(&key, &Unlimited)).await;
                 let ok = matches!(r, Ok(Ok(_)));
                 if ok {
                     s.rtt.sample(started.elapsed());

@@ -249,3 +249,97 @@ async fn closed_within(s: &mut TcpStream, wait: Duration) -> bool {
         }
     }
 }
+
+/// Floods unique names (`prefix` then a counter) from `tasks` h2c
+/// connections on an allowlisted address for `secs` seconds; returns the
+/// requests sent and the upstream packets (UDP and TCP) counted in each
+/// whole second after the first.
+async fn flood_unique(
+    p: &doh_proxy::server::Running,
+    up: &MockUpstream,
+    prefix: &'static str,
+    tasks: usize,
+    secs: u64,
+) -> (u64, Vec<usize>) {
+    let sent = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let stop = tokio::time::Instant::now() + Duration::from_secs(secs);
+    let mut handles = Vec::new();
+    for t in 0..tasks {
+        let mut c = Client::connect(p, Proto::PlainH2, Some("127.0.86.1".parse().unwrap()))
+            .await
+            .unwrap();
+        let sent = sent.clone();
+        handles.push(tokio::spawn(async move {
+            let mut i = 0u64;
+            while tokio::time::Instant::now() < stop {
+                i += 1;
+                let name = format!("{prefix}.u{t}x{i}.example.test");
+                if c.send(get(&ok_path(&name))).await.is_err() {
+                    return;
+                }
+                sent.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+        }));
+    }
+    let packets = || {
+        up.total.load(std::sync::atomic::Ordering::SeqCst)
+            + up.tcp_queries.load(std::sync::atomic::Ordering::SeqCst)
+    };
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.tick().await;
+    tick.tick().await; // the first second holds the burst
+    let mut last = packets();
+    let mut per_second = Vec::new();
+    while tokio::time::Instant::now() + Duration::from_millis(900) < stop {
+        tick.tick().await;
+        let now = packets();
+        per_second.push(now - last);
+        last = now;
+    }
+    for h in handles {
+        let _ = h.await;
+    }
+    (sent.load(std::sync::atomic::Ordering::Relaxed), per_second)
+}
+
+/// A flood of unique names far over `--upstream-qps 50`, plain and
+/// truncated: the upstream gets the budget's rate in every second after
+/// the burst — never starved, never overflowing — and the TCP retry after
+/// a truncated answer spends a token like any other packet.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_upstream_budget_is_spent_per_packet_and_never_starves() {
+    let up = MockUpstream::start().await;
+    let p = proxy(&[up.addr], |c| {
+        c.upstream_qps = 50;
+        c.allow = vec!["127.0.86.1".parse().unwrap()];
+    })
+    .await;
+    for prefix in ["plain", "tc"] {
+        let before_tcp = up.tcp_queries.load(std::sync::atomic::Ordering::SeqCst);
+        let (sent, per_second) = flood_unique(&p, &up, prefix, 32, 5).await;
+        let total: usize = per_second.iter().sum();
+        eprintln!("{prefix}: sent {sent} per_second {per_second:?}");
+        let secs = per_second.len();
+        assert!(
+            sent as usize > 20 * 50 * 5 / 10,
+            "{prefix}: a flood ({sent} requests)"
+        );
+        // Per second: near 50 (probes add at most one); a stalled second
+        // on a busy machine moves a few packets to the next, never to 0 or
+        // to twice the budget.
+        assert!(
+            per_second.iter().all(|n| (25..=80).contains(n)),
+            "{prefix}: {per_second:?}"
+        );
+        assert!(
+            (35 * secs..=(65 * secs + 50)).contains(&total),
+            "{prefix}: {per_second:?}"
+        );
+        if prefix == "tc" {
+            assert!(
+                up.tcp_queries.load(std::sync::atomic::Ordering::SeqCst) > before_tcp,
+                "truncated answers were retried over TCP"
+            );
+        }
+    }
+}
