@@ -545,8 +545,8 @@ impl App {
                     reply
                 }
                 Front::Query(client, bytes) => app.plain(from, client, transport, &bytes).await,
-                Front::Body(client, body, limits, relayed) => {
-                    Box::pin(app.posted(from, client, transport, body, limits, relayed)).await
+                Front::Body(client, body, limits, oblivious) => {
+                    Box::pin(app.posted(from, client, transport, body, limits, oblivious)).await
                 }
             };
             if head_only {
@@ -584,15 +584,17 @@ impl App {
         let client = self.client_of(peer, &parts.headers);
         let limits = self.limits.load_full();
         let head = doh::check_head(&parts, &limits);
-        // A relay's sealed queries spend the relay's budget, everything
-        // else the client's.
-        let relayed = matches!(head, Ok(Wanted::Oblivious));
+        // A named relay's sealed queries spend the relay's budget;
+        // everything else, sealed queries from anybody else included, the
+        // client's own. Either way before any HPKE work.
+        let oblivious = matches!(head, Ok(Wanted::Oblivious));
+        let relayed = oblivious && self.guard.is_odoh_relay(client);
         if let Err((reason, retry)) = self.admit(client, transport, relayed) {
             return Front::Done(self.refused(from, reason, retry));
         }
         match head {
             Ok(Wanted::Get(v)) => Front::Query(client, Bytes::from(v)),
-            Ok(Wanted::Post | Wanted::Oblivious) => Front::Body(client, body, limits, relayed),
+            Ok(Wanted::Post | Wanted::Oblivious) => Front::Body(client, body, limits, oblivious),
             Ok(Wanted::OdohConfigs) => Front::Done(self.odoh_configs()),
             Err(r) => {
                 self.refuse(client, r, transport);
@@ -627,7 +629,7 @@ impl App {
         transport: Transport,
         body: B,
         limits: Arc<Limits>,
-        relayed: bool,
+        oblivious: bool,
     ) -> Reply
     where
         B: http_body::Body,
@@ -641,7 +643,7 @@ impl App {
                 return self.refused(from, r, None);
             }
         };
-        if !relayed {
+        if !oblivious {
             return self.plain(from, client, transport, &bytes).await;
         }
         let opened = match self.open(&bytes) {
@@ -706,7 +708,7 @@ enum Front<B> {
     Linger(Reply, B),
     Query(IpAddr, Bytes),
     /// The client, the body to read, the limits it is read under, and
-    /// whether it is a relay's sealed query.
+    /// whether it is a sealed (Oblivious DoH) query.
     Body(IpAddr, B, Arc<Limits>, bool),
 }
 

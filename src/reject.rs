@@ -215,9 +215,11 @@ table! {
         /// The upstream budget is spent and nothing, not even stale, is cached.
         UpstreamBudget => (503, "upstream_budget", Overloaded, scored: false, closes: false),
         /// An Oblivious DoH query under a key that is not (or no longer)
-        /// ours: the client is to fetch the configs again. Not scored: every
-        /// client meets it once after a rotation.
-        OdohUnknownKey => (401, "odoh_unknown_key", Rejected, scored: false, closes: false),
+        /// ours: the client is to fetch the configs again. Scored like any
+        /// refusal: an honest client meets it once after a rotation (the
+        /// previous key is still taken for a whole period), a flood of
+        /// them is somebody's HPKE-free way to make the target work.
+        OdohUnknownKey => (401, "odoh_unknown_key", Rejected, scored: true, closes: false),
         /// A body that is not a sealed Oblivious DoH query, or does not open.
         OdohMalformed => (400, "odoh_malformed", Rejected, scored: true, closes: false),
     }

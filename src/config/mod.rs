@@ -261,6 +261,18 @@ pub struct Config {
     )]
     pub idle_timeout: u64,
 
+    /// Seconds a client may leave its answers unread (DNS over TLS and
+    /// QUIC, HTTP/2 and HTTP/3 streams whose window stays shut); then the
+    /// connection is closed and the client scored
+    #[arg(
+        long,
+        global = true,
+        value_name = "SECS",
+        default_value_t = 10,
+        help_heading = "Listeners"
+    )]
+    pub write_timeout: u64,
+
     /// Requests served on one connection before it is closed (HTTP/1.1:
     /// `Connection: close`; HTTP/2: GOAWAY)
     #[arg(
@@ -646,6 +658,12 @@ pub struct Config {
         help_heading = "Privacy"
     )]
     pub odoh_relay_qps: u32,
+
+    /// Addresses (CIDR) of the Oblivious DoH relays this target serves;
+    /// only their sealed queries get --odoh-relay-qps, anybody else's meet
+    /// the ordinary per-client budget; repeatable [default: none]
+    #[arg(long, global = true, value_name = "CIDR", help_heading = "Privacy")]
+    pub odoh_relay: Vec<Cidr>,
 
     /// Share bans, the upstream budget, unique-client counts and ODoH keys
     /// with every instance naming the same Redis: `redis://HOST:PORT/DB` or

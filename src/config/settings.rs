@@ -159,6 +159,7 @@ impl Config {
             ("odoh_relay_qps", self.odoh_relay_qps.into()),
             ("handshake_timeout", self.handshake_timeout),
             ("idle_timeout", self.idle_timeout),
+            ("write_timeout", self.write_timeout),
             ("max_requests_per_conn", self.max_requests_per_conn),
         ] {
             if v == 0 {
@@ -180,6 +181,7 @@ impl Config {
         for (kind, list) in [
             ("allow", &self.allow),
             ("trusted_proxy", &self.trusted_proxy),
+            ("odoh_relay", &self.odoh_relay),
         ] {
             for r in list {
                 if let Some(d) = self.deny.iter().find(|d| overlaps(&d.0, &r.0)) {
@@ -253,6 +255,7 @@ impl Config {
                     .then(|| Duration::from_secs(self.tls_ticket_lifetime)),
                 handshake_timeout: Duration::from_secs(self.handshake_timeout),
                 idle_timeout: Duration::from_secs(self.idle_timeout),
+                write_timeout: Duration::from_secs(self.write_timeout),
                 max_requests_per_conn: self.max_requests_per_conn,
                 proxy_protocol: self.proxy_protocol,
             },
@@ -294,6 +297,7 @@ impl Config {
                 per_ip_burst: self.per_ip_burst,
                 per_prefix_qps: self.per_prefix_qps,
                 odoh_relay_qps: self.odoh_relay_qps,
+                odoh_relays: self.odoh_relay.clone(),
                 max_conns: self.max_conns,
                 max_conns_per_ip: self.max_conns_per_ip,
                 per_ip_conn_rate: self.per_ip_conn_rate,

@@ -73,6 +73,8 @@ pub struct GuardSettings {
     pub per_prefix_qps: u32,
     /// `--odoh-relay-qps`: an Oblivious DoH relay's budget.
     pub odoh_relay_qps: u32,
+    /// `--odoh-relay`: who gets it.
+    pub odoh_relays: Vec<Cidr>,
     pub max_conns: u32,
     pub max_conns_per_ip: u32,
     pub per_ip_conn_rate: u32,
@@ -402,8 +404,14 @@ impl Guard {
         }
     }
 
+    /// Whether `client` is a named Oblivious DoH relay (`--odoh-relay`).
+    pub fn is_odoh_relay(&self, client: IpAddr) -> bool {
+        any_contains(&self.settings.load().odoh_relays, canonical(client))
+    }
+
     /// Spends one request of an Oblivious DoH relay's budget: a relay
-    /// carries many clients, so it has its own, larger one.
+    /// carries many clients, so it has its own, larger one. Only for
+    /// addresses [`Guard::is_odoh_relay`] names.
     pub fn check_relay_budget(&self, relay: IpAddr) -> Budget {
         let relay = canonical(relay);
         let s = self.settings.load();

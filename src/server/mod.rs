@@ -77,6 +77,8 @@ pub struct ServerSettings {
     pub handshake_timeout: Duration,
     /// With nothing in flight and nothing started.
     pub idle_timeout: Duration,
+    /// With answers queued and none taken by the client.
+    pub write_timeout: Duration,
     pub max_requests_per_conn: u64,
     pub proxy_protocol: bool,
 }

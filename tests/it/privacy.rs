@@ -289,14 +289,17 @@ async fn the_previous_key_is_accepted_for_one_more_period() {
         .is_ok());
 }
 
+/// A named relay has its own budget; the same sealed queries from any
+/// other address meet the ordinary per-client one.
 #[tokio::test]
-async fn a_relay_has_its_own_budget() {
+async fn a_named_relay_has_its_own_budget() {
     let up = MockUpstream::start().await;
     let p = proxy(&[up.addr], |c| {
         c.odoh = true;
         c.per_ip_qps = 1;
         c.per_ip_burst = 2;
         c.odoh_relay_qps = 1000;
+        c.odoh_relay = vec!["127.0.0.1".parse().unwrap()];
     })
     .await;
     let (configs, _) = fetch_configs(&p).await;
