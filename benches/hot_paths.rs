@@ -1,6 +1,7 @@
 //! The hot paths, in isolation: validating a request, serving a cache hit
 //! (lookup + TTL rewrite + ID rewrite), refusing an obsolete-draft request,
-//! and adding a ban to a full ban table. `cargo bench --bench hot_paths`.
+//! adding a ban to a full ban table, and persisting one ban to the state
+//! file. `cargo bench --bench hot_paths`.
 
 use std::hint::black_box;
 use std::sync::Arc;
@@ -10,6 +11,7 @@ use doh_proxy::cache::{Cache, Entry, Lookup, TtlPolicy};
 use doh_proxy::dns::{self, Key};
 use doh_proxy::doh::{self, Limits};
 use doh_proxy::guard::bans::{Bans, MAX_BANS};
+use doh_proxy::guard::state;
 use hickory_proto::op::{Message, MessageType};
 use hickory_proto::rr::rdata::A;
 use hickory_proto::rr::{RData, Record};
@@ -121,6 +123,25 @@ fn bans(c: &mut Criterion) {
         c.bench_function(&format!("ban lookup ({size} bans)"), |b| {
             b.iter(|| black_box(bans.covers(black_box("10.0.1.1".parse().unwrap()))))
         });
+        // What --state-file costs per ban: the ban, then what the
+        // once-a-second write does with it (one journal line appended).
+        // Independent of the number of bans kept.
+        let dir = std::env::temp_dir().join(format!("doh-bench-state-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("state.json");
+        let _ = bans.take_changes();
+        c.bench_function(
+            &format!("ban persisted to the state file ({size} bans)"),
+            |b| {
+                b.iter(|| {
+                    next = next.wrapping_add(1);
+                    bans.add(host(next), "bench", 600, None);
+                    let (changes, _) = bans.take_changes();
+                    state::append(&path, &changes).unwrap();
+                })
+            },
+        );
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }
 

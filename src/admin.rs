@@ -177,6 +177,79 @@ fn authorized<B>(token: Option<&str>, req: &Request<B>) -> bool {
             == 0
 }
 
+/// Bans listed by default, and at most, per `GET /bans`.
+pub const BANS_PAGE: usize = 10_000;
+
+/// `GET /bans?limit=N&after=TARGET`: at most `limit` bans (default and
+/// cap [`BANS_PAGE`]), soonest to expire first, after the ban on `after`
+/// (the last `target` of the previous page). When more remain, a `Link`
+/// header gives the next page. 410 when `after` is no longer banned.
+fn bans_page(app: &App, query: &str) -> Response<Full<Bytes>> {
+    let mut limit = BANS_PAGE;
+    let mut after = None;
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        let v = v
+            .replace("%2F", "/")
+            .replace("%2f", "/")
+            .replace("%3A", ":")
+            .replace("%3a", ":");
+        match k {
+            "limit" => match v.parse::<usize>() {
+                Ok(n) if n > 0 => limit = n.min(BANS_PAGE),
+                _ => {
+                    return reply(
+                        StatusCode::BAD_REQUEST,
+                        "text/plain",
+                        format!("limit `{v}` is not a positive number\n"),
+                    )
+                }
+            },
+            "after" => match crate::guard::bans::parse_target(&v) {
+                Some(net) => after = Some(net),
+                None => {
+                    return reply(
+                        StatusCode::BAD_REQUEST,
+                        "text/plain",
+                        format!("after `{v}` is not a ban's target\n"),
+                    )
+                }
+            },
+            _ => {
+                return reply(
+                    StatusCode::BAD_REQUEST,
+                    "text/plain",
+                    format!("unknown parameter `{k}`\n"),
+                )
+            }
+        }
+    }
+    // One more than asked, to know whether a next page exists.
+    let Some(mut page) = app.guard.bans_page(after.as_ref(), limit.saturating_add(1)) else {
+        return reply(
+            StatusCode::GONE,
+            "text/plain",
+            "no ban on `after` any more: start again without it\n".into(),
+        );
+    };
+    let more = page.len() > limit;
+    page.truncate(limit);
+    let mut r = reply(
+        StatusCode::OK,
+        "application/json",
+        serde_json::to_string_pretty(&page).unwrap_or_else(|_| "[]".into()),
+    );
+    if let (true, Some(last)) = (more, page.last()) {
+        if let Ok(v) = HeaderValue::from_str(&format!(
+            "</bans?limit={limit}&after={}>; rel=\"next\"",
+            last.target
+        )) {
+            r.headers_mut().insert(header::LINK, v);
+        }
+    }
+    r
+}
+
 fn route<B>(app: &App, token: Option<&str>, req: Request<B>) -> Response<Full<Bytes>> {
     if !authorized(token, &req) {
         let mut r = reply(
@@ -217,11 +290,7 @@ fn route<B>(app: &App, token: Option<&str>, req: Request<B>) -> Response<Full<By
                 format!("{why}\n"),
             ),
         },
-        (&Method::GET, "/bans") => reply(
-            StatusCode::OK,
-            "application/json",
-            serde_json::to_string_pretty(&app.guard.bans()).unwrap_or_else(|_| "[]".into()),
-        ),
+        (&Method::GET, "/bans") => bans_page(app, req.uri().query().unwrap_or("")),
         (&Method::DELETE, p) if p.starts_with("/bans/") && token.is_none() => reply(
             StatusCode::FORBIDDEN,
             "text/plain",

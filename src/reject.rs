@@ -285,6 +285,10 @@ table! {
         FirstRequestTimeout => (0, "first_request_timeout", Rejected, scored: true, closes: true),
         /// A trusted proxy sent no valid PROXY header in time.
         ProxyHeader => (0, "proxy_header", Rejected, scored: false, closes: true),
+        /// The client left its answers unread for `--write-timeout`
+        /// (pipelined queries it never reads, a flow-control window it
+        /// never opens).
+        WriteTimeout => (0, "write_timeout", Rejected, scored: true, closes: true),
     }
 }
 

@@ -36,6 +36,13 @@ const CONN_BURST_SECS: u32 = 5;
 /// One open client connection, as the guard, the pipeline and the
 /// connection's own task see it. Activity is requests, nothing else:
 /// control frames and stray bytes do not keep a connection alive.
+///
+/// A request is *in flight* while the proxy works on it, and its answer
+/// *unread* from when it is handed to the transport until the client has
+/// taken it (written into the socket, or into the HTTP/2 stream's window).
+/// A client that stops reading is never "busy": its connection is idle as
+/// of the last answer it took, and closed when answers wait unread for
+/// `--write-timeout` ([`Expiry::Stuck`]).
 #[derive(Debug)]
 pub struct Conn {
     peer: IpAddr,
@@ -43,6 +50,11 @@ pub struct Conn {
     /// Milliseconds after `born` of the last request start or end.
     last_ms: AtomicU64,
     inflight: AtomicU32,
+    /// Answers handed to the transport that the client has not taken.
+    unread: AtomicU32,
+    /// Milliseconds after `born` the client last took an answer (or its
+    /// oldest unread answer was queued, if it took none since).
+    progress_ms: AtomicU64,
     requests: AtomicU64,
     close: CancellationToken,
     /// Whether this connection still holds a place in the global count.
@@ -56,6 +68,8 @@ pub enum Expiry {
     FirstRequest,
     /// Nothing in flight and nothing started for the idle timeout.
     Idle,
+    /// Answers waited unread for the write timeout.
+    Stuck,
 }
 
 impl Conn {
@@ -65,6 +79,8 @@ impl Conn {
             born: Instant::now(),
             last_ms: AtomicU64::new(0),
             inflight: AtomicU32::new(0),
+            unread: AtomicU32::new(0),
+            progress_ms: AtomicU64::new(0),
             requests: AtomicU64::new(0),
             close: CancellationToken::new(),
             counted: AtomicBool::new(false),
@@ -80,9 +96,26 @@ impl Conn {
         self.peer
     }
 
+    fn now_ms(&self) -> u64 {
+        self.born.elapsed().as_millis().min(u64::MAX.into()) as u64
+    }
+
     fn touch(&self) {
-        let ms = self.born.elapsed().as_millis().min(u64::MAX.into()) as u64;
-        self.last_ms.store(ms, Ordering::Relaxed);
+        self.last_ms.store(self.now_ms(), Ordering::Relaxed);
+    }
+
+    /// An answer is handed to the transport; the client has not taken it
+    /// until the returned guard is dropped.
+    pub fn queued(self: &Arc<Self>) -> Unread {
+        if self.unread.fetch_add(1, Ordering::Relaxed) == 0 {
+            self.progress_ms.store(self.now_ms(), Ordering::Relaxed);
+        }
+        Unread(self.clone())
+    }
+
+    /// Answers the client has not taken yet.
+    pub fn unread(&self) -> u32 {
+        self.unread.load(Ordering::Relaxed)
     }
 
     /// A request starts; returns its number on this connection (1-based)
@@ -116,9 +149,17 @@ impl Conn {
         self.close.is_cancelled()
     }
 
+    fn progress(&self) -> Instant {
+        self.born + Duration::from_millis(self.progress_ms.load(Ordering::Relaxed))
+    }
+
     /// Since when the connection has been idle, or `None` while a request
-    /// is in flight.
+    /// is in flight and the client takes its answers. A client that leaves
+    /// answers unread is idle since it last took one.
     fn idle_since(&self) -> Option<Instant> {
+        if self.unread() > 0 {
+            return Some(self.progress());
+        }
         if self.inflight() > 0 {
             return None;
         }
@@ -126,8 +167,17 @@ impl Conn {
     }
 
     /// When the watchdog must close the connection if nothing happens
-    /// before, and why; `None` while a request is in flight.
-    pub fn deadline(&self, first: Duration, idle: Duration) -> Option<(Instant, Expiry)> {
+    /// before, and why; `None` while a request is in flight (and nothing
+    /// waits unread). `write` is `--write-timeout`.
+    pub fn deadline(
+        &self,
+        first: Duration,
+        idle: Duration,
+        write: Duration,
+    ) -> Option<(Instant, Expiry)> {
+        if self.unread() > 0 {
+            return Some((self.progress() + write, Expiry::Stuck));
+        }
         if self.inflight() > 0 {
             return None;
         }
@@ -135,6 +185,21 @@ impl Conn {
             return Some((self.born + first, Expiry::FirstRequest));
         }
         self.idle_since().map(|t| (t + idle, Expiry::Idle))
+    }
+}
+
+/// An answer the client has not taken; its drop says it took it (or that
+/// it is gone), which is progress.
+#[derive(Debug)]
+pub struct Unread(Arc<Conn>);
+
+impl Drop for Unread {
+    fn drop(&mut self) {
+        let c = &self.0;
+        let now = c.now_ms();
+        c.progress_ms.store(now, Ordering::Relaxed);
+        c.last_ms.store(now, Ordering::Relaxed);
+        c.unread.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -173,17 +238,18 @@ fn dec<K: std::hash::Hash + Eq>(map: &mut HashMap<K, u32>, key: &K) {
 /// Whom a connection is admitted as.
 pub struct Candidate {
     pub ip: IpAddr,
-    /// Subject to rates and caps (not allowlisted, not a trusted proxy).
-    pub limited: bool,
+    /// Spends (and meets) the new-connection rates. A QUIC source that
+    /// has not proved it owns its address does not: its packets may be
+    /// spoofed, and must not spend (or exhaust) somebody else's rate.
+    pub rated: bool,
+    /// Meets and takes the per-address, per-prefix and per-network caps.
+    /// A QUIC source does only once its handshake proved its address.
+    pub capped: bool,
     /// Takes a place in the global count (a real socket, not a client
     /// named by a PROXY header on an already counted one).
     pub global: bool,
     /// Exempt from the global cap (allowlisted).
     pub exempt: bool,
-    /// Subject to the new-connection rates. A QUIC source that has not
-    /// proved it owns its address is not: its packets may be spoofed, and
-    /// must not spend (or exhaust) somebody else's rate.
-    pub rated: bool,
 }
 
 pub struct Admission {
@@ -239,14 +305,14 @@ impl Admission {
         let ip = who.ip;
         let prefix = prefix_of(ip, s.prefix_v4, s.prefix_v6);
         let net = prefix_of(ip, NET_V4, NET_V6);
-        if who.limited && who.rated {
+        if who.rated {
             let over = self.ip_rate.check(&ip).is_err() || self.prefix_rate.check(&prefix).is_err();
             if over && self.enforce(ConnReject::ConnRate, ip, s) {
                 return Err(ConnReject::ConnRate);
             }
         }
         let mut t = self.lock();
-        if who.limited {
+        if who.capped {
             let n_ip = t.per_ip.get(&ip).copied().unwrap_or(0);
             let n_prefix = t.per_prefix.get(&prefix).copied().unwrap_or(0);
             let n_net = t.per_net.get(&net).copied().unwrap_or(0);
@@ -268,7 +334,7 @@ impl Admission {
             }
         }
         let mut counted = None;
-        if who.limited {
+        if who.capped {
             inc(&mut t.per_ip, ip);
             inc(&mut t.per_prefix, prefix);
             inc(&mut t.per_net, net);
@@ -385,10 +451,10 @@ mod tests {
     fn limited(ip: &str) -> Candidate {
         Candidate {
             ip: ip.parse().unwrap(),
-            limited: true,
+            rated: true,
+            capped: true,
             global: true,
             exempt: false,
-            rated: true,
         }
     }
 
@@ -465,16 +531,47 @@ mod tests {
         let c = Conn::detached("192.0.2.1".parse().unwrap());
         let first = Duration::from_secs(5);
         let idle = Duration::from_secs(30);
-        let (at, why) = c.deadline(first, idle).unwrap();
+        let write = Duration::from_secs(10);
+        let (at, why) = c.deadline(first, idle, write).unwrap();
         assert_eq!(why, Expiry::FirstRequest);
         assert_eq!(at, c.born + first);
         tokio::time::advance(Duration::from_secs(2)).await;
         let (_, req) = c.begin();
-        assert!(c.deadline(first, idle).is_none(), "busy");
+        assert!(c.deadline(first, idle, write).is_none(), "busy");
         tokio::time::advance(Duration::from_secs(3)).await;
         drop(req);
-        let (at, why) = c.deadline(first, idle).unwrap();
+        let (at, why) = c.deadline(first, idle, write).unwrap();
         assert_eq!(why, Expiry::Idle);
         assert_eq!(at, c.born + Duration::from_secs(5) + idle);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn unread_answers_are_not_busy() {
+        let s = settings("max_conns = 2\nper_ip_conn_rate = 1000");
+        let a = admission(&s);
+        let (first, idle, write) = (
+            Duration::from_secs(5),
+            Duration::from_secs(30),
+            Duration::from_secs(10),
+        );
+        let reader = a.admit(limited("192.0.2.1"), &s).unwrap();
+        let stuck = a.admit(limited("192.0.2.2"), &s).unwrap();
+        // The stuck client: a request in flight, ten answers it never takes.
+        let c = stuck.conn();
+        let (_, busy) = c.begin();
+        let unread: Vec<_> = (0..10).map(|_| c.queued()).collect();
+        let (at, why) = c.deadline(first, idle, write).unwrap();
+        assert_eq!((at, why), (c.born + write, Expiry::Stuck));
+        // The reader takes its answers as they come.
+        tokio::time::advance(Duration::from_secs(3)).await;
+        drop(reader.conn().begin());
+        // At the cap the stuck one goes first, though a request is in flight.
+        let _t3 = a.admit(limited("198.51.100.1"), &s).unwrap();
+        assert!(stuck.conn().is_closing() && !reader.conn().is_closing());
+        // Taking one answer is progress: the deadline moves.
+        drop(unread);
+        drop(busy);
+        let (_, why) = c.deadline(first, idle, write).unwrap();
+        assert_eq!(why, Expiry::Idle);
     }
 }

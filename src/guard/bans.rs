@@ -169,6 +169,24 @@ pub struct SavedBan {
     pub hits: u64,
 }
 
+/// One change to the bans, as the state file's journal keeps it. Each
+/// says what is, not what happened ("this ban, until then"; "no ban on
+/// that"; "this count"), so replaying one twice changes nothing.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Change {
+    Ban(SavedBan),
+    Unban { target: String },
+    Offence(SavedOffence),
+}
+
+/// Bans copied per hold of the table's lock.
+const CHUNK: usize = 1024;
+
+/// Changes kept for the state file between two writes at most; past it
+/// the next write is a whole snapshot.
+const JOURNAL_CAP: usize = 65_536;
+
 /// A repeat count as the state file keeps it.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct SavedOffence {
@@ -184,6 +202,10 @@ pub struct Bans {
     offences: moka::sync::Cache<IpNet, Offence>,
     dirty: AtomicBool,
     max: usize,
+    /// Changes not yet written to the state file.
+    journal: std::sync::Mutex<Vec<Change>>,
+    /// More changes than [`JOURNAL_CAP`] came between two writes.
+    journal_overflowed: AtomicBool,
 }
 
 fn unix(t: SystemTime) -> u64 {
@@ -200,7 +222,28 @@ impl Bans {
                 .build(),
             dirty: AtomicBool::new(true),
             max: max.max(1),
+            journal: std::sync::Mutex::default(),
+            journal_overflowed: AtomicBool::new(false),
         }
+    }
+
+    fn record(&self, change: Change) {
+        let mut j = self.journal.lock().unwrap_or_else(|p| p.into_inner());
+        if j.len() >= JOURNAL_CAP {
+            j.clear();
+            self.journal_overflowed.store(true, Ordering::Relaxed);
+        }
+        j.push(change);
+    }
+
+    /// The changes since the last call, and whether some were lost to the
+    /// cap (then only a whole snapshot is right).
+    pub fn take_changes(&self) -> (Vec<Change>, bool) {
+        let changes = std::mem::take(&mut *self.journal.lock().unwrap_or_else(|p| p.into_inner()));
+        (
+            changes,
+            self.journal_overflowed.swap(false, Ordering::Relaxed),
+        )
     }
 
     /// Whether `ip`, or a banned prefix holding it, is banned; counts the hit.
@@ -239,8 +282,40 @@ impl Bans {
                 until: Instant::now() + OFFENCE_MEMORY,
             },
         );
+        self.record(Change::Offence(SavedOffence {
+            target: target_label(&target),
+            count: n.saturating_add(1),
+            until: unix(SystemTime::now() + OFFENCE_MEMORY),
+        }));
         self.dirty.store(true, Ordering::Relaxed);
         n
+    }
+
+    /// Calls `each` with every ban in force, soonest to expire first,
+    /// taking the table's lock for [`CHUNK`] bans at a time: a copy of
+    /// 200,000 bans never holds up an accept or a ban for more than a few
+    /// microseconds.
+    fn for_each_chunked(&self, mut each: impl FnMut(&Instant, &IpNet, &Ban)) {
+        use std::ops::Bound;
+        let now = Instant::now();
+        let mut from: Bound<(Instant, IpNet)> = Bound::Unbounded;
+        loop {
+            let t = self.table.read().unwrap_or_else(|p| p.into_inner());
+            let mut last = None;
+            for (at, net) in t.by_expiry.range((from, Bound::Unbounded)).take(CHUNK) {
+                if *at > now {
+                    if let Some(b) = t.by_target.get(net) {
+                        each(at, net, b);
+                    }
+                }
+                last = Some((*at, *net));
+            }
+            drop(t);
+            match last {
+                Some(k) => from = Bound::Excluded(k),
+                None => return,
+            }
+        }
     }
 
     /// Everything the state file keeps: bans in force and repeat counts.
@@ -248,23 +323,16 @@ impl Bans {
         let now = Instant::now();
         let wall = SystemTime::now();
         let at = |i: Instant| unix(wall + i.saturating_duration_since(now));
-        let bans = {
-            let t = self.table.read().unwrap_or_else(|p| p.into_inner());
-            t.by_expiry
-                .iter()
-                .filter(|(e, _)| *e > now)
-                .filter_map(|(e, net)| {
-                    let b = t.by_target.get(net)?;
-                    Some(SavedBan {
-                        target: target_label(net),
-                        reason: b.reason.to_string(),
-                        since: unix(b.since),
-                        expires: at(*e),
-                        hits: b.hits.load(Ordering::Relaxed),
-                    })
-                })
-                .collect()
-        };
+        let mut bans = Vec::new();
+        self.for_each_chunked(|e, net, b| {
+            bans.push(SavedBan {
+                target: target_label(net),
+                reason: b.reason.to_string(),
+                since: unix(b.since),
+                expires: at(*e),
+                hits: b.hits.load(Ordering::Relaxed),
+            })
+        });
         let offences = self
             .offences
             .iter()
@@ -278,7 +346,10 @@ impl Bans {
         (bans, offences)
     }
 
-    /// Puts back a ban from the state file; `prefix` as for [`Bans::add`].
+    /// Puts back a ban from the state file, or another instance's
+    /// (`journal`: to be written to the state file); `prefix` as for
+    /// [`Bans::add`].
+    #[allow(clippy::too_many_arguments)]
     pub fn restore(
         &self,
         target: IpNet,
@@ -287,8 +358,9 @@ impl Bans {
         remaining: Duration,
         hits: u64,
         prefix: Option<IpNet>,
+        journal: bool,
     ) {
-        let added = self.add(target, reason, remaining.as_secs().max(1), prefix);
+        let added = self.insert(target, reason, remaining.as_secs().max(1), prefix, journal);
         let mut t = self.table.write().unwrap_or_else(|p| p.into_inner());
         if let Some(b) = t.by_target.get_mut(&target) {
             b.since = since;
@@ -318,11 +390,33 @@ impl Bans {
         secs: u64,
         prefix: Option<IpNet>,
     ) -> Added {
+        self.insert(target, reason, secs, prefix, true)
+    }
+
+    fn insert(
+        &self,
+        target: IpNet,
+        reason: &'static str,
+        secs: u64,
+        prefix: Option<IpNet>,
+        journal: bool,
+    ) -> Added {
+        let secs = Duration::from_secs(secs).min(MAX_BAN);
+        if journal {
+            let wall = SystemTime::now();
+            self.record(Change::Ban(SavedBan {
+                target: target_label(&target),
+                reason: reason.to_string(),
+                since: unix(wall),
+                expires: unix(wall + secs),
+                hits: 0,
+            }));
+        }
         let now = Instant::now();
         let ban = Ban {
             reason,
             since: SystemTime::now(),
-            expires: now + Duration::from_secs(secs).min(MAX_BAN),
+            expires: now + secs,
             prefix: prefix.filter(|_| is_host(&target)),
             hits: AtomicU64::new(0),
         };
@@ -361,6 +455,9 @@ impl Bans {
             .unwrap_or_else(|p| p.into_inner())
             .remove(target);
         if removed {
+            self.record(Change::Unban {
+                target: target_label(target),
+            });
             self.dirty.store(true, Ordering::Relaxed);
         }
         removed
@@ -413,37 +510,53 @@ impl Bans {
 
     /// Active bans, soonest to expire first.
     pub fn views(&self) -> Vec<BanView> {
+        self.page(None, usize::MAX).unwrap_or_default()
+    }
+
+    /// At most `limit` active bans, soonest to expire first, starting
+    /// after the ban on `after`; `None` when there is no ban on `after`
+    /// (it expired or was lifted since the previous page).
+    pub fn page(&self, after: Option<&IpNet>, limit: usize) -> Option<Vec<BanView>> {
+        use std::ops::Bound;
         let t = self.table.read().unwrap_or_else(|p| p.into_inner());
+        let from = match after {
+            None => Bound::Unbounded,
+            Some(net) => Bound::Excluded((t.by_target.get(net)?.expires, *net)),
+        };
         let now = Instant::now();
         let wall = SystemTime::now();
-        t.by_expiry
-            .iter()
-            .filter(|(at, _)| *at > now)
-            .filter_map(|(at, net)| {
-                let b = t.by_target.get(net)?;
-                let remaining = at.saturating_duration_since(now);
-                Some(BanView {
-                    target: target_label(net),
-                    reason: b.reason,
-                    since: unix(b.since),
-                    expires: unix(wall + remaining),
-                    remaining_secs: remaining.as_secs(),
-                    hits: b.hits.load(Ordering::Relaxed),
+        Some(
+            t.by_expiry
+                .range((from, Bound::Unbounded))
+                .filter(|(at, _)| *at > now)
+                .take(limit)
+                .filter_map(|(at, net)| {
+                    let b = t.by_target.get(net)?;
+                    let remaining = at.saturating_duration_since(now);
+                    Some(BanView {
+                        target: target_label(net),
+                        reason: b.reason,
+                        since: unix(b.since),
+                        expires: unix(wall + remaining),
+                        remaining_secs: remaining.as_secs(),
+                        hits: b.hits.load(Ordering::Relaxed),
+                    })
                 })
-            })
-            .collect()
+                .collect(),
+        )
     }
 
     /// (target, seconds left) of every ban that a firewall can hold: real
     /// addresses and prefixes, not the shared `unknown` key.
     pub fn for_firewall(&self) -> Vec<(IpNet, u64)> {
-        let t = self.table.read().unwrap_or_else(|p| p.into_inner());
         let now = Instant::now();
-        t.by_expiry
-            .iter()
-            .filter(|(at, net)| *at > now && *net != IpNet::from(UNKNOWN_CLIENT))
-            .map(|(at, net)| (*net, at.saturating_duration_since(now).as_secs()))
-            .collect()
+        let mut out = Vec::new();
+        self.for_each_chunked(|at, net, _| {
+            if *net != IpNet::from(UNKNOWN_CLIENT) {
+                out.push((*net, at.saturating_duration_since(now).as_secs()));
+            }
+        });
+        out
     }
 
     /// Banned hosts counted towards `prefix` (for tests and checks).

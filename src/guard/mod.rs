@@ -34,7 +34,7 @@ use http::HeaderMap;
 use ipnet::IpNet;
 use tokio::time::Instant;
 
-pub use admission::{Conn, ConnTicket, Expiry, InFlight};
+pub use admission::{Conn, ConnTicket, Expiry, InFlight, Unread};
 pub use bans::BanView;
 
 use crate::config::ForwardedHeader;
@@ -47,6 +47,17 @@ use admission::{Admission, Candidate};
 use bans::{Bans, MAX_BANS};
 use budget::{quota, KeyedRate};
 use penalty::Penalty;
+
+/// Runs `job` on tokio's blocking threads when there is a runtime (file
+/// writes stay off the threads that serve clients), else here.
+fn in_background(job: impl FnOnce() + Send + 'static) {
+    match tokio::runtime::Handle::try_current() {
+        Ok(h) => {
+            h.spawn_blocking(job);
+        }
+        Err(_) => job(),
+    }
+}
 
 fn unix_now() -> u64 {
     std::time::SystemTime::now()
@@ -130,6 +141,19 @@ pub enum BanEvent {
     },
 }
 
+/// What a connection is admitted for (see the `admit_*` methods).
+#[derive(Debug, Clone, Copy)]
+enum Place {
+    /// A TCP connection: everything.
+    Socket,
+    /// The client a PROXY header names on a counted connection.
+    Proxied,
+    /// A QUIC connection's first packet.
+    QuicInitial { validated: bool },
+    /// A QUIC connection whose handshake completed.
+    QuicHandshaken { rate_spent: bool },
+}
+
 /// The verdict on a client's request budget.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Budget {
@@ -161,6 +185,12 @@ pub struct Guard {
     epoch: Instant,
     last_forwarding_warning: AtomicU64,
     last_missing_warning: AtomicU64,
+    /// Lines appended to the state file's journal since its last merge.
+    journal_lines: std::sync::atomic::AtomicUsize,
+    /// A whole snapshot of the state file is to be written.
+    snapshot_due: std::sync::atomic::AtomicBool,
+    /// Seconds after `epoch` the ban file was last written.
+    ban_file_written: AtomicU64,
     /// Where bans made and lifted here are told, when instances share them.
     events: std::sync::OnceLock<tokio::sync::mpsc::Sender<BanEvent>>,
 }
@@ -184,6 +214,9 @@ impl Guard {
             epoch: Instant::now(),
             last_forwarding_warning: AtomicU64::new(0),
             last_missing_warning: AtomicU64::new(0),
+            journal_lines: Default::default(),
+            snapshot_due: Default::default(),
+            ban_file_written: AtomicU64::new(0),
             events: std::sync::OnceLock::new(),
             settings: ArcSwap::from_pointee(s),
         }
@@ -228,22 +261,37 @@ impl Guard {
 
     /// Admission of a new connection from `peer`, before any TLS work.
     pub fn admit(&self, peer: IpAddr) -> Result<ConnTicket, ConnReject> {
-        self.admit_as(canonical(peer), true, true)
+        self.admit_as(canonical(peer), Place::Socket)
     }
 
     /// Admission of the client that a trusted proxy's PROXY header names:
     /// its bans, rates and caps. The connection itself already holds its
     /// place in the global count, as the proxy's.
     pub fn admit_proxied(&self, client: IpAddr) -> Result<ConnTicket, ConnReject> {
-        self.admit_as(canonical(client), false, true)
+        self.admit_as(canonical(client), Place::Proxied)
     }
 
-    /// Admission of a QUIC connection at its first packet. A source that
-    /// has not proved it owns its address (no Retry token) meets the caps
-    /// but neither spends nor is refused by connection rates, and is never
-    /// scored: its packets may be spoofed.
+    /// Admission of a QUIC connection at its first packet: a place in the
+    /// global count only. Its packets may be spoofed, so it takes none of
+    /// the per-address, per-prefix and per-network places shared with TCP
+    /// (a spoofer would lock the real owner out), and is never scored; a
+    /// source that proved its address with a Retry token spends its
+    /// connection rate here, as a TCP accept would.
     pub fn admit_quic(&self, peer: IpAddr, validated: bool) -> Result<ConnTicket, ConnReject> {
-        self.admit_as(canonical(peer), true, validated)
+        self.admit_as(canonical(peer), Place::QuicInitial { validated })
+    }
+
+    /// Admission of a QUIC connection whose handshake completed (its
+    /// address is proven): the per-address, per-prefix and per-network
+    /// caps, and the connection rate unless its Retry token already spent
+    /// it. Refusals score. The returned ticket holds those places; the
+    /// first packet's ticket keeps the global one.
+    pub fn admit_quic_handshaken(
+        &self,
+        peer: IpAddr,
+        rate_spent: bool,
+    ) -> Result<ConnTicket, ConnReject> {
+        self.admit_as(canonical(peer), Place::QuicHandshaken { rate_spent })
     }
 
     /// The checks that need no state of the connection's own: static
@@ -266,7 +314,7 @@ impl Guard {
         Ok(())
     }
 
-    fn admit_as(&self, ip: IpAddr, global: bool, proven: bool) -> Result<ConnTicket, ConnReject> {
+    fn admit_as(&self, ip: IpAddr, place: Place) -> Result<ConnTicket, ConnReject> {
         if let Err(reason) = self.precheck(ip) {
             self.metrics.conn_rejected(reason, false);
             return Err(reason);
@@ -274,12 +322,18 @@ impl Guard {
         let s = self.settings.load();
         let allowed = any_contains(&s.allow, ip);
         let limited = !allowed && !any_contains(&s.trusted, ip);
+        let (global, rated, capped, proven) = match place {
+            Place::Socket => (true, true, true, true),
+            Place::Proxied => (false, true, true, true),
+            Place::QuicInitial { validated } => (true, validated, false, validated),
+            Place::QuicHandshaken { rate_spent } => (false, !rate_spent, true, true),
+        };
         let who = Candidate {
             ip,
-            limited,
+            rated: limited && rated,
+            capped: limited && capped,
             global,
             exempt: allowed,
-            rated: proven,
         };
         let r = self.admission.admit(who, &s);
         if let Err(reason) = r {
@@ -534,6 +588,7 @@ impl Guard {
             remaining,
             0,
             prefix,
+            true,
         );
         if offences > self.bans.offences(&target) {
             self.bans
@@ -568,6 +623,12 @@ impl Guard {
         self.bans.views()
     }
 
+    /// A page of [`Guard::bans`]: at most `limit` after the ban on `after`
+    /// (`None`: no ban on `after` any more).
+    pub fn bans_page(&self, after: Option<&IpNet>, limit: usize) -> Option<Vec<BanView>> {
+        self.bans.page(after.map(|n| n.trunc()).as_ref(), limit)
+    }
+
     /// Housekeeping, run every second: expire bans, prune limiter state,
     /// rewrite the ban file when bans changed.
     pub fn tick(&self) {
@@ -580,25 +641,78 @@ impl Guard {
         self.prefix_budget.prune();
         self.relay_budget.prune();
         self.admission.prune();
-        if self.bans.take_dirty() {
-            if let Err(e) = self.write_ban_file() {
-                self.bans.mark_dirty();
-                tracing::error!(error = %e, "cannot write the ban file");
-            }
-            if let Err(e) = self.save_state() {
+        self.persist();
+    }
+
+    /// Writes what changed: the state file's journal (O(changes)), a
+    /// merge of it into the snapshot now and then (in a background thread,
+    /// from the files), and the ban file when bans changed (at most once a
+    /// second, every 5 s past 10,000 bans, built in a background thread
+    /// from a copy taken a thousand bans per lock).
+    fn persist(&self) {
+        let s = self.settings.load();
+        let (changes, overflowed) = self.bans.take_changes();
+        if let Some(path) = &s.state_file {
+            let r = if overflowed || self.snapshot_due.swap(false, Ordering::Relaxed) {
+                self.save_state()
+            } else if changes.is_empty() {
+                Ok(())
+            } else {
+                state::append(path, &changes).map(|()| self.journaled(path, changes.len()))
+            };
+            if let Err(e) = r {
+                // Whatever was lost, a whole snapshot puts right.
+                self.snapshot_due.store(true, Ordering::Relaxed);
                 tracing::error!(error = %e, "cannot write the state file");
             }
         }
+        let now = self.epoch.elapsed().as_secs();
+        let every = if self.bans.len() > 10_000 { 5 } else { 1 };
+        if s.ban_file.is_some()
+            && now >= self.ban_file_written.load(Ordering::Relaxed) + every
+            && self.bans.take_dirty()
+        {
+            self.ban_file_written.store(now, Ordering::Relaxed);
+            self.write_ban_file();
+        }
     }
 
-    /// Writes `--state-file` now (at shutdown, and when bans changed).
+    /// `n` more lines in the journal: once it holds more lines than there
+    /// are bans (and at least 4,096), merge it into the snapshot.
+    fn journaled(&self, path: &std::path::Path, n: usize) {
+        let lines = self.journal_lines.fetch_add(n, Ordering::Relaxed) + n;
+        if lines < self.bans.len().max(4096) {
+            return;
+        }
+        match state::rotate_journal(path) {
+            Ok(true) => {
+                self.journal_lines.store(0, Ordering::Relaxed);
+                let path = path.to_path_buf();
+                in_background(move || {
+                    if let Err(e) = state::merge(&path) {
+                        tracing::error!(error = %e, "cannot merge the state file's journal");
+                    }
+                });
+            }
+            Ok(false) => {}
+            Err(e) => tracing::error!(error = %e, "cannot rotate the state file's journal"),
+        }
+    }
+
+    /// Writes `--state-file` whole now (at shutdown, after a damaged file
+    /// was set aside, when the journal overflowed); the journals are then
+    /// redundant and removed.
     pub fn save_state(&self) -> std::io::Result<()> {
         let s = self.settings.load();
         let Some(path) = &s.state_file else {
             return Ok(());
         };
+        let _ = self.bans.take_changes();
         let (bans, offences) = self.bans.export();
-        state::save(path, bans, offences)
+        state::save(path, bans, offences)?;
+        state::clear_journals(path);
+        self.journal_lines.store(0, Ordering::Relaxed);
+        Ok(())
     }
 
     /// Reads `--state-file` back at start; a damaged file is reported and
@@ -622,13 +736,13 @@ impl Guard {
                 if let Some(aside) = &r.set_aside {
                     tracing::warn!("{aside}");
                     // What was valid is written back at the next tick.
-                    self.bans.mark_dirty();
+                    self.snapshot_due.store(true, Ordering::Relaxed);
                 }
                 for (net, reason, since, remaining, hits) in r.bans {
                     let prefix =
                         is_host(&net).then(|| prefix_of(net.addr(), s.prefix_v4, s.prefix_v6));
                     self.bans
-                        .restore(net, reason, since, remaining, hits, prefix);
+                        .restore(net, reason, since, remaining, hits, prefix, false);
                 }
                 for (net, count, remaining) in r.offences {
                     self.bans.restore_offence(net, count, remaining);
@@ -666,13 +780,20 @@ impl Guard {
         self.bans.mark_dirty();
     }
 
-    fn write_ban_file(&self) -> std::io::Result<()> {
-        let s = self.settings.load();
-        let Some(path) = &s.ban_file else {
-            return Ok(());
+    /// Renders and writes the ban file in a background thread, from a
+    /// copy of the bans taken a thousand per lock.
+    fn write_ban_file(&self) {
+        let s = self.settings.load_full();
+        let Some(path) = s.ban_file.clone() else {
+            return;
         };
-        let text = nft::render(&self.bans.for_firewall(), &s.ports, &s.udp_ports);
-        nft::write_atomically(path, &text)
+        let bans = self.bans.for_firewall();
+        in_background(move || {
+            let text = nft::render(&bans, &s.ports, &s.udp_ports);
+            if let Err(e) = nft::write_atomically(&path, &text) {
+                tracing::error!(error = %e, "cannot write the ban file");
+            }
+        });
     }
 }
 

@@ -1,9 +1,20 @@
 //! `--state-file`: the bans in force and the repeat counts, kept across
 //! restarts so that abusers do not come straight back.
 //!
-//! Written atomically (a temporary file, then rename) when bans change, at
-//! most once a second, and at shutdown; read once at start, dropping what
-//! expired meanwhile. The file is untrusted input: anybody who can write
+//! Writing costs what changed, not what is kept: each second the changes
+//! (a ban, a lift, a repeat count) are appended to `PATH.journal`, one JSON
+//! line each; now and then — when the journal holds more lines than there
+//! are bans — it is folded into the snapshot `PATH` in a background thread
+//! that reads the files, not the ban table, so no lock is held: the
+//! journal is first renamed `PATH.journal.old` (new changes go to a new
+//! journal), then snapshot and old journal are merged into a new snapshot
+//! written atomically (a temporary file, then rename), then the old
+//! journal is removed. Each journal line says what is ("this ban until
+//! then", "no ban on that"), so replaying a line twice — after a crash in
+//! the middle of a merge — changes nothing. At shutdown, and when more
+//! changes came than the journal keeps, a whole snapshot is written. Read
+//! once at start: snapshot, old journal, journal, dropping what expired
+//! meanwhile. The file is untrusted input: anybody who can write
 //! it (or a disk that damaged it) must not be able to stop the proxy from
 //! starting, nor ban more than the ban rules ever could. So every number is
 //! range-checked before any time arithmetic ([`Limits`]): a time past
@@ -18,7 +29,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 
-use super::bans::{parse_target, SavedBan, SavedOffence};
+use super::bans::{parse_target, Change, SavedBan, SavedOffence};
 use crate::reject::{ConnReject, ProtocolError, Reject};
 
 const FORMAT: &str = "doh-proxy state";
@@ -99,18 +110,144 @@ fn reason(label: &str) -> &'static str {
         .unwrap_or("restored")
 }
 
+/// `PATH` with `suffix` added.
+fn beside(path: &Path, suffix: &str) -> PathBuf {
+    let mut p = path.as_os_str().to_owned();
+    p.push(suffix);
+    PathBuf::from(p)
+}
+
+/// The journal changes are appended to.
+pub fn journal_path(path: &Path) -> PathBuf {
+    beside(path, ".journal")
+}
+
+fn old_journal_path(path: &Path) -> PathBuf {
+    beside(path, ".journal.old")
+}
+
+/// Appends `changes` to the journal: time in proportion to the changes.
+pub fn append(path: &Path, changes: &[Change]) -> std::io::Result<()> {
+    use std::io::Write as _;
+    let mut text = Vec::with_capacity(changes.len() * 128);
+    for c in changes {
+        serde_json::to_writer(&mut text, c).map_err(std::io::Error::other)?;
+        text.push(b'\n');
+    }
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(journal_path(path))?;
+    f.write_all(&text)
+}
+
+/// Starts a merge: the journal becomes the old journal, and changes from
+/// now on go to a new one. False when an old journal is still there (a
+/// merge under way, or one a crash interrupted: the next start reads it).
+pub fn rotate_journal(path: &Path) -> std::io::Result<bool> {
+    if old_journal_path(path).exists() {
+        return Ok(false);
+    }
+    match std::fs::rename(journal_path(path), old_journal_path(path)) {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
+/// Folds the old journal into the snapshot (after [`rotate_journal`]):
+/// reads both files, never the ban table. Entries that expired are left
+/// out.
+pub fn merge(path: &Path) -> std::io::Result<()> {
+    let mut state = match std::fs::read(path) {
+        Ok(text) => serde_json::from_slice::<StateFile>(&text).map_err(std::io::Error::other)?,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => StateFile::empty(),
+        Err(e) => return Err(e),
+    };
+    let old = old_journal_path(path);
+    let journal = std::fs::read(&old)?;
+    state.apply(&journal);
+    let now = unix_now();
+    state.bans.retain(|b| b.expires > now);
+    state.offences.retain(|o| o.until > now);
+    save(path, state.bans, state.offences)?;
+    std::fs::remove_file(old)
+}
+
+/// Removes both journals: a whole snapshot was just written.
+pub fn clear_journals(path: &Path) {
+    let _ = std::fs::remove_file(journal_path(path));
+    let _ = std::fs::remove_file(old_journal_path(path));
+}
+
+impl StateFile {
+    fn empty() -> StateFile {
+        StateFile {
+            format: FORMAT.into(),
+            version: VERSION,
+            written: 0,
+            bans: Vec::new(),
+            offences: Vec::new(),
+        }
+    }
+
+    /// Applies journal lines in order; a line that does not parse (a
+    /// write cut short by a crash) is skipped. Returns the lines skipped.
+    fn apply(&mut self, journal: &[u8]) -> usize {
+        use std::collections::HashMap;
+        let mut bans: HashMap<String, SavedBan> = std::mem::take(&mut self.bans)
+            .into_iter()
+            .map(|b| (b.target.clone(), b))
+            .collect();
+        let mut offences: HashMap<String, SavedOffence> = std::mem::take(&mut self.offences)
+            .into_iter()
+            .map(|o| (o.target.clone(), o))
+            .collect();
+        let mut skipped = 0;
+        for line in journal.split(|b| *b == b'\n').filter(|l| !l.is_empty()) {
+            match serde_json::from_slice::<Change>(line) {
+                Ok(Change::Ban(b)) => {
+                    bans.insert(b.target.clone(), b);
+                }
+                Ok(Change::Unban { target }) => {
+                    bans.remove(&target);
+                }
+                Ok(Change::Offence(o)) => {
+                    offences.insert(o.target.clone(), o);
+                }
+                Err(_) => skipped += 1,
+            }
+        }
+        self.bans = bans.into_values().collect();
+        self.offences = offences.into_values().collect();
+        skipped
+    }
+}
+
 /// Reads a state file. `Ok(None)` when there is none yet; `Err` with a
 /// one-line reason when it is not ours or is damaged (the file is then
 /// moved to `PATH.bad`, so that it is not overwritten unread). A file
 /// with entries out of range gives what was valid in it, and is set aside
 /// too (`Restored::set_aside`).
 pub fn load(path: &Path, limits: Limits) -> Result<Option<Restored>, String> {
+    let journals_exist = journal_path(path).exists() || old_journal_path(path).exists();
     let text = match std::fs::read(path) {
         Ok(t) => t,
+        // Changes written before any snapshot was.
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound && journals_exist => {
+            serde_json::to_vec(&StateFile::empty()).map_err(|e| e.to_string())?
+        }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(set_aside(path, &format!("unreadable ({e})"))),
     };
-    let mut r = parse(&text, unix_now(), limits).map_err(|why| set_aside(path, &why))?;
+    let journals: Vec<Vec<u8>> = [old_journal_path(path), journal_path(path)]
+        .iter()
+        .filter_map(|p| std::fs::read(p).ok())
+        .collect();
+    let mut r = parse_with_journals(&text, &journals, unix_now(), limits).map_err(|why| {
+        clear_journals(path);
+        set_aside(path, &why)
+    })?;
     if !r.invalid.is_empty() {
         r.set_aside = Some(set_aside(
             path,
@@ -124,8 +261,23 @@ pub fn load(path: &Path, limits: Limits) -> Result<Option<Restored>, String> {
 /// system and the clock stay outside, so that any input can be fuzzed.
 /// Never panics; `Err` says why the whole file is refused.
 pub fn parse(text: &[u8], now: u64, limits: Limits) -> Result<Restored, String> {
-    let state: StateFile =
+    parse_with_journals(text, &[], now, limits)
+}
+
+/// [`parse`], then the journals' lines applied in order (lines that do
+/// not parse count as invalid entries).
+pub fn parse_with_journals(
+    text: &[u8],
+    journals: &[Vec<u8>],
+    now: u64,
+    limits: Limits,
+) -> Result<Restored, String> {
+    let mut state: StateFile =
         serde_json::from_slice(text).map_err(|e| format!("not a doh-proxy state file ({e})"))?;
+    let mut skipped = 0;
+    for j in journals {
+        skipped += state.apply(j);
+    }
     if state.format != FORMAT || state.version != VERSION {
         return Err(format!(
             "format `{}` version {}",
@@ -135,6 +287,8 @@ pub fn parse(text: &[u8], now: u64, limits: Limits) -> Result<Restored, String> 
     }
     let horizon = now.saturating_add(HORIZON.as_secs());
     let mut r = Restored::default();
+    r.invalid
+        .extend((0..skipped.min(10)).map(|_| "a journal line that does not parse".to_string()));
     for b in state.bans {
         let checked = check_target(&b.target, limits).and_then(|net| {
             if b.expires > horizon {
@@ -348,5 +502,64 @@ mod tests {
         assert_eq!(r.bans.len(), 1);
         assert!(r.set_aside.is_some());
         assert!(!p.exists() && temp("range.json.bad").exists());
+    }
+
+    #[test]
+    fn the_journal_replays_onto_the_snapshot_and_merges_away() {
+        let dir = std::env::temp_dir().join(format!("doh-journal-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = dir.join("state.json");
+        let now = unix_now();
+        let ban = |t: &str| {
+            Change::Ban(SavedBan {
+                target: t.into(),
+                reason: "manual".into(),
+                since: now,
+                expires: now + 600,
+                hits: 0,
+            })
+        };
+        // Changes before any snapshot: read back all the same.
+        append(&p, &[ban("192.0.2.1/32"), ban("192.0.2.2/32")]).unwrap();
+        let r = load(&p, LIMITS).unwrap().unwrap();
+        assert_eq!(r.bans.len(), 2);
+        // A merge: the journal moves aside, new changes go to a new one.
+        assert!(rotate_journal(&p).unwrap());
+        append(
+            &p,
+            &[Change::Unban {
+                target: "192.0.2.1/32".into(),
+            }],
+        )
+        .unwrap();
+        assert!(!rotate_journal(&p).unwrap(), "one merge at a time");
+        merge(&p).unwrap();
+        assert!(p.exists() && !old_journal_path(&p).exists());
+        let r = load(&p, LIMITS).unwrap().unwrap();
+        let targets: Vec<String> = r.bans.iter().map(|b| b.0.to_string()).collect();
+        assert_eq!(targets, vec!["192.0.2.2/32".to_string()]);
+        // A line cut short by a crash is skipped, the rest kept; replaying
+        // a line twice changes nothing.
+        append(&p, &[ban("192.0.2.3/32"), ban("192.0.2.3/32")]).unwrap();
+        {
+            use std::io::Write as _;
+            let mut f = std::fs::OpenOptions::new()
+                .append(true)
+                .open(journal_path(&p))
+                .unwrap();
+            f.write_all(b"{\"ban\":{\"target\":\"192.0.2.4/32\",\"rea")
+                .unwrap();
+        }
+        let r = parse_with_journals(
+            &std::fs::read(&p).unwrap(),
+            &[std::fs::read(journal_path(&p)).unwrap()],
+            now,
+            LIMITS,
+        )
+        .unwrap();
+        assert_eq!(r.bans.len(), 2);
+        assert_eq!(r.invalid.len(), 1);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -4,6 +4,14 @@
 //! closed at accept; a client over its budget gets `REFUSED`; a message
 //! that is not one valid query gets `FORMERR` and the connection is closed
 //! (and scored); first-request and idle deadlines as for HTTPS.
+//!
+//! A client that pipelines queries and never reads its answers must cost
+//! a bounded, short-lived amount: a query holds one of [`MAX_PENDING`]
+//! places from when it is read until its answer is written into the
+//! socket, reading stops while [`MAX_UNWRITTEN`] bytes of answers wait for
+//! the writer, and answers count as unread (not as work in flight) until
+//! written, so the watchdog closes the connection, and scores the client,
+//! when none is taken for `--write-timeout`.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -11,7 +19,7 @@ use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::sync::{mpsc, Semaphore};
+use tokio::sync::{mpsc, Notify, OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
@@ -20,13 +28,17 @@ use tokio_util::task::TaskTracker;
 use super::http::scored_client;
 use super::watchdog;
 use crate::dns;
-use crate::guard::{ConnTicket, Expiry};
+use crate::guard::{ConnTicket, Unread};
 use crate::metrics::{AcceptError, Handshake};
 use crate::pipeline::{App, Peer};
 use crate::reject::{ConnReject, Outcome, ProtocolError, Reject, Transport};
 
-/// Queries in flight on one connection at most; reading pauses beyond.
-const MAX_INFLIGHT: usize = 100;
+/// Queries read and not yet answered into the socket, on one connection;
+/// reading pauses beyond.
+const MAX_PENDING: usize = 32;
+/// Bytes of answers waiting for the writer, on one connection; reading
+/// pauses beyond.
+const MAX_UNWRITTEN: usize = 64 * 1024;
 const RCODE_FORMERR: u8 = 1;
 const RCODE_SERVFAIL: u8 = 2;
 const RCODE_REFUSED: u8 = 5;
@@ -73,10 +85,15 @@ impl DotListener {
 
     async fn serve(self, ticket: ConnTicket, stream: TcpStream, shutdown: CancellationToken) {
         let _ = stream.set_nodelay(true);
+        super::tcp::bound_send_buffer(&stream);
         let app = &self.app;
         let peer = Peer::new(ticket.conn().clone(), None);
         let settings = app.server.load_full();
-        let (first, idle) = (settings.handshake_timeout, settings.idle_timeout);
+        let (first, idle, write) = (
+            settings.handshake_timeout,
+            settings.idle_timeout,
+            settings.write_timeout,
+        );
         let deadline = Instant::now() + first;
         let accepted = tokio::select! {
             r = tokio::time::timeout_at(deadline, self.tls.accept(stream)) => r,
@@ -103,7 +120,7 @@ impl DotListener {
             }
         };
         app.metrics.handshake(Handshake::of(tls.get_ref().1));
-        let watch = watchdog::expired(&peer.conn, first, idle);
+        let watch = watchdog::expired(&peer.conn, first, idle, write);
         tokio::pin!(watch);
         tokio::select! {
             end = session(app.clone(), peer.clone(), tls) => {
@@ -112,16 +129,50 @@ impl DotListener {
                     app.guard.penalize(scored_client(&peer), kind);
                 }
             }
-            why = &mut watch => {
-                if why == Expiry::FirstRequest {
-                    app.metrics.conn_rejected(ConnReject::FirstRequestTimeout, false);
-                    app.guard.penalize(scored_client(&peer), ConnReject::FirstRequestTimeout);
-                }
-            }
+            why = &mut watch => watchdog::account(app, &peer, why),
             _ = peer.conn.closing() => {}
             _ = shutdown.cancelled() => {}
         }
         drop(ticket);
+    }
+}
+
+/// One answer on its way to the client: its frame, the query's place, and
+/// the mark that the client has not taken it, all given back once it is
+/// written into the socket.
+struct Outgoing {
+    frame: Vec<u8>,
+    _place: OwnedSemaphorePermit,
+    _unread: Unread,
+}
+
+/// Bytes of answers waiting for the writer.
+struct Backlog {
+    bytes: std::sync::atomic::AtomicUsize,
+    drained: Notify,
+}
+
+impl Backlog {
+    fn add(&self, n: usize) {
+        self.bytes
+            .fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    fn sub(&self, n: usize) {
+        self.bytes
+            .fetch_sub(n, std::sync::atomic::Ordering::Relaxed);
+        self.drained.notify_one();
+    }
+
+    /// Waits until fewer than [`MAX_UNWRITTEN`] bytes wait.
+    async fn room(&self) {
+        loop {
+            let drained = self.drained.notified();
+            if self.bytes.load(std::sync::atomic::Ordering::Relaxed) < MAX_UNWRITTEN {
+                return;
+            }
+            drained.await;
+        }
     }
 }
 
@@ -133,14 +184,31 @@ where
     S: AsyncRead + AsyncWrite + Send + 'static,
 {
     let (mut r, w) = tokio::io::split(stream);
-    let (tx, rx) = mpsc::channel::<Vec<u8>>(MAX_INFLIGHT);
-    let writer = write_answers(w, rx);
+    // Unbounded in type, bounded by the places: one entry per place.
+    let (tx, rx) = mpsc::unbounded_channel::<Outgoing>();
+    let backlog = Arc::new(Backlog {
+        bytes: Default::default(),
+        drained: Notify::new(),
+    });
+    let writer = write_answers(w, rx, backlog.clone());
     tokio::pin!(writer);
-    let slots = Arc::new(Semaphore::new(MAX_INFLIGHT));
+    let places = Arc::new(Semaphore::new(MAX_PENDING));
     let client = scored_client(&peer);
+    let send = {
+        let (tx, backlog, conn) = (tx.clone(), backlog.clone(), peer.conn.clone());
+        move |frame: Vec<u8>, place: OwnedSemaphorePermit| {
+            backlog.add(frame.len());
+            let _ = tx.send(Outgoing {
+                frame,
+                _place: place,
+                _unread: conn.queued(),
+            });
+        }
+    };
     let reader = async {
         loop {
-            let Ok(slot) = slots.clone().acquire_owned().await else {
+            backlog.room().await;
+            let Ok(place) = places.clone().acquire_owned().await else {
                 return None;
             };
             let len = match r.read_u16().await {
@@ -154,7 +222,7 @@ where
             let (_, inflight) = peer.conn.begin();
             if let Err((reason, _)) = app.admit_request(client, Transport::Dot) {
                 // Banned: close. Over budget: REFUSED, and go on.
-                let _ = tx.send(frame(&refusal(&msg, RCODE_REFUSED))).await;
+                send(frame(&refusal(&msg, RCODE_REFUSED)), place);
                 if reason.closes() {
                     return None;
                 }
@@ -163,14 +231,12 @@ where
             if let Err(e) = dns::parse_query(&msg) {
                 let reason = Reject::from(e);
                 app.refuse(client, reason, Transport::Dot);
-                let _ = tx.send(frame(&refusal(&msg, RCODE_FORMERR))).await;
+                send(frame(&refusal(&msg, RCODE_FORMERR)), place);
                 return Some(ProtocolError::DotMalformed);
             }
-            let (app, tx) = (app.clone(), tx.clone());
+            let (app, send) = (app.clone(), send.clone());
             let tasks = app.tasks.clone();
             tasks.spawn(async move {
-                let _slot = slot;
-                let _inflight = inflight;
                 let answer = match app.answer_message(client, &msg).await {
                     Ok(served) => {
                         app.metrics
@@ -182,7 +248,9 @@ where
                         refusal(&msg, RCODE_SERVFAIL)
                     }
                 };
-                let _ = tx.send(frame(&answer)).await;
+                // Unread from here on, no longer in flight.
+                send(frame(&answer), place);
+                drop(inflight);
             });
         }
     };
@@ -190,6 +258,7 @@ where
         end = reader => {
             // Let the answers already queued go out.
             drop(tx);
+            drop(send);
             let _ = tokio::time::timeout(Duration::from_secs(2), &mut writer).await;
             end
         }
@@ -197,20 +266,35 @@ where
     }
 }
 
-async fn write_answers<W: AsyncWrite>(w: W, mut rx: mpsc::Receiver<Vec<u8>>) {
+/// Writes answers as they come, everything ready in one flush; an answer
+/// is given back (its place, its unread mark, its bytes in the backlog)
+/// once flushed into the socket. A client that does not read leaves the
+/// writer waiting here, and the watchdog ends the connection.
+async fn write_answers<W: AsyncWrite>(
+    w: W,
+    mut rx: mpsc::UnboundedReceiver<Outgoing>,
+    backlog: Arc<Backlog>,
+) {
     tokio::pin!(w);
+    let mut batch: Vec<Outgoing> = Vec::new();
     while let Some(first) = rx.recv().await {
-        if w.write_all(&first).await.is_err() {
-            return;
-        }
-        // Everything ready goes out in one flush.
+        batch.push(first);
         while let Ok(more) = rx.try_recv() {
-            if w.write_all(&more).await.is_err() {
+            batch.push(more);
+        }
+        for out in &batch {
+            if w.write_all(&out.frame).await.is_err() {
                 return;
             }
         }
         if w.flush().await.is_err() {
             return;
+        }
+        for out in batch.drain(..) {
+            backlog.sub(out.frame.len());
+        }
+        if batch.capacity() > MAX_PENDING {
+            batch.shrink_to(MAX_PENDING);
         }
     }
     let _ = w.shutdown().await;

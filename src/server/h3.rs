@@ -8,10 +8,16 @@
 //! `--h3-retry-threshold`, an unvalidated source gets a stateless Retry
 //! (RFC 9000 §8.1) and must prove it owns its address; only a validated
 //! source is ever scored or limited by its connection rate, so that
-//! spoofing somebody's address can never get them banned. quinn never
-//! sends an unvalidated address more than three times what it received.
-//! No 0-RTT; at most 100 concurrent request streams; the same
-//! request-driven first-request and idle deadlines as over TCP.
+//! spoofing somebody's address can never get them banned. Until its
+//! handshake completes, a QUIC connection takes a place in the global count
+//! only: the per-address, per-prefix and per-network caps it shares with
+//! TCP are taken (and the connection rate spent, as by a TCP accept) once
+//! the handshake proved the address, so spoofed Initials cannot lock the
+//! real owner of an address out. quinn never sends an unvalidated address
+//! more than three times what it received. No 0-RTT; at most 100
+//! concurrent request streams; at most [`SEND_WINDOW`] of answers buffered
+//! per connection; the same first-request, idle and write deadlines as over
+//! TCP, and the close that ends a connection reaches its client.
 
 use std::net::SocketAddr;
 use std::num::NonZeroU32;
@@ -36,6 +42,13 @@ use crate::reject::{ConnReject, Outcome, ProtocolError, Transport};
 
 /// Largest header section accepted (as HTTP/2's header list limit).
 const MAX_FIELD_SECTION: u64 = 16 * 1024;
+/// Bytes quinn may have sent to a client and not seen acknowledged, per
+/// connection (quinn's default is 10 MB): what a client that grants
+/// credit and never acknowledges can hold of our memory.
+pub const SEND_WINDOW: u64 = 256 * 1024;
+/// How long a closed connection's address stays validated, so that the
+/// CONNECTION_CLOSE still goes out through the anti-amplification books.
+const CLOSE_GRACE: Duration = Duration::from_millis(500);
 
 #[derive(Clone)]
 pub struct H3Listener {
@@ -66,6 +79,7 @@ pub fn endpoint(
     let mut transport = quinn::TransportConfig::default();
     transport
         .max_concurrent_bidi_streams(H2_MAX_STREAMS.into())
+        .send_window(SEND_WINDOW)
         // The client's control stream and QPACK streams.
         .max_concurrent_uni_streams(3u32.into())
         .max_idle_timeout(Some(
@@ -164,6 +178,9 @@ impl H3Listener {
         let addr = incoming.remote_address();
         self.serve_conn(ticket, incoming, validated, tasks, shutdown)
             .await;
+        // The close just queued goes out through the books of this
+        // address: keep them a moment (it is sent within milliseconds).
+        tokio::time::sleep(CLOSE_GRACE).await;
         self.socket.forget(addr);
     }
 
@@ -178,7 +195,11 @@ impl H3Listener {
         let app = &self.app;
         let peer = Peer::new(ticket.conn().clone(), None);
         let settings = app.server.load_full();
-        let (first, idle) = (settings.handshake_timeout, settings.idle_timeout);
+        let (first, idle, write) = (
+            settings.handshake_timeout,
+            settings.idle_timeout,
+            settings.write_timeout,
+        );
         let deadline = Instant::now() + first;
         let addr = incoming.remote_address();
         let connecting = match incoming.accept() {
@@ -209,6 +230,17 @@ impl H3Listener {
         app.metrics.handshake(Handshake::Full);
         // The handshake proved the address.
         self.socket.validate(addr);
+        // Now the address's caps and (unless its Retry token spent it)
+        // its connection rate, as for a TCP accept; refusals score.
+        let _places = match app.guard.admit_quic_handshaken(addr.ip(), validated) {
+            Ok(t) => t,
+            Err(reason) => {
+                app.metrics.quic_refusal(QuicRefusal::Refused);
+                tracing::debug!(peer = %addr, reason = reason.label(), "QUIC connection refused after its handshake");
+                conn.close(0x100u32.into(), b"refused");
+                return;
+            }
+        };
         let built = tokio::time::timeout_at(
             deadline,
             h3::server::builder()
@@ -221,7 +253,7 @@ impl H3Listener {
             conn.close(0x100u32.into(), b"");
             return;
         };
-        let watch = watchdog::expired(&peer.conn, first, idle);
+        let watch = watchdog::expired(&peer.conn, first, idle, write);
         tokio::pin!(watch);
         loop {
             tokio::select! {
@@ -243,11 +275,9 @@ impl H3Listener {
                     }
                 },
                 why = &mut watch => {
-                    if why == Expiry::FirstRequest {
-                        app.metrics.conn_rejected(ConnReject::FirstRequestTimeout, false);
-                        app.guard.penalize(scored_client(&peer), ConnReject::FirstRequestTimeout);
-                    }
-                    conn.close(0x100u32.into(), b"idle");
+                    watchdog::account(app, &peer, why);
+                    let reason: &[u8] = if why == Expiry::Idle { b"idle" } else { b"timeout" };
+                    conn.close(0x100u32.into(), reason);
                     break;
                 }
                 _ = peer.conn.closing() => {
@@ -295,6 +325,9 @@ async fn request(
     ));
     let reply = app.doh(&peer, Transport::H3, req.map(|()| body)).await;
     let (parts, bytes) = reply.response.into_parts();
+    // Unread until the answer is in quinn's send buffer, which holds at
+    // most what the client's flow-control credit allows.
+    let unread = peer.conn.queued();
     let mut delivered = send
         .send_response(http::Response::from_parts(parts, ()))
         .await
@@ -303,6 +336,7 @@ async fn request(
         delivered = send.send_data(bytes).await.is_ok();
     }
     delivered = delivered && send.finish().await.is_ok();
+    drop(unread);
     if reply.answer {
         let outcome = if delivered {
             Outcome::Answered

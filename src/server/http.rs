@@ -18,10 +18,9 @@ use hyper_util::server::conn::auto;
 use tokio_util::sync::CancellationToken;
 
 use super::watchdog;
-use crate::guard::Expiry;
 use crate::metrics::Metrics;
 use crate::pipeline::{App, Peer};
-use crate::reject::{ConnReject, Outcome, ProtocolError, Transport};
+use crate::reject::{Outcome, ProtocolError, Transport};
 
 /// How long in-flight requests get to finish when a connection closes.
 pub const DRAIN: Duration = Duration::from_secs(5);
@@ -41,6 +40,8 @@ pub struct HttpConn {
     pub tls: bool,
     pub first_request: Duration,
     pub idle: Duration,
+    /// `--write-timeout`: answers left unread this long close the connection.
+    pub write: Duration,
     /// Added to every response (Alt-Svc).
     pub extra_headers: Arc<http::HeaderMap>,
 }
@@ -89,7 +90,7 @@ where
                 conn.close();
             }
             let track = reply.answer.then_some((metrics, transport));
-            let mut resp = reply.response.map(|b| AnswerBody::new(b, track));
+            let mut resp = reply.response.map(|b| AnswerBody::new(b, track, &conn));
             for (k, v) in extra.iter() {
                 resp.headers_mut().insert(k.clone(), v.clone());
             }
@@ -98,7 +99,7 @@ where
     });
     let conn = builder.serve_connection(io, svc);
     tokio::pin!(conn);
-    let watch = watchdog::expired(&c.peer.conn, c.first_request, c.idle);
+    let watch = watchdog::expired(&c.peer.conn, c.first_request, c.idle, c.write);
     tokio::pin!(watch);
     tokio::select! {
         r = conn.as_mut() => {
@@ -119,12 +120,9 @@ where
             let _ = tokio::time::timeout(DRAIN, conn.as_mut()).await;
         }
         why = &mut watch => {
-            if why == Expiry::FirstRequest {
-                c.app.metrics.conn_rejected(ConnReject::FirstRequestTimeout, false);
-                c.app.guard.penalize(scored_client(&c.peer), ConnReject::FirstRequestTimeout);
-            }
-            // Nothing in flight: close at once, without waiting for a
-            // client that sends nothing.
+            // Nothing in flight, or answers nobody reads: close at once,
+            // without waiting for a client that sends or takes nothing.
+            watchdog::account(&c.app, &c.peer, why);
         }
     }
 }
@@ -170,7 +168,9 @@ fn classify(err: &(dyn StdError + 'static), tls: bool) -> Option<ProtocolError> 
 /// A response body of at most one chunk that, for a DNS answer, counts the
 /// request `answered` once the answer is written out, or `undelivered` if
 /// it is dropped first (the client never opened its flow-control window,
-/// or went away).
+/// or went away). Until then the connection has an unread answer
+/// ([`crate::guard::Unread`]): the watchdog closes it when the client
+/// leaves answers unread for `--write-timeout`.
 ///
 /// The body ends with its chunk, so that HTTP/2 sends one DATA frame with
 /// END_STREAM. Over HTTP/2 hyper takes the chunk before it has send
@@ -182,12 +182,21 @@ pub struct AnswerBody {
 }
 
 impl AnswerBody {
-    fn new(data: Bytes, track: Option<(Arc<Metrics>, Transport)>) -> AnswerBody {
-        let mut answer = Answer { data, track };
+    fn new(
+        data: Bytes,
+        track: Option<(Arc<Metrics>, Transport)>,
+        conn: &Arc<crate::guard::Conn>,
+    ) -> AnswerBody {
+        let mut answer = Answer {
+            data,
+            track,
+            unread: None,
+        };
         if answer.data.is_empty() {
             answer.delivered();
             return AnswerBody { data: None };
         }
+        answer.unread = Some(conn.queued());
         AnswerBody { data: Some(answer) }
     }
 }
@@ -217,10 +226,12 @@ impl http_body::Body for AnswerBody {
 pub struct Answer {
     data: Bytes,
     track: Option<(Arc<Metrics>, Transport)>,
+    unread: Option<crate::guard::Unread>,
 }
 
 impl Answer {
     fn delivered(&mut self) {
+        self.unread = None;
         if let Some((m, t)) = self.track.take() {
             m.request(Outcome::Answered, t, false);
         }

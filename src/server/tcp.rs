@@ -50,6 +50,19 @@ pub fn bind(addr: SocketAddr) -> anyhow::Result<std::net::TcpListener> {
     Ok(sock.listen(1024)?.into_std()?)
 }
 
+/// The kernel's send buffer for one client connection, at most (Linux
+/// doubles it for its bookkeeping). Left alone, it grows to 4 MiB for a
+/// client that does not read: kernel memory an attacker holds per
+/// connection. A DNS answer is at most 64 KiB, most are under 1 KiB, so a
+/// few hundred KiB never slow an honest client; past them the answers wait
+/// in the proxy, where `--write-timeout` sees them.
+pub const SEND_BUFFER: usize = 128 * 1024;
+
+/// Bounds an accepted connection's kernel send buffer ([`SEND_BUFFER`]).
+pub fn bound_send_buffer(stream: &TcpStream) {
+    let _ = socket2::SockRef::from(stream).set_send_buffer_size(SEND_BUFFER);
+}
+
 /// Registers a listening socket with the current runtime.
 pub fn register(listener: std::net::TcpListener) -> Option<TcpListener> {
     match TcpListener::from_std(listener) {
@@ -112,6 +125,7 @@ impl Listener {
         shutdown: CancellationToken,
     ) {
         let _ = stream.set_nodelay(true);
+        bound_send_buffer(&stream);
         let app = &self.app;
         let settings = app.server.load_full();
         let conn = ticket.conn().clone();
@@ -147,6 +161,7 @@ impl Listener {
             tls: self.tls.is_some(),
             first_request: settings.handshake_timeout,
             idle: settings.idle_timeout,
+            write: settings.write_timeout,
             extra_headers: self.extra_headers.clone(),
         };
         match &self.tls {

@@ -1,30 +1,52 @@
-//! The clock every listener closes slow and idle connections by. It looks
-//! at requests only ([`Conn::deadline`]): a connection must complete its
-//! first request within `--handshake-timeout` of accept, and one with no
-//! request in flight and none started for `--idle-timeout` is closed,
-//! whatever control frames or stray bytes it sends meanwhile.
+//! The clock every listener closes slow, idle and stuck connections by. It
+//! looks at requests and answers only ([`Conn::deadline`]): a connection
+//! must complete its first request within `--handshake-timeout` of accept;
+//! one with no request in flight and none started for `--idle-timeout` is
+//! closed, whatever control frames or stray bytes it sends meanwhile; one
+//! whose client leaves answers unread for `--write-timeout` is closed too.
 
 use std::time::Duration;
 
 use tokio::time::Instant;
 
 use crate::guard::{Conn, Expiry};
+use crate::pipeline::{App, Peer};
+use crate::reject::ConnReject;
 
 /// Resolves when `conn` must be closed, and says why.
 ///
 /// One timer per connection, woken rarely: a request only ever moves the
 /// deadline later, except the first one, after which the deadline is at
-/// least `idle` away; so sleeping until the earlier of the deadline and
-/// `now + idle` and looking again never misses one.
-pub async fn expired(conn: &Conn, first: Duration, idle: Duration) -> Expiry {
+/// least `idle` away, and the first unread answer, after which it is at
+/// least `write` away; so sleeping until the earlier of the deadline and
+/// `now + min(idle, write)` and looking again never misses one by more
+/// than `write`.
+pub async fn expired(conn: &Conn, first: Duration, idle: Duration, write: Duration) -> Expiry {
+    let nap = idle.min(write);
     loop {
         let now = Instant::now();
-        match conn.deadline(first, idle) {
+        match conn.deadline(first, idle, write) {
             Some((at, why)) if at <= now => return why,
-            Some((at, _)) => tokio::time::sleep_until(at.min(now + idle)).await,
+            Some((at, _)) => tokio::time::sleep_until(at.min(now + nap)).await,
             // A request is in flight: look again once it may have ended.
-            None => tokio::time::sleep(idle.min(Duration::from_secs(1))).await,
+            None => tokio::time::sleep(nap.min(Duration::from_secs(1))).await,
         }
+    }
+}
+
+/// Counts and scores a connection the watchdog closes: a client that
+/// never completed a first request or left its answers unread is scored;
+/// an idle one is not (it did nothing wrong).
+pub fn account(app: &App, peer: &Peer, why: Expiry) {
+    let reason = match why {
+        Expiry::FirstRequest => ConnReject::FirstRequestTimeout,
+        Expiry::Stuck => ConnReject::WriteTimeout,
+        Expiry::Idle => return,
+    };
+    app.metrics.conn_rejected(reason, false);
+    app.guard.penalize(super::http::scored_client(peer), reason);
+    if why == Expiry::Stuck {
+        tracing::debug!(peer = %peer.conn.peer(), unread = peer.conn.unread(), "answers left unread: closed");
     }
 }
 
@@ -36,12 +58,23 @@ mod tests {
     async fn first_request_then_idle() {
         let c = Conn::detached("192.0.2.1".parse().unwrap());
         let t = Instant::now();
-        let why = expired(&c, Duration::from_secs(5), Duration::from_secs(30)).await;
+        let why = expired(
+            &c,
+            Duration::from_secs(5),
+            Duration::from_secs(30),
+            Duration::from_secs(10),
+        )
+        .await;
         assert_eq!(why, Expiry::FirstRequest);
         assert_eq!(t.elapsed(), Duration::from_secs(5));
         let c = Conn::detached("192.0.2.1".parse().unwrap());
         let (_, req) = c.begin();
-        let watch = expired(&c, Duration::from_secs(5), Duration::from_secs(30));
+        let watch = expired(
+            &c,
+            Duration::from_secs(5),
+            Duration::from_secs(30),
+            Duration::from_secs(10),
+        );
         tokio::pin!(watch);
         assert!(
             tokio::time::timeout(Duration::from_secs(60), &mut watch)
@@ -60,12 +93,37 @@ mod tests {
         let c = Conn::detached("192.0.2.1".parse().unwrap());
         drop(c.begin());
         let t = Instant::now();
-        let why = expired(&c, Duration::from_secs(5), Duration::from_secs(1)).await;
+        let why = expired(
+            &c,
+            Duration::from_secs(5),
+            Duration::from_secs(1),
+            Duration::from_secs(10),
+        )
+        .await;
         assert_eq!(why, Expiry::Idle);
         assert!(
             t.elapsed() <= Duration::from_millis(1100),
             "{:?}",
             t.elapsed()
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn answers_left_unread_expire_at_the_write_timeout() {
+        let c = Conn::detached("192.0.2.1".parse().unwrap());
+        let (_, req) = c.begin();
+        let unread = c.queued();
+        drop(req);
+        let t = Instant::now();
+        let why = expired(
+            &c,
+            Duration::from_secs(5),
+            Duration::from_secs(30),
+            Duration::from_secs(10),
+        )
+        .await;
+        assert_eq!(why, Expiry::Stuck);
+        assert_eq!(t.elapsed(), Duration::from_secs(10));
+        drop(unread);
     }
 }

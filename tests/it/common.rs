@@ -844,6 +844,14 @@ pub fn free_port() -> u16 {
         .port()
 }
 
+/// Tests that allocate a lot, or measure the memory of this process (which
+/// every test shares), take this for their whole run: one at a time, so
+/// that no measurement counts another heavy test's memory.
+pub async fn heavy() -> tokio::sync::MutexGuard<'static, ()> {
+    static HEAVY: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+    HEAVY.lock().await
+}
+
 /// Polls `cond` every 50 ms until it holds; panics with `what` after
 /// `within` (a bound for a busy machine, never a measurement).
 pub async fn wait_for(what: &str, mut cond: impl AsyncFnMut() -> bool, within: Duration) {

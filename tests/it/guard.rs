@@ -451,6 +451,7 @@ async fn dry_run_enforces_nothing_and_counts_everything() {
 /// memory grows by less than 64 MiB.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn incident_1_replay() {
+    let _heavy = heavy().await;
     let up = MockUpstream::start().await;
     let p = std::sync::Arc::new(
         proxy(&[up.addr], |c| {

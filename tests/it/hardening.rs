@@ -94,6 +94,7 @@ async fn legit(p: &doh_proxy::server::Running, source: &str, name: &str) -> (u16
 /// cached) against a 32 MiB cache: the cache holds its bound in bytes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn large_answers_cannot_grow_the_cache_past_its_bytes() {
+    let _heavy = heavy().await;
     let up = MockUpstream::start().await;
     let p = Arc::new(
         proxy(&[up.addr], |c| {
@@ -558,7 +559,11 @@ async fn dead_names_do_not_mark_the_upstream_down() {
 #[tokio::test]
 async fn a_closed_window_means_undelivered() {
     let up = MockUpstream::start().await;
-    let p = proxy(&[up.addr], |c| c.idle_timeout = 1).await;
+    let p = proxy(&[up.addr], |c| {
+        c.idle_timeout = 1;
+        c.write_timeout = 1;
+    })
+    .await;
     let mut s = h2_tls(p.tls_addrs[0], "127.0.70.1").await.unwrap();
     s.write_all(PREFACE).await.unwrap();
     // SETTINGS_INITIAL_WINDOW_SIZE = 0: no stream may send DATA.
@@ -567,15 +572,63 @@ async fn a_closed_window_means_undelivered() {
         .await
         .unwrap();
     assert!(closed(&mut s, Duration::from_secs(5)).await);
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    assert_eq!(
-        metric(&p, "doh_requests_total{outcome=\"undelivered\"}").await,
-        1.0
-    );
+    wait_for(
+        "counted undelivered",
+        async || metric(&p, "doh_requests_total{outcome=\"undelivered\"}").await == 1.0,
+        Duration::from_secs(5),
+    )
+    .await;
     assert_eq!(
         metric(&p, "doh_requests_total{outcome=\"answered\"}").await,
         0.0
     );
+}
+
+/// HTTP/2 clients that open 100 streams each with a zero flow-control
+/// window and never open it: every connection is closed at the write
+/// deadline (not the idle timeout), scored, and a legitimate client is
+/// served meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn zero_windows_are_closed_at_the_write_deadline() {
+    let _heavy = heavy().await;
+    let up = MockUpstream::start().await;
+    let p = proxy(&[up.addr], |c| {
+        c.write_timeout = 2;
+        c.idle_timeout = 120;
+    })
+    .await;
+    let (status, _) = legit(&p, "127.0.71.200", "mid.example.test").await;
+    assert_eq!(status, 200);
+    let t = Instant::now();
+    let mut held = Vec::new();
+    for i in 0..20u32 {
+        let mut s = h2_tls(p.tls_addrs[0], &format!("127.0.{}.1", 110 + i))
+            .await
+            .unwrap();
+        s.write_all(PREFACE).await.unwrap();
+        s.write_all(&settings(&[(4, 0)])).await.unwrap();
+        let mut frames = Vec::new();
+        for stream in 0..100u32 {
+            frames.extend(get_headers(2 * stream + 1, &ok_path("mid.example.test")));
+        }
+        s.write_all(&frames).await.unwrap();
+        held.push(s);
+    }
+    let (status, _) = legit(&p, "127.0.71.200", "www.example.test").await;
+    assert_eq!(status, 200, "the legitimate client during");
+    for s in held.iter_mut() {
+        assert!(closed(s, Duration::from_secs(60)).await);
+    }
+    assert!(t.elapsed() < Duration::from_secs(60), "{:?}", t.elapsed());
+    assert!(
+        metric(
+            &p,
+            "doh_connections_rejected_total{reason=\"write_timeout\"}"
+        )
+        .await
+            >= 20.0
+    );
+    assert!(metric(&p, "doh_requests_total{outcome=\"undelivered\"}").await >= 20.0 * 100.0 * 0.9);
 }
 
 /// Started under the usual soft limit of 1024 descriptors, the proxy
