@@ -814,3 +814,78 @@ async fn bans_come_in_pages_and_are_journaled() {
     let q = proxy(&[up.addr], |c| c.state_file = Some(state.clone())).await;
     assert_eq!(q.app.guard.bans().len(), 25);
 }
+
+/// An HTTP/3 client that grants (almost) no flow-control credit and never
+/// reads: its answers wait
+/// unread, and the connection is closed at the write deadline (not the
+/// idle timeout) and scored; another client is served meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn h3_clients_that_grant_no_credit_are_closed_at_the_write_deadline() {
+    let up = MockUpstream::start().await;
+    let p = proxy(&[up.addr], |c| {
+        c.write_timeout = 2;
+        c.idle_timeout = 120;
+    })
+    .await;
+    let ep = quic_client("127.0.95.1".parse().unwrap());
+    let mut transport = quinn::TransportConfig::default();
+    // 64 bytes a stream: the control streams' few frames get through as
+    // the client reads them; a 12 KB answer it never reads does not.
+    transport.stream_receive_window(64u32.into());
+    let mut config = {
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(pki().ca_der.clone()).unwrap();
+        let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+        let mut tls = rustls::ClientConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        tls.alpn_protocols = vec![b"h3".to_vec()];
+        quinn::ClientConfig::new(std::sync::Arc::new(
+            quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap(),
+        ))
+    };
+    config.transport_config(std::sync::Arc::new(transport));
+    let conn = ep
+        .connect_with(config, p.h3_addrs[0], "localhost")
+        .unwrap()
+        .await
+        .unwrap();
+    let t = std::time::Instant::now();
+    let (mut driver, mut send) = h3::client::new(h3_quinn::Connection::new(conn.clone()))
+        .await
+        .unwrap();
+    tokio::spawn(async move {
+        let _ = std::future::poll_fn(|cx| driver.poll_close(cx)).await;
+    });
+    let req = http::Request::get(format!("https://localhost{}", ok_path("mid.example.test")))
+        .body(())
+        .unwrap();
+    let mut stream = send.send_request(req).await.unwrap();
+    stream.finish().await.unwrap();
+    let (status, _) = legit(&p, "127.0.95.2").await;
+    assert_eq!(status, 200, "another client during");
+    let why = tokio::time::timeout(Duration::from_secs(60), conn.closed())
+        .await
+        .expect("closed");
+    assert!(t.elapsed() < Duration::from_secs(60), "{:?}", t.elapsed());
+    assert!(
+        matches!(why, quinn::ConnectionError::ApplicationClosed(_)),
+        "{why:?}"
+    );
+    assert_eq!(
+        metric(
+            &p,
+            "doh_connections_rejected_total{reason=\"write_timeout\"}"
+        )
+        .await,
+        1.0
+    );
+}
+
+/// A legitimate request over TLS HTTP/2 from `source`: its status.
+async fn legit(p: &doh_proxy::server::Running, source: &str) -> (u16, ()) {
+    let r = send_from(p, Proto::H2, source, get(&ok_path("www.example.test"))).await;
+    (r.map(|r| r.status).unwrap_or(0), ())
+}
