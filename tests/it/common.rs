@@ -559,8 +559,8 @@ pub struct H3Client {
     _endpoint: quinn::Endpoint,
 }
 
-/// A QUIC client endpoint on `source` trusting the test CA, ALPN h3.
-pub fn quic_client(source: IpAddr) -> quinn::Endpoint {
+/// A TLS 1.3 client configuration for QUIC trusting the test CA, ALPN h3.
+pub fn quic_tls() -> rustls::ClientConfig {
     let mut roots = rustls::RootCertStore::empty();
     roots.add(pki().ca_der.clone()).unwrap();
     let provider = Arc::new(rustls::crypto::ring::default_provider());
@@ -570,7 +570,12 @@ pub fn quic_client(source: IpAddr) -> quinn::Endpoint {
         .with_root_certificates(roots)
         .with_no_client_auth();
     tls.alpn_protocols = vec![b"h3".to_vec()];
-    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap();
+    tls
+}
+
+/// A QUIC client endpoint on `source` trusting the test CA, ALPN h3.
+pub fn quic_client(source: IpAddr) -> quinn::Endpoint {
+    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(quic_tls()).unwrap();
     let mut ep = quinn::Endpoint::client(SocketAddr::new(source, 0)).unwrap();
     ep.set_default_client_config(quinn::ClientConfig::new(Arc::new(crypto)));
     ep

@@ -573,17 +573,9 @@ fn spoof_initials(
     count: u32,
     per_sec: u32,
 ) {
-    let mut roots = rustls::RootCertStore::empty();
-    roots.add(pki().ca_der.clone()).unwrap();
-    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
-    let mut tls = rustls::ClientConfig::builder_with_provider(provider)
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    tls.alpn_protocols = vec![b"h3".to_vec()];
-    let crypto =
-        std::sync::Arc::new(quinn_proto::crypto::rustls::QuicClientConfig::try_from(tls).unwrap());
+    let crypto = std::sync::Arc::new(
+        quinn_proto::crypto::rustls::QuicClientConfig::try_from(quic_tls()).unwrap(),
+    );
     let mut endpoint = quinn_proto::Endpoint::new(Default::default(), None, false, None);
     let start = std::time::Instant::now();
     let mut sockets = Vec::new();
@@ -832,20 +824,9 @@ async fn h3_clients_that_grant_no_credit_are_closed_at_the_write_deadline() {
     // 64 bytes a stream: the control streams' few frames get through as
     // the client reads them; a 12 KB answer it never reads does not.
     transport.stream_receive_window(64u32.into());
-    let mut config = {
-        let mut roots = rustls::RootCertStore::empty();
-        roots.add(pki().ca_der.clone()).unwrap();
-        let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
-        let mut tls = rustls::ClientConfig::builder_with_provider(provider)
-            .with_protocol_versions(&[&rustls::version::TLS13])
-            .unwrap()
-            .with_root_certificates(roots)
-            .with_no_client_auth();
-        tls.alpn_protocols = vec![b"h3".to_vec()];
-        quinn::ClientConfig::new(std::sync::Arc::new(
-            quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap(),
-        ))
-    };
+    let mut config = quinn::ClientConfig::new(std::sync::Arc::new(
+        quinn::crypto::rustls::QuicClientConfig::try_from(quic_tls()).unwrap(),
+    ));
     config.transport_config(std::sync::Arc::new(transport));
     let conn = ep
         .connect_with(config, p.h3_addrs[0], "localhost")
