@@ -17,8 +17,8 @@ use http_body_util::BodyExt;
 
 use crate::reject::Reject;
 
-/// The only media type RFC 8484 defines.
-pub const DNS_MESSAGE: &str = "application/dns-message";
+pub use crate::dns::DNS_MESSAGE;
+
 /// Largest header block accepted (names and values, HTTP/1.1 framing).
 pub const MAX_HEADER_BYTES: usize = 16 * 1024;
 

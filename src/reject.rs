@@ -235,11 +235,6 @@ impl Reject {
     pub fn outcome(self) -> Outcome {
         self.row().outcome
     }
-
-    /// Whether this is a mitigation that `--dry-run` only counts.
-    pub fn is_mitigation(self) -> bool {
-        matches!(self, Reject::RateLimited | Reject::Banned)
-    }
 }
 
 impl From<QueryError> for Reject {

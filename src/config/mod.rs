@@ -19,6 +19,7 @@ use clap::parser::ValueSource;
 use clap::{ArgMatches, Args, CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
 use serde::{Deserialize, Serialize};
 
+pub use crate::guard::forwarded::ForwardedHeader;
 pub use crate::net::Cidr;
 pub use crate::pipeline::Padding;
 pub use crate::upstream::{Strategy, UpstreamSpec};
@@ -59,16 +60,6 @@ pub enum Command {
 pub enum LogFormat {
     Text,
     Json,
-}
-
-/// Which header a trusted proxy's client address is read from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum ForwardedHeader {
-    /// `X-Forwarded-For`
-    Xff,
-    /// `Forwarded` (RFC 7239)
-    Forwarded,
 }
 
 /// A size in bytes, written `268435456`, `256MiB`, `1GiB`, `64KiB`, `100MB`.

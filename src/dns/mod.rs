@@ -15,6 +15,10 @@ pub use build::query_message;
 use hickory_proto::op::Message;
 use hickory_proto::serialize::binary::{BinDecodable, BinDecoder};
 
+/// The only media type RFC 8484 defines for a DNS message over HTTP (the
+/// DoH listeners and the DoH upstreams both speak it).
+pub const DNS_MESSAGE: &str = "application/dns-message";
+
 pub const HEADER_LEN: usize = 12;
 pub const TYPE_OPT: u16 = 41;
 pub const TYPE_SOA: u16 = 6;

@@ -375,13 +375,6 @@ impl Admission {
         self.open.load(Ordering::Relaxed)
     }
 
-    /// Asks every open connection to close (shutdown).
-    pub fn close_all(&self) {
-        for c in self.lock().live.values() {
-            c.close();
-        }
-    }
-
     pub fn prune(&self) {
         self.ip_rate.prune();
         self.prefix_rate.prune();

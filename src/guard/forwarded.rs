@@ -12,8 +12,20 @@ use std::net::{IpAddr, Ipv4Addr};
 
 use http::HeaderMap;
 
-use crate::config::ForwardedHeader;
 use crate::net::{canonical, UNKNOWN_CLIENT};
+
+/// Which header a trusted proxy's client address is read from
+/// (`--forwarded-header`).
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum ForwardedHeader {
+    /// `X-Forwarded-For`
+    Xff,
+    /// `Forwarded` (RFC 7239)
+    Forwarded,
+}
 
 /// The client named by `headers` for a request that a trusted proxy
 /// `peer` forwarded; `None` when the configured header is absent (a

@@ -37,7 +37,6 @@ use tokio::time::Instant;
 pub use admission::{Conn, ConnTicket, Expiry, InFlight, Unread};
 pub use bans::BanView;
 
-use crate::config::ForwardedHeader;
 use crate::metrics::Metrics;
 use crate::net::{any_contains, canonical, is_host, overlaps, prefix_of, Cidr};
 #[cfg(test)]
@@ -46,6 +45,7 @@ use crate::reject::{ConnReject, Refusal};
 use admission::{Admission, Candidate};
 use bans::{Bans, MAX_BANS};
 use budget::{quota, KeyedRate};
+pub use forwarded::ForwardedHeader;
 use penalty::Penalty;
 
 /// Runs `job` on tokio's blocking threads when there is a runtime (file
@@ -240,10 +240,6 @@ impl Guard {
         self.bans.mark_dirty();
     }
 
-    pub fn is_allowed(&self, ip: IpAddr) -> bool {
-        any_contains(&self.settings.load().allow, ip)
-    }
-
     pub fn is_trusted_proxy(&self, ip: IpAddr) -> bool {
         any_contains(&self.settings.load().trusted, ip)
     }
@@ -347,11 +343,6 @@ impl Guard {
     /// Open connections in all.
     pub fn open_connections(&self) -> usize {
         self.admission.open()
-    }
-
-    /// Asks every open connection to close.
-    pub fn close_all(&self) {
-        self.admission.close_all();
     }
 
     /// The real client of a request on a connection from `peer`: the

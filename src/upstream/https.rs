@@ -19,8 +19,8 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::{accept, Backoff, ExchangeError, Exchanged};
+use crate::dns::DNS_MESSAGE;
 use crate::dns::{self, Key};
-use crate::doh::DNS_MESSAGE;
 use crate::metrics::UpstreamMetrics;
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);

@@ -587,17 +587,6 @@ impl Upstream {
             }
         }
     }
-
-    /// Open stream connections to each upstream (tests).
-    pub fn stream_connections(&self) -> Vec<usize> {
-        self.servers
-            .iter()
-            .map(|s| match &s.link {
-                Link::Udp(p) | Link::Stream(p) => p.open_connections(),
-                Link::Https(_) => 0,
-            })
-            .collect()
-    }
 }
 
 impl Drop for Upstream {
