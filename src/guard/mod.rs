@@ -701,7 +701,6 @@ impl Guard {
         let _ = self.bans.take_changes();
         let (bans, offences) = self.bans.export();
         state::save(path, bans, offences)?;
-        state::clear_journals(path);
         self.journal_lines.store(0, Ordering::Relaxed);
         Ok(())
     }

@@ -66,8 +66,24 @@ fn unix_now() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
-/// Writes the state atomically.
+/// Writes the whole state atomically, and removes the journals it makes
+/// redundant.
 pub fn save(path: &Path, bans: Vec<SavedBan>, offences: Vec<SavedOffence>) -> std::io::Result<()> {
+    let _one = SNAPSHOT.lock().unwrap_or_else(|p| p.into_inner());
+    write_snapshot(path, bans, offences)?;
+    clear_journals(path);
+    Ok(())
+}
+
+/// Snapshot writes one at a time: a merge that read the old snapshot must
+/// not overwrite a whole state saved meanwhile.
+static SNAPSHOT: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn write_snapshot(
+    path: &Path,
+    bans: Vec<SavedBan>,
+    offences: Vec<SavedOffence>,
+) -> std::io::Result<()> {
     let state = StateFile {
         format: FORMAT.into(),
         version: VERSION,
@@ -159,23 +175,29 @@ pub fn rotate_journal(path: &Path) -> std::io::Result<bool> {
 /// reads both files, never the ban table. Entries that expired are left
 /// out.
 pub fn merge(path: &Path) -> std::io::Result<()> {
+    let _one = SNAPSHOT.lock().unwrap_or_else(|p| p.into_inner());
     let mut state = match std::fs::read(path) {
         Ok(text) => serde_json::from_slice::<StateFile>(&text).map_err(std::io::Error::other)?,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => StateFile::empty(),
         Err(e) => return Err(e),
     };
     let old = old_journal_path(path);
-    let journal = std::fs::read(&old)?;
+    let journal = match std::fs::read(&old) {
+        Ok(j) => j,
+        // A whole save came first and made it redundant.
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e),
+    };
     state.apply(&journal);
     let now = unix_now();
     state.bans.retain(|b| b.expires > now);
     state.offences.retain(|o| o.until > now);
-    save(path, state.bans, state.offences)?;
+    write_snapshot(path, state.bans, state.offences)?;
     std::fs::remove_file(old)
 }
 
 /// Removes both journals: a whole snapshot was just written.
-pub fn clear_journals(path: &Path) {
+fn clear_journals(path: &Path) {
     let _ = std::fs::remove_file(journal_path(path));
     let _ = std::fs::remove_file(old_journal_path(path));
 }
@@ -244,11 +266,20 @@ pub fn load(path: &Path, limits: Limits) -> Result<Option<Restored>, String> {
         .iter()
         .filter_map(|p| std::fs::read(p).ok())
         .collect();
-    let mut r = parse_with_journals(&text, &journals, unix_now(), limits).map_err(|why| {
-        clear_journals(path);
-        set_aside(path, &why)
-    })?;
-    if !r.invalid.is_empty() {
+    let now = unix_now();
+    let mut r = match parse_with_journals(&text, &journals, now, limits) {
+        Ok(r) => r,
+        Err(why) if journals.is_empty() => return Err(set_aside(path, &why)),
+        // The snapshot is damaged, the journals may not be: what they
+        // hold is restored, the snapshot set aside.
+        Err(why) => {
+            let empty = serde_json::to_vec(&StateFile::empty()).map_err(|e| e.to_string())?;
+            let mut r = parse_with_journals(&empty, &journals, now, limits)?;
+            r.set_aside = Some(set_aside(path, &why));
+            r
+        }
+    };
+    if !r.invalid.is_empty() && r.set_aside.is_none() {
         r.set_aside = Some(set_aside(
             path,
             &format!("holding {} entries out of range", r.invalid.len()),
@@ -560,6 +591,32 @@ mod tests {
         .unwrap();
         assert_eq!(r.bans.len(), 2);
         assert_eq!(r.invalid.len(), 1);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_damaged_snapshot_sets_aside_only_itself() {
+        let dir = std::env::temp_dir().join(format!("doh-journal-bad-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = dir.join("state.json");
+        let now = unix_now();
+        append(
+            &p,
+            &[Change::Ban(SavedBan {
+                target: "192.0.2.7/32".into(),
+                reason: "manual".into(),
+                since: now,
+                expires: now + 600,
+                hits: 0,
+            })],
+        )
+        .unwrap();
+        std::fs::write(&p, "{\"format\": \"doh-proxy state\", \"vers").unwrap();
+        let r = load(&p, LIMITS).unwrap().unwrap();
+        assert_eq!(r.bans.len(), 1, "the journal's ban is restored");
+        assert!(r.set_aside.unwrap().contains("not a doh-proxy state file"));
+        assert!(beside(&p, ".bad").exists() && journal_path(&p).exists());
         let _ = std::fs::remove_dir_all(&dir);
     }
 }
