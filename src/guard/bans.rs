@@ -402,8 +402,8 @@ impl Bans {
         journal: bool,
     ) -> Added {
         let secs = Duration::from_secs(secs).min(MAX_BAN);
+        let wall = SystemTime::now();
         if journal {
-            let wall = SystemTime::now();
             self.record(Change::Ban(SavedBan {
                 target: target_label(&target),
                 reason: reason.to_string(),
@@ -415,7 +415,7 @@ impl Bans {
         let now = Instant::now();
         let ban = Ban {
             reason,
-            since: SystemTime::now(),
+            since: wall,
             expires: now + secs,
             prefix: prefix.filter(|_| is_host(&target)),
             hits: AtomicU64::new(0),

@@ -187,16 +187,16 @@ impl AnswerBody {
         track: Option<(Arc<Metrics>, Transport)>,
         conn: &Arc<crate::guard::Conn>,
     ) -> AnswerBody {
+        let unread = (!data.is_empty()).then(|| conn.queued());
         let mut answer = Answer {
             data,
             track,
-            unread: None,
+            unread,
         };
         if answer.data.is_empty() {
             answer.delivered();
             return AnswerBody { data: None };
         }
-        answer.unread = Some(conn.queued());
         AnswerBody { data: Some(answer) }
     }
 }

@@ -145,17 +145,8 @@ async fn spoofed_initial_floods_are_not_amplified() {
         .map(|i| IpAddr::from([127, 90 + (i / 250) as u8, (i % 250) as u8, 7]))
         .collect();
     let flood = tokio::task::spawn_blocking(move || {
-        let mut roots = rustls::RootCertStore::empty();
-        roots.add(pki().ca_der.clone()).unwrap();
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let mut tls = rustls::ClientConfig::builder_with_provider(provider)
-            .with_protocol_versions(&[&rustls::version::TLS13])
-            .unwrap()
-            .with_root_certificates(roots)
-            .with_no_client_auth();
-        tls.alpn_protocols = vec![b"h3".to_vec()];
         let crypto =
-            Arc::new(quinn_proto::crypto::rustls::QuicClientConfig::try_from(tls).unwrap());
+            Arc::new(quinn_proto::crypto::rustls::QuicClientConfig::try_from(quic_tls()).unwrap());
         let mut endpoint = quinn_proto::Endpoint::new(Default::default(), None, false, None);
         let mut sockets = Vec::new();
         let mut sent = Vec::new();
