@@ -21,6 +21,7 @@
 #   fresh   h2load -c 1000 -n 2000 (a new TLS connection for every two
 #           requests), FRESH_REPS runs per server and round
 #   hit_ab  cache hits over long-lived HTTP/2 (10 conns x 10 streams)
+#   miss_ab unique names, each a miss forwarded to NSD, N/5 per run (10 x 10)
 #   resume  examples/handshakes: RESUME_CLIENTS (20000) clients connect
 #           once (full handshakes) and come back (resumed or not), against
 #           doh-proxy with tickets, doh-proxy with --tls-ticket-lifetime 0
@@ -33,7 +34,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 N=${N:-100000}
-SCEN=${SCEN:-hit_h2 hit_h1 reject miss hit_h2_idle fleet_ab fresh hit_ab resume}
+SCEN=${SCEN:-hit_h2 hit_h1 reject miss hit_h2_idle fleet_ab fresh hit_ab miss_ab resume}
 ROUNDS=${ROUNDS:-5}
 FRESH_REPS=${FRESH_REPS:-5}
 RESUME_CLIENTS=${RESUME_CLIENTS:-20000}
@@ -207,6 +208,16 @@ if want hit_ab; then
     run "hit_ab_$r" dnsdist "$DNSDIST_PID" -n "$N" -c 10 -m 10 "https://127.0.0.1:8453/dns-query?dns=$Q"
   done
 fi
+if want miss_ab; then
+  echo "== miss_ab: doh-proxy and dnsdist in turns, $ROUNDS rounds of $((N / 5)) unique names" >&2
+  for r in $(seq 1 "$ROUNDS"); do
+    for t in "doh-proxy|$OURS|8443" "dnsdist|$DNSDIST_PID|8453"; do
+      IFS='|' read -r name pid port <<< "$t"
+      mkuris "$port" "ab$r-$RANDOM-$name-" "$((N / 5))" > "$OUT/uris-ab-$name"
+      run "miss_ab_$r" "$name" "$pid" -n "$((N / 5))" -c 10 -m 10 -i "$OUT/uris-ab-$name"
+    done
+  done
+fi
 if want resume; then
   echo "== resume: $RESUME_CLIENTS clients, twice" >&2
   for target in "doh-proxy (tickets)|$OURS|8443|$CA" "doh-proxy (session cache only)|$NOTICKETS|8473|$CA" \
@@ -271,7 +282,8 @@ def rounds(prefix):
         a[1] += done; a[2] += float(r[4]) * done / 100000
     return {key: (a[0] / a[3], a[2] / a[1] * 100000 if a[1] else 0.0) for key, a in acc.items()}
 for prefix, what in (("fresh_", "a new TLS connection for every 2 requests (h2load -c 1000 -n 2000)"),
-                     ("hit_ab_", "cache hits over long-lived TLS HTTP/2 (10 conns x 10 streams)")):
+                     ("hit_ab_", "cache hits over long-lived TLS HTTP/2 (10 conns x 10 streams)"),
+                     ("miss_ab_", "unique names (misses) over long-lived TLS HTTP/2 (10 conns x 10 streams)")):
     per = rounds(prefix)
     rnds = sorted({k[0] for k in per if (k[0], "dnsdist") in per and (k[0], "doh-proxy") in per}, key=int)
     if not rnds:
