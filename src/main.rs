@@ -6,6 +6,12 @@ use std::process::ExitCode;
 use doh_proxy::config::{CommandLine, LogFormat, Settings};
 use doh_proxy::server::systemd::{self, Inherited, State};
 
+/// jemalloc gives memory back once a crowd of connections has closed
+/// (its settings: `.cargo/config.toml`); glibc's malloc would keep it.
+#[cfg(feature = "jemalloc")]
+#[global_allocator]
+static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 fn main() -> ExitCode {
     // Before any thread: socket activation reads and clears variables.
     let inherited = Inherited::from_env();

@@ -48,7 +48,15 @@ pub struct HttpConn {
 
 /// Serves HTTP on one connection until it ends, is closed by the
 /// watchdog, or the server shuts down.
-pub async fn serve<I>(c: HttpConn, io: I, shutdown: CancellationToken)
+///
+/// Not an `async fn`: the connection (which owns `io`) is built here and
+/// moved into the future, so that the future an idle connection keeps holds
+/// the TLS stream once, not once more as an argument beside it.
+pub fn serve<I>(
+    c: HttpConn,
+    io: I,
+    shutdown: CancellationToken,
+) -> impl std::future::Future<Output = ()> + Send
 where
     I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
 {
@@ -97,32 +105,35 @@ where
             Ok::<_, Infallible>(resp)
         }
     });
-    let conn = builder.serve_connection(io, svc);
-    tokio::pin!(conn);
-    let watch = watchdog::expired(&c.peer.conn, c.first_request, c.idle, c.write);
-    tokio::pin!(watch);
-    tokio::select! {
-        r = conn.as_mut() => {
-            if let Err(e) = r {
-                if let Some(kind) = classify(e.as_ref(), c.tls) {
-                    c.app.metrics.protocol_error(kind);
-                    c.app.guard.penalize(scored_client(&c.peer), kind);
-                    tracing::debug!(peer = %c.peer.conn.peer(), kind = kind.label(), error = %e, "protocol error");
+    // Boxed: pinning it inside the future would move it into a second
+    // place there, and an idle connection would keep both.
+    let mut conn = Box::pin(builder.serve_connection(io, svc).into_owned());
+    async move {
+        let watch = watchdog::expired(&c.peer.conn, c.first_request, c.idle, c.write);
+        tokio::pin!(watch);
+        tokio::select! {
+            r = conn.as_mut() => {
+                if let Err(e) = r {
+                    if let Some(kind) = classify(e.as_ref(), c.tls) {
+                        c.app.metrics.protocol_error(kind);
+                        c.app.guard.penalize(scored_client(&c.peer), kind);
+                        tracing::debug!(peer = %c.peer.conn.peer(), kind = kind.label(), error = %e, "protocol error");
+                    }
                 }
             }
-        }
-        _ = shutdown.cancelled() => {
-            conn.as_mut().graceful_shutdown();
-            let _ = tokio::time::timeout(DRAIN, conn.as_mut()).await;
-        }
-        _ = c.peer.conn.closing() => {
-            conn.as_mut().graceful_shutdown();
-            let _ = tokio::time::timeout(DRAIN, conn.as_mut()).await;
-        }
-        why = &mut watch => {
-            // Nothing in flight, or answers nobody reads: close at once,
-            // without waiting for a client that sends or takes nothing.
-            watchdog::account(&c.app, &c.peer, why);
+            _ = shutdown.cancelled() => {
+                conn.as_mut().graceful_shutdown();
+                let _ = tokio::time::timeout(DRAIN, conn.as_mut()).await;
+            }
+            _ = c.peer.conn.closing() => {
+                conn.as_mut().graceful_shutdown();
+                let _ = tokio::time::timeout(DRAIN, conn.as_mut()).await;
+            }
+            why = &mut watch => {
+                // Nothing in flight, or answers nobody reads: close at once,
+                // without waiting for a client that sends or takes nothing.
+                watchdog::account(&c.app, &c.peer, why);
+            }
         }
     }
 }

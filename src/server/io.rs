@@ -41,11 +41,10 @@ impl ConnIo {
             }
             self.sent += n;
         }
-        self.buf.clear();
+        // Everything is out: give the buffer back, so that an idle
+        // connection holds none (the next write reserves it again).
+        self.buf = Vec::new();
         self.sent = 0;
-        if self.buf.capacity() > 4 * WRITE_BUF {
-            self.buf.shrink_to(WRITE_BUF);
-        }
         Poll::Ready(Ok(()))
     }
 }

@@ -113,7 +113,7 @@ impl Listener {
             };
             let this = self.clone();
             let shutdown = shutdown.clone();
-            tasks.spawn(async move { this.serve(ticket, stream, peer, shutdown).await });
+            tasks.spawn(this.serve(ticket, stream, peer, shutdown));
         }
     }
 
@@ -166,36 +166,50 @@ impl Listener {
         };
         match &self.tls {
             Some(acceptor) => {
-                let accepted = tokio::select! {
-                    r = tokio::time::timeout_at(deadline, acceptor.accept(io)) => r,
-                    _ = c.peer.conn.closing() => return,
+                // The handshake in a future of its own: the TLS stream it
+                // returns is moved on, never held twice by this one.
+                let Some((tls, h2)) = handshake(app, acceptor, io, deadline, &c.peer).await else {
+                    return;
                 };
-                let tls = match accepted {
-                    Ok(Ok(s)) => s,
-                    Ok(Err(e)) => {
-                        app.metrics.handshake(Handshake::Failed);
-                        app.metrics
-                            .conn_rejected(ConnReject::HandshakeFailed, false);
-                        app.guard
-                            .penalize(http::scored_client(&c.peer), ConnReject::HandshakeFailed);
-                        tracing::debug!(peer = %c.peer.conn.peer(), error = %e, "TLS handshake failed");
-                        return;
-                    }
-                    Err(_) => {
-                        app.metrics.handshake(Handshake::Timeout);
-                        app.metrics
-                            .conn_rejected(ConnReject::HandshakeTimeout, false);
-                        app.guard
-                            .penalize(http::scored_client(&c.peer), ConnReject::HandshakeTimeout);
-                        return;
-                    }
-                };
-                app.metrics.handshake(Handshake::of(tls.get_ref().1));
-                c.h2 = Some(tls.get_ref().1.alpn_protocol() == Some(b"h2"));
+                c.h2 = Some(h2);
                 http::serve(c, TokioIo::new(tls), shutdown).await;
             }
             None => http::serve(c, TokioIo::new(io), shutdown).await,
         }
         drop(ticket);
     }
+}
+
+/// The TLS handshake within the connection's deadline, counted and scored:
+/// the stream and whether ALPN chose h2, or `None` when it failed.
+async fn handshake(
+    app: &App,
+    acceptor: &TlsAcceptor,
+    io: ConnIo,
+    deadline: Instant,
+    peer: &Peer,
+) -> Option<(tokio_rustls::server::TlsStream<ConnIo>, bool)> {
+    let accepted = tokio::select! {
+        r = tokio::time::timeout_at(deadline, acceptor.accept(io)) => r,
+        _ = peer.conn.closing() => return None,
+    };
+    let why = match accepted {
+        Ok(Ok(tls)) => {
+            app.metrics.handshake(Handshake::of(tls.get_ref().1));
+            let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
+            return Some((tls, h2));
+        }
+        Ok(Err(e)) => {
+            app.metrics.handshake(Handshake::Failed);
+            tracing::debug!(peer = %peer.conn.peer(), error = %e, "TLS handshake failed");
+            ConnReject::HandshakeFailed
+        }
+        Err(_) => {
+            app.metrics.handshake(Handshake::Timeout);
+            ConnReject::HandshakeTimeout
+        }
+    };
+    app.metrics.conn_rejected(why, false);
+    app.guard.penalize(http::scored_client(peer), why);
+    None
 }
