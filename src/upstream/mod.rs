@@ -14,8 +14,8 @@
 //! TCP retry after a truncated UDP answer alike — and is counted in
 //! `doh_upstream_queries_total`.
 //!
-//! Transports ([`spec`]): UDP from a fresh socket (a random port) with a
-//! random ID, TCP after a truncated or oversized answer; pipelined TCP and
+//! Transports ([`spec`]): UDP from a pool of connected sockets on random
+//! ports with a random ID ([`udp`]), TCP after a truncated or oversized answer; pipelined TCP and
 //! TLS ([`stream`]); HTTP/2 ([`https`]). Every answer is checked (ID,
 //! question, size) and stripped of what a client must not get.
 //!
@@ -29,6 +29,7 @@ mod https;
 pub mod spec;
 mod stream;
 mod tls;
+mod udp;
 
 pub use budget::{LocalBudget, Spend, TokenBucket, Unlimited};
 pub use tls::read_ca;
@@ -41,7 +42,6 @@ use std::time::Duration;
 use futures_util::stream::{FuturesUnordered, StreamExt};
 use rustls::pki_types::{CertificateDer, ServerName};
 use serde::{Deserialize, Serialize};
-use tokio::net::UdpSocket;
 use tokio::time::Instant;
 use tokio_rustls::TlsConnector;
 use tokio_util::sync::CancellationToken;
@@ -159,13 +159,25 @@ impl Backoff {
 /// Checks an answer and strips what a client must not get.
 fn accept(wire: &[u8], id: u16, key: &Key) -> Result<(Vec<u8>, AnswerInfo), dns::AnswerError> {
     let info = dns::check_answer(wire, id, key)?;
-    let mut out = match dns::strip_extras(wire, key.flags.dnssec_ok()) {
+    let out = match dns::strip_extras(wire, key.flags.dnssec_ok()) {
         None => wire.to_vec(),
         Some(stripped) => stripped,
     };
+    finish(out, wire.len(), id, key, info)
+}
+
+/// Clears the options a client must not get from a checked answer, and
+/// locates the TTLs again if that moved them.
+fn finish(
+    mut out: Vec<u8>,
+    wire_len: usize,
+    id: u16,
+    key: &Key,
+    info: AnswerInfo,
+) -> Result<(Vec<u8>, AnswerInfo), dns::AnswerError> {
     let before = out.len();
     dns::clear_options(&mut out);
-    if out.len() == wire.len() && before == wire.len() {
+    if out.len() == wire_len && before == wire_len {
         return Ok((out, info));
     }
     // Offsets moved: locate the TTLs again.
@@ -175,7 +187,7 @@ fn accept(wire: &[u8], id: u16, key: &Key) -> Result<(Vec<u8>, AnswerInfo), dns:
 
 enum Link {
     /// UDP, and a pool for TCP after truncation.
-    Udp(stream::StreamPool),
+    Udp(udp::UdpPool, stream::StreamPool),
     Stream(stream::StreamPool),
     Https(https::HttpsLink),
 }
@@ -237,15 +249,17 @@ impl Server {
         budget: &dyn Spend,
     ) -> Result<(Vec<u8>, AnswerInfo), ExchangeError> {
         let r = match &self.link {
-            Link::Udp(tcp) => match udp_exchange(self.spec.addr, key, &self.metrics).await? {
-                Exchanged::Truncated => {
-                    if !budget.spend().await {
-                        return Err(ExchangeError::Budget);
+            Link::Udp(udp, tcp) => {
+                match udp_exchange(udp, self.spec.addr, key, &self.metrics).await? {
+                    Exchanged::Truncated => {
+                        if !budget.spend().await {
+                            return Err(ExchangeError::Budget);
+                        }
+                        tcp.exchange(key).await?
                     }
-                    tcp.exchange(key).await?
+                    answered => answered,
                 }
-                answered => answered,
-            },
+            }
             Link::Stream(pool) => pool.exchange(key).await?,
             Link::Https(h) => h.exchange(key).await?,
         };
@@ -302,7 +316,10 @@ impl Upstream {
                 )
             };
             let link = match &spec.transport {
-                Transport::Udp => Link::Udp(pool(None)),
+                Transport::Udp => Link::Udp(
+                    udp::UdpPool::new(spec.addr, usize::from(dns::EDNS_PAYLOAD) + 1),
+                    pool(None),
+                ),
                 Transport::Tcp => Link::Stream(pool(None)),
                 Transport::Tls { name: n } => {
                     Link::Stream(pool(Some((TlsConnector::from(dot.clone()), name(n)?))))
@@ -595,22 +612,30 @@ impl Drop for Upstream {
     }
 }
 
-/// One query over UDP from a fresh socket (a random source port) with a
-/// random ID. Answers that do not match are dropped and the wait goes on;
-/// a truncated answer, or one larger than the payload size we advertised,
-/// means TCP.
+/// One query over UDP from the pool ([`udp`]) with a random ID. Answers
+/// that do not match are dropped and the wait goes on; a truncated answer,
+/// or one larger than the payload size we advertised, means TCP.
 async fn udp_exchange(
+    pool: &udp::UdpPool,
     addr: SocketAddr,
     key: &Key,
     metrics: &UpstreamMetrics,
 ) -> Result<Exchanged, ExchangeError> {
-    let bind: SocketAddr = if addr.is_ipv4() {
-        (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
-    } else {
-        (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
-    };
-    let sock = UdpSocket::bind(bind).await?;
-    sock.connect(addr).await?;
+    let mut taken = pool.take().await?;
+    let r = udp_query(&mut taken, addr, key, metrics).await;
+    if r.is_err() {
+        taken.discard();
+    }
+    r
+}
+
+async fn udp_query(
+    taken: &mut udp::Taken<'_>,
+    addr: SocketAddr,
+    key: &Key,
+    metrics: &UpstreamMetrics,
+) -> Result<Exchanged, ExchangeError> {
+    let (sock, buf) = taken.parts().ok_or(ExchangeError::Closed)?;
     let id: u16 = rand::random();
     sock.send(&dns::upstream_query(id, key)).await?;
     let limit = if key.flags.edns() {
@@ -618,10 +643,8 @@ async fn udp_exchange(
     } else {
         512
     };
-    // One byte more than allowed, to see an oversized datagram.
-    let mut buf = vec![0u8; limit + 1];
     loop {
-        let n = sock.recv(&mut buf).await?;
+        let n = sock.recv(buf).await?;
         if n > limit {
             metrics.dropped();
             tracing::debug!(upstream = %addr, "answer larger than advertised: retrying over TCP");

@@ -1,0 +1,121 @@
+//! UDP to one upstream from a bounded pool of connected sockets.
+//!
+//! A fresh socket per query costs six system calls beside the send and the
+//! receive (socket, bind, connect, register, deregister, close); a socket
+//! from the pool costs none. Each socket serves one query at a time: the
+//! query that took it sends, reads its own answer and puts it back, so no
+//! task stands between the answer and the query waiting for it.
+//!
+//! What the pool keeps of RFC 5452's protection against forged answers:
+//!
+//! - every query takes a socket chosen at random among the idle ones, each
+//!   bound by the kernel to its own random ephemeral port, and a random ID;
+//! - each socket is connected to the upstream, so the kernel drops any
+//!   datagram that does not come from the upstream's address and port;
+//! - an answer is only taken for the ID and the question asked (a late
+//!   answer to an earlier query on the same socket is dropped like any
+//!   other mismatch);
+//! - a socket is closed after [`RETIRE_AFTER`] queries and replaced by one
+//!   on a new random port, so ports learnt by an observer soon stop
+//!   mattering; at most [`POOL`] idle sockets are kept, the rest close.
+
+use std::net::SocketAddr;
+use std::sync::Mutex;
+
+use tokio::net::UdpSocket;
+
+/// Idle sockets kept per upstream.
+pub const POOL: usize = 64;
+/// Queries a socket sends before it is closed and replaced.
+pub const RETIRE_AFTER: u32 = 1000;
+
+struct Pooled {
+    sock: UdpSocket,
+    /// The receive buffer, kept with the socket for its next query.
+    buf: Vec<u8>,
+    uses: u32,
+}
+
+pub struct UdpPool {
+    addr: SocketAddr,
+    buf_len: usize,
+    idle: Mutex<Vec<Pooled>>,
+}
+
+/// A socket taken from the pool for one query; it goes back when dropped
+/// (answered, failed or abandoned), unless it has served its turn.
+pub struct Taken<'a> {
+    pool: &'a UdpPool,
+    sock: Option<Pooled>,
+}
+
+impl Taken<'_> {
+    /// The socket and its receive buffer (one byte longer than the largest
+    /// answer accepted, to see a larger one).
+    pub fn parts(&mut self) -> Option<(&UdpSocket, &mut [u8])> {
+        self.sock.as_mut().map(|p| (&p.sock, &mut p.buf[..]))
+    }
+
+    /// Closes the socket instead of putting it back (after an I/O error).
+    pub fn discard(&mut self) {
+        self.sock = None;
+    }
+}
+
+impl Drop for Taken<'_> {
+    fn drop(&mut self) {
+        if let Some(p) = self.sock.take() {
+            if p.uses < RETIRE_AFTER {
+                if let Ok(mut idle) = self.pool.idle.lock() {
+                    if idle.len() < POOL {
+                        idle.push(p);
+                    }
+                }
+            }
+        }
+    }
+}
+
+impl UdpPool {
+    /// `buf_len`: one byte more than the largest answer accepted.
+    pub fn new(addr: SocketAddr, buf_len: usize) -> UdpPool {
+        UdpPool {
+            addr,
+            buf_len,
+            idle: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// A socket for one query: an idle one chosen at random, else a new
+    /// one on a random port.
+    pub async fn take(&self) -> std::io::Result<Taken<'_>> {
+        let pooled = self.idle.lock().ok().and_then(|mut idle| {
+            (!idle.is_empty()).then(|| {
+                let i = rand::random_range(0..idle.len());
+                idle.swap_remove(i)
+            })
+        });
+        let mut p = match pooled {
+            Some(p) => p,
+            None => {
+                let bind: SocketAddr = if self.addr.is_ipv4() {
+                    (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
+                } else {
+                    (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+                };
+                let sock = UdpSocket::bind(bind).await?;
+                sock.connect(self.addr).await?;
+                Pooled {
+                    sock,
+                    buf: vec![0; self.buf_len],
+                    uses: 0,
+                }
+            }
+        };
+        p.uses += 1;
+        Ok(Taken {
+            pool: self,
+            sock: Some(p),
+        })
+    }
+}
