@@ -119,3 +119,87 @@ impl UdpPool {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn upstream() -> (UdpSocket, SocketAddr) {
+        let s = UdpSocket::bind("127.0.0.1:0").await.expect("bind");
+        let a = s.local_addr().expect("addr");
+        (s, a)
+    }
+
+    #[tokio::test]
+    async fn a_socket_is_reused_and_answers_reach_it() {
+        let (up, addr) = upstream().await;
+        let pool = UdpPool::new(addr, 513);
+        let first = {
+            let mut t = pool.take().await.expect("take");
+            let (sock, _) = t.parts().expect("socket");
+            sock.send(b"one").await.expect("send");
+            sock.local_addr().expect("addr")
+        };
+        let mut buf = [0u8; 16];
+        let (n, from) = up.recv_from(&mut buf).await.expect("recv");
+        assert_eq!((&buf[..n], from), (&b"one"[..], first));
+        // Put back and taken again: the same port, still connected.
+        let mut t = pool.take().await.expect("take");
+        let (sock, rbuf) = t.parts().expect("socket");
+        assert_eq!(sock.local_addr().expect("addr"), first);
+        assert_eq!(rbuf.len(), 513);
+        up.send_to(b"answer", first).await.expect("send");
+        let n = sock.recv(rbuf).await.expect("recv");
+        assert_eq!(&rbuf[..n], b"answer");
+    }
+
+    #[tokio::test]
+    async fn a_datagram_from_another_port_never_arrives() {
+        let (up, addr) = upstream().await;
+        let (forger, _) = upstream().await;
+        let pool = UdpPool::new(addr, 513);
+        let mut t = pool.take().await.expect("take");
+        let (sock, rbuf) = t.parts().expect("socket");
+        let port = sock.local_addr().expect("addr");
+        // On loopback a datagram is queued (or dropped) before send_to
+        // returns: the forged one would be read first.
+        forger.send_to(b"forged", port).await.expect("send");
+        up.send_to(b"real", port).await.expect("send");
+        let n = sock.recv(rbuf).await.expect("recv");
+        assert_eq!(
+            &rbuf[..n],
+            b"real",
+            "a datagram from another address was received"
+        );
+    }
+
+    #[tokio::test]
+    async fn sockets_are_retired_and_the_idle_ones_bounded() {
+        let (_up, addr) = upstream().await;
+        let pool = UdpPool::new(addr, 513);
+        let port = |t: &mut Taken<'_>| t.parts().expect("socket").0.local_addr().expect("addr");
+        let mut t = pool.take().await.expect("take");
+        let first = port(&mut t);
+        drop(t);
+        for _ in 1..RETIRE_AFTER {
+            let mut t = pool.take().await.expect("take");
+            assert_eq!(port(&mut t), first);
+        }
+        // Its 1,000th query was its last.
+        let mut t = pool.take().await.expect("take");
+        assert_ne!(port(&mut t), first);
+        drop(t);
+        // More queries at once than POOL: only POOL sockets stay.
+        let mut many = Vec::new();
+        for _ in 0..POOL + 10 {
+            many.push(pool.take().await.expect("take"));
+        }
+        drop(many);
+        assert_eq!(pool.idle.lock().expect("lock").len(), POOL);
+        // A socket that failed is not put back.
+        let mut t = pool.take().await.expect("take");
+        t.discard();
+        drop(t);
+        assert_eq!(pool.idle.lock().expect("lock").len(), POOL - 1);
+    }
+}
