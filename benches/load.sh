@@ -7,6 +7,7 @@
 #   bash benches/load.sh                 # N=100000 requests per cache-hit run
 #   N=20000 bash benches/load.sh         # quicker
 #   SCEN="hit_h2 hit_h2_idle" bash benches/load.sh   # only some scenarios
+#   BIN=/tmp/old/doh-proxy NOBUILD=1 bash benches/load.sh  # another build as "doh-proxy"
 #
 # Scenarios: hit_h2, hit_h1, reject, miss, hit_h2_idle (cache hits while
 # examples/idle_conns holds 10,000 idle connections open, doh-proxy and
@@ -21,7 +22,8 @@
 #   fresh   h2load -c 1000 -n 2000 (a new TLS connection for every two
 #           requests), FRESH_REPS runs per server and round
 #   hit_ab  cache hits over long-lived HTTP/2 (10 conns x 10 streams)
-#   miss_ab unique names, each a miss forwarded to NSD, N/5 per run (10 x 10)
+#   miss_ab unique names, each a miss forwarded to NSD, N/5 per run (ten
+#           h2load of one connection x 10 streams, each with its own names)
 #   resume  examples/handshakes: RESUME_CLIENTS (20000) clients connect
 #           once (full handshakes) and come back (resumed or not), against
 #           doh-proxy with tickets, doh-proxy with --tls-ticket-lifetime 0
@@ -50,8 +52,8 @@ echo "== peers (NSD, dnsdist, unbound, the doh-proxy crate)" >&2
 WITH_DNSCRYPT=0 WITH_PY=0 WITH_DOH_PROXY=1 bash "$PEERS" > "$OUT/peers.log" 2>&1 ||
   { tail -20 "$OUT/peers.log"; exit 1; }
 echo "== building doh-proxy (release)" >&2
-cargo build --release --quiet --bin doh-proxy --example idle_conns --example handshakes
-target/release/doh-proxy -l 127.0.0.1:8443 --listen-http 127.0.0.1:8088 -u 127.0.0.1:5300 \
+[ -n "${NOBUILD:-}" ] || cargo build --release --quiet --bin doh-proxy --example idle_conns --example handshakes
+"${BIN:-target/release/doh-proxy}" -l 127.0.0.1:8443 --listen-http 127.0.0.1:8088 -u 127.0.0.1:5300 \
   --tls-cert "$BASE/tls/cert.pem" --tls-key "$BASE/tls/key.pem" --metrics-listen 127.0.0.1:9199 \
   --per-ip-qps 100000000 --per-ip-burst 100000000 --per-prefix-qps 100000000 \
   --per-ip-conn-rate 100000000 --per-prefix-conn-rate 100000000 \
@@ -153,6 +155,49 @@ print(f"{scen}\t{name}\t{rps:.0f}\t{p99:.2f}\t{per100k:.2f}\t{done}\t{codes}")
 EOF
 }
 
+# run_miss <scenario> <server> <pid> <TLS port>: N/5 unique names, each a
+# miss. h2load sends every client through the same URI list from its start,
+# so one h2load with -c 10 would ask each name ten times (90 % hits): ten
+# h2load processes of one connection x 10 streams, each with its own
+# names, make every request a miss; the server's CPU is read over all ten.
+run_miss() {
+  local scen=$1 name=$2 pid=$3 port=$4 per=$((N / 50)) t0 t1 c
+  local tag="$scen-$RANDOM-$name" pids=()
+  for c in $(seq 0 9); do mkuris "$port" "$tag-$c-" "$per" > "$OUT/uris-miss-$c"; done
+  t0=$(cpu_ticks "$pid")
+  for c in $(seq 0 9); do
+    SSL_CERT_FILE=$CA timeout 180 h2load -n "$per" -c 1 -m 10 -i "$OUT/uris-miss-$c" -H "$H" \
+      --log-file="$OUT/miss-$c.log" > "$OUT/miss-$c.out" 2>&1 &
+    pids+=($!)
+  done
+  wait "${pids[@]}" || true
+  t1=$(cpu_ticks "$pid")
+  python3 - "$scen" "$name" "$OUT" "$((t1 - t0))" "$(getconf CLK_TCK)" >> "$OUT/results.tsv" <<'PY'
+import glob, re, sys
+scen, name, out, ticks, hz = sys.argv[1:6]
+rps = done = 0
+codes = [0, 0, 0, 0]
+lat = []
+for f in glob.glob(f"{out}/miss-*.out"):
+    text = open(f).read()
+    m = re.search(r"finished in [\d.]+m?s, ([\d.]+) req/s", text)
+    rps += float(m.group(1)) if m else 0.0
+    m = re.search(r"requests: \d+ total, \d+ started, (\d+) done", text)
+    done += int(m.group(1)) if m else 0
+    c = re.search(r"status codes: (\d+) 2xx, (\d+) 3xx, (\d+) 4xx, (\d+) 5xx", text)
+    if c:
+        codes = [a + int(b) for a, b in zip(codes, c.groups())]
+for f in glob.glob(f"{out}/miss-*.log"):
+    lat += [int(l.split("\t")[2]) for l in open(f) if l.count("\t") >= 2]
+lat.sort()
+p99 = lat[min(len(lat) - 1, int(len(lat) * 0.99))] / 1000 if lat else 0.0
+cpu = int(ticks) / int(hz)
+per100k = cpu / done * 100000 if done else 0.0
+print(f"{scen}\t{name}\t{rps:.0f}\t{p99:.2f}\t{per100k:.2f}\t{done}\t{'/'.join(map(str, codes))}")
+PY
+  rm -f "$OUT"/miss-* "$OUT"/uris-miss-*
+}
+
 for s in "${SERVERS[@]}"; do
   IFS='|' read -r name pid tls plain <<< "$s"
   echo "== $name" >&2
@@ -166,10 +211,7 @@ for s in "${SERVERS[@]}"; do
   fi
   want reject && [ "$name" != doh-proxy-redis ] && run reject "$name" "$pid" -n "$N" -c 10 -m 10 \
     "https://127.0.0.1:$tls/dns-query?ct=application/dns-udpwireformat&dns=$Q"
-  if want miss; then
-    mkuris "$tls" "m$RANDOM-$name-" "$((N / 5))" > "$OUT/uris-$name"
-    run miss "$name" "$pid" -n "$((N / 5))" -c 10 -m 10 -i "$OUT/uris-$name"
-  fi
+  want miss && run_miss miss "$name" "$pid" "$tls"
   if want hit_h2_idle && [[ $name == doh-proxy || $name == dnsdist ]]; then
     target/release/examples/idle_conns --addr "127.0.0.1:$tls" --conns "$IDLE" --ca "$CA" \
       > "$OUT/idle-$name.out" 2>&1 &
@@ -211,11 +253,8 @@ fi
 if want miss_ab; then
   echo "== miss_ab: doh-proxy and dnsdist in turns, $ROUNDS rounds of $((N / 5)) unique names" >&2
   for r in $(seq 1 "$ROUNDS"); do
-    for t in "doh-proxy|$OURS|8443" "dnsdist|$DNSDIST_PID|8453"; do
-      IFS='|' read -r name pid port <<< "$t"
-      mkuris "$port" "ab$r-$RANDOM-$name-" "$((N / 5))" > "$OUT/uris-ab-$name"
-      run "miss_ab_$r" "$name" "$pid" -n "$((N / 5))" -c 10 -m 10 -i "$OUT/uris-ab-$name"
-    done
+    run_miss "miss_ab_$r" doh-proxy "$OURS" 8443
+    run_miss "miss_ab_$r" dnsdist "$DNSDIST_PID" 8453
   done
 fi
 if want resume; then
