@@ -21,7 +21,7 @@
 
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use arc_swap::ArcSwapOption;
 use futures_util::StreamExt;
@@ -32,6 +32,7 @@ use tokio_util::sync::CancellationToken;
 
 use ipnet::IpNet;
 
+use crate::clock::unix_now;
 use crate::guard::bans::{parse_target, target_label};
 use crate::guard::{BanEvent, Guard};
 use crate::hll::UniqueClients;
@@ -126,12 +127,6 @@ struct OdohRecord {
     seed: String,
     /// Unix seconds.
     born: u64,
-}
-
-fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
 }
 
 fn key(parts: &[&str]) -> String {

@@ -25,6 +25,7 @@
 pub mod acme;
 pub mod admin;
 pub mod cache;
+pub mod clock;
 pub mod config;
 pub mod dns;
 pub mod doh;

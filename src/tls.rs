@@ -8,7 +8,6 @@ use std::fmt;
 use std::path::Path;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, RwLock};
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use arc_swap::ArcSwap;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
@@ -157,10 +156,8 @@ impl CertStore {
 
     /// Seconds until the served certificate expires (negative once it has).
     pub fn expires_in(&self) -> i64 {
-        let now = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs() as i64);
-        self.not_after.load(Ordering::Relaxed) - now
+        let now = i64::try_from(crate::clock::unix_now()).unwrap_or(i64::MAX);
+        self.not_after.load(Ordering::Relaxed).saturating_sub(now)
     }
 
     /// Answers `acme-tls/1` handshakes for `name` with `id` (RFC 8737).

@@ -37,6 +37,7 @@ use tokio::time::Instant;
 pub use admission::{Conn, ConnTicket, Expiry, InFlight, Unread};
 pub use bans::BanView;
 
+use crate::clock::unix_now;
 use crate::metrics::Metrics;
 use crate::net::{any_contains, canonical, is_host, overlaps, prefix_of, Cidr};
 #[cfg(test)]
@@ -57,12 +58,6 @@ fn in_background(job: impl FnOnce() + Send + 'static) {
         }
         Err(_) => job(),
     }
-}
-
-fn unix_now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
 }
 
 /// Longest ban, as a multiple of `--ban-secs`.

@@ -30,6 +30,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use serde::{Deserialize, Serialize};
 
 use super::bans::{parse_target, Change, SavedBan, SavedOffence};
+use crate::clock::unix_now;
 use crate::reject::{ConnReject, ProtocolError, Reject};
 
 const FORMAT: &str = "doh-proxy state";
@@ -58,12 +59,6 @@ pub struct Limits {
     pub prefix_v4: u8,
     /// Widest IPv6 ban: `--prefix-v6`.
     pub prefix_v6: u8,
-}
-
-fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
 }
 
 /// Writes the whole state atomically, and removes the journals it makes
