@@ -91,6 +91,10 @@ pub trait Refusal: Copy {
 /// What a row of a refusal table says.
 struct Row {
     status: u16,
+    /// What a DNS-message transport (DNS over TLS) answers: FORMERR for
+    /// what does not parse, REFUSED for policy, SERVFAIL when no answer
+    /// can be had; 0 (read as SERVFAIL) where the row never reaches one.
+    rcode: u8,
     label: &'static str,
     outcome: Outcome,
     scored: bool,
@@ -101,7 +105,7 @@ macro_rules! table {
     (
         $(#[$meta:meta])*
         pub enum $name:ident {
-            $( $(#[doc = $doc:literal])* $variant:ident => ($status:literal, $label:literal, $outcome:ident, scored: $scored:literal, closes: $closes:literal), )*
+            $( $(#[doc = $doc:literal])* $variant:ident => ($status:literal, $label:literal, $outcome:ident, scored: $scored:literal, closes: $closes:literal $(, rcode: $rcode:ident)?), )*
         }
     ) => {
         $(#[$meta])*
@@ -123,6 +127,7 @@ macro_rules! table {
                 match self {
                     $( $name::$variant => Row {
                         status: $status,
+                        rcode: 0 $(+ crate::dns::$rcode)?,
                         label: $label,
                         outcome: Outcome::$outcome,
                         scored: $scored,
@@ -144,6 +149,15 @@ macro_rules! table {
             /// Whether the connection this came on is closed.
             pub fn closes(self) -> bool {
                 self.row().closes
+            }
+
+            /// The DNS rcode a DNS-message transport answers with: the
+            /// table's `rcode` column, SERVFAIL where the row has none.
+            pub fn rcode(self) -> u8 {
+                match self.row().rcode {
+                    0 => crate::dns::RCODE_SERVFAIL,
+                    rcode => rcode,
+                }
             }
         }
 
@@ -192,28 +206,28 @@ table! {
         /// POST with an empty body.
         EmptyBody => (400, "empty_body", Rejected, scored: true, closes: false),
         /// The DNS message is shorter than a header and a question.
-        DnsTooShort => (400, "dns_too_short", Rejected, scored: true, closes: false),
+        DnsTooShort => (400, "dns_too_short", Rejected, scored: true, closes: false, rcode: RCODE_FORMERR),
         /// Bytes after the last record.
-        DnsTrailingBytes => (400, "dns_trailing_bytes", Rejected, scored: true, closes: false),
+        DnsTrailingBytes => (400, "dns_trailing_bytes", Rejected, scored: true, closes: false, rcode: RCODE_FORMERR),
         /// QR set: a response, not a query.
-        DnsQrSet => (400, "dns_qr_set", Rejected, scored: true, closes: false),
+        DnsQrSet => (400, "dns_qr_set", Rejected, scored: true, closes: false, rcode: RCODE_FORMERR),
         /// An opcode other than QUERY.
-        DnsOpcode => (400, "dns_opcode", Rejected, scored: true, closes: false),
+        DnsOpcode => (400, "dns_opcode", Rejected, scored: true, closes: false, rcode: RCODE_FORMERR),
         /// QDCOUNT is not 1.
-        DnsQdcount => (400, "dns_qdcount", Rejected, scored: true, closes: false),
+        DnsQdcount => (400, "dns_qdcount", Rejected, scored: true, closes: false, rcode: RCODE_FORMERR),
         /// Records in the answer, authority or additional section (but OPT).
-        DnsRecords => (400, "dns_records", Rejected, scored: true, closes: false),
+        DnsRecords => (400, "dns_records", Rejected, scored: true, closes: false, rcode: RCODE_FORMERR),
         /// An invalid question name.
-        DnsBadName => (400, "dns_bad_name", Rejected, scored: true, closes: false),
+        DnsBadName => (400, "dns_bad_name", Rejected, scored: true, closes: false, rcode: RCODE_FORMERR),
         /// Anything else that does not decode.
-        DnsMalformed => (400, "dns_malformed", Rejected, scored: true, closes: false),
+        DnsMalformed => (400, "dns_malformed", Rejected, scored: true, closes: false, rcode: RCODE_FORMERR),
         /// The client is over its budget.
-        RateLimited => (429, "rate_limited", RateLimited, scored: true, closes: false),
+        RateLimited => (429, "rate_limited", RateLimited, scored: true, closes: false, rcode: RCODE_REFUSED),
         /// The client is banned (seen behind a trusted proxy, or banned while
         /// its connection was open).
-        Banned => (403, "banned", Banned, scored: false, closes: true),
+        Banned => (403, "banned", Banned, scored: false, closes: true, rcode: RCODE_REFUSED),
         /// The upstream budget is spent and nothing, not even stale, is cached.
-        UpstreamBudget => (503, "upstream_budget", Overloaded, scored: false, closes: false),
+        UpstreamBudget => (503, "upstream_budget", Overloaded, scored: false, closes: false, rcode: RCODE_SERVFAIL),
         /// An Oblivious DoH query under a key that is not (or no longer)
         /// ours: the client is to fetch the configs again. Scored like any
         /// refusal: an honest client meets it once after a rotation (the
@@ -326,6 +340,21 @@ table! {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_refusal_has_the_rcode_a_dns_transport_answers_with() {
+        use crate::dns::{RCODE_FORMERR, RCODE_REFUSED, RCODE_SERVFAIL};
+        for &r in Reject::ALL {
+            let want = match r {
+                Reject::RateLimited | Reject::Banned => RCODE_REFUSED,
+                Reject::UpstreamBudget => RCODE_SERVFAIL,
+                _ if r.label().starts_with("dns_") => RCODE_FORMERR,
+                // HTTP-only reasons never reach a DNS transport.
+                _ => RCODE_SERVFAIL,
+            };
+            assert_eq!(r.rcode(), want, "{}", r.label());
+        }
+    }
     use std::collections::HashSet;
 
     fn check_labels(labels: Vec<&'static str>) {

@@ -23,8 +23,10 @@ pub const HEADER_LEN: usize = 12;
 pub const TYPE_OPT: u16 = 41;
 pub const TYPE_SOA: u16 = 6;
 pub const RCODE_NOERROR: u8 = 0;
+pub const RCODE_FORMERR: u8 = 1;
 pub const RCODE_SERVFAIL: u8 = 2;
 pub const RCODE_NXDOMAIN: u8 = 3;
+pub const RCODE_REFUSED: u8 = 5;
 /// UDP payload size advertised upstream (the DNS flag day 2020 value).
 pub const EDNS_PAYLOAD: u16 = 1232;
 

@@ -39,9 +39,6 @@ const MAX_PENDING: usize = 32;
 /// Bytes of answers waiting for the writer, on one connection; reading
 /// pauses beyond.
 const MAX_UNWRITTEN: usize = 64 * 1024;
-const RCODE_FORMERR: u8 = 1;
-const RCODE_SERVFAIL: u8 = 2;
-const RCODE_REFUSED: u8 = 5;
 
 #[derive(Clone)]
 pub struct DotListener {
@@ -222,7 +219,7 @@ where
             let (_, inflight) = peer.conn.begin();
             if let Err((reason, _)) = app.admit_request(client, Transport::Dot) {
                 // Banned: close. Over budget: REFUSED, and go on.
-                send(frame(&refusal(&msg, RCODE_REFUSED)), place);
+                send(frame(&refusal(&msg, reason.rcode())), place);
                 if reason.closes() {
                     return None;
                 }
@@ -231,7 +228,7 @@ where
             if let Err(e) = dns::parse_query(&msg) {
                 let reason = Reject::from(e);
                 app.refuse(client, reason, Transport::Dot);
-                send(frame(&refusal(&msg, RCODE_FORMERR)), place);
+                send(frame(&refusal(&msg, reason.rcode())), place);
                 return Some(ProtocolError::DotMalformed);
             }
             let (app, send) = (app.clone(), send.clone());
@@ -245,7 +242,7 @@ where
                     }
                     Err(reason) => {
                         app.refuse(client, reason, Transport::Dot);
-                        refusal(&msg, RCODE_SERVFAIL)
+                        refusal(&msg, reason.rcode())
                     }
                 };
                 // Unread from here on, no longer in flight.
@@ -333,7 +330,7 @@ mod tests {
     #[test]
     fn refusals_echo_id_and_question() {
         let q = dns::query_message("a.test", 1, 0x4242, true).unwrap();
-        let r = refusal(&q, RCODE_REFUSED);
+        let r = refusal(&q, crate::dns::RCODE_REFUSED);
         let m = hickory_proto::op::Message::from_vec(&r).unwrap();
         assert_eq!(m.metadata.id, 0x4242);
         assert_eq!(
@@ -341,7 +338,7 @@ mod tests {
             hickory_proto::op::ResponseCode::Refused
         );
         assert_eq!(m.queries.len(), 1);
-        let r = refusal(b"\x12\x34garbage", RCODE_FORMERR);
+        let r = refusal(b"\x12\x34garbage", crate::dns::RCODE_FORMERR);
         let m = hickory_proto::op::Message::from_vec(&r).unwrap();
         assert_eq!(m.metadata.id, 0x1234);
         assert!(m.queries.is_empty());

@@ -47,7 +47,7 @@ use tokio_rustls::TlsConnector;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::dns::{self, AnswerInfo, Key, RCODE_SERVFAIL};
+use crate::dns::{self, AnswerInfo, Key, RCODE_REFUSED, RCODE_SERVFAIL};
 use crate::metrics::{Metrics, UpstreamMetrics, UpstreamResult};
 use spec::Transport;
 pub use spec::UpstreamSpec;
@@ -58,7 +58,6 @@ const DOWN_AFTER: u32 = 3;
 const MIN_HEDGE: Duration = Duration::from_millis(100);
 /// RTO of an upstream never measured.
 const INITIAL_RTO: Duration = Duration::from_millis(150);
-const RCODE_REFUSED: u8 = 5;
 
 /// How upstreams are ordered for each resolution.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize, Deserialize)]
