@@ -29,9 +29,9 @@ use super::http::scored_client;
 use super::watchdog;
 use crate::dns;
 use crate::guard::{ConnTicket, Unread};
-use crate::metrics::{AcceptError, Handshake};
+use crate::metrics::AcceptError;
 use crate::pipeline::{App, Peer};
-use crate::reject::{ConnReject, Outcome, ProtocolError, Reject, Transport};
+use crate::reject::{Outcome, ProtocolError, Reject, Transport};
 
 /// Queries read and not yet answered into the socket, on one connection;
 /// reading pauses beyond.
@@ -92,31 +92,10 @@ impl DotListener {
             settings.write_timeout,
         );
         let deadline = Instant::now() + first;
-        let accepted = tokio::select! {
-            r = tokio::time::timeout_at(deadline, self.tls.accept(stream)) => r,
-            _ = peer.conn.closing() => return,
+        let Some((tls, _)) = super::handshake::tls(app, &self.tls, stream, deadline, &peer).await
+        else {
+            return;
         };
-        let tls = match accepted {
-            Ok(Ok(s)) => s,
-            Ok(Err(e)) => {
-                app.metrics.handshake(Handshake::Failed);
-                app.metrics
-                    .conn_rejected(ConnReject::HandshakeFailed, false);
-                app.guard
-                    .penalize(scored_client(&peer), ConnReject::HandshakeFailed);
-                tracing::debug!(peer = %peer.conn.peer(), error = %e, "TLS handshake failed");
-                return;
-            }
-            Err(_) => {
-                app.metrics.handshake(Handshake::Timeout);
-                app.metrics
-                    .conn_rejected(ConnReject::HandshakeTimeout, false);
-                app.guard
-                    .penalize(scored_client(&peer), ConnReject::HandshakeTimeout);
-                return;
-            }
-        };
-        app.metrics.handshake(Handshake::of(tls.get_ref().1));
         let watch = watchdog::expired(&peer.conn, first, idle, write);
         tokio::pin!(watch);
         tokio::select! {

@@ -33,6 +33,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::amplification::Guarded;
+use super::handshake;
 use super::http::{scored_client, H2_MAX_STREAMS};
 use super::watchdog;
 use crate::guard::{ConnTicket, Expiry};
@@ -209,20 +210,13 @@ impl H3Listener {
         let conn = match tokio::time::timeout_at(deadline, connecting).await {
             Ok(Ok(c)) => c,
             Ok(Err(e)) => {
-                app.metrics.handshake(Handshake::Failed);
-                app.metrics
-                    .conn_rejected(ConnReject::HandshakeFailed, false);
-                if validated {
-                    app.guard
-                        .penalize(scored_client(&peer), ConnReject::HandshakeFailed);
-                }
                 tracing::debug!(peer = %peer.conn.peer(), error = %e, "QUIC handshake failed");
+                // Scored only from a source that proved its address.
+                handshake::refused(app, &peer, ConnReject::HandshakeFailed, validated);
                 return;
             }
             Err(_) => {
-                app.metrics.handshake(Handshake::Timeout);
-                app.metrics
-                    .conn_rejected(ConnReject::HandshakeTimeout, false);
+                handshake::refused(app, &peer, ConnReject::HandshakeTimeout, false);
                 return;
             }
         };

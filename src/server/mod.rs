@@ -22,6 +22,7 @@ pub mod certs;
 pub mod dot;
 #[cfg(feature = "h3")]
 pub mod h3;
+pub mod handshake;
 pub mod http;
 pub mod io;
 pub mod systemd;

@@ -21,7 +21,7 @@ use tokio_util::task::TaskTracker;
 use super::http::{self, HttpConn};
 use super::io::ConnIo;
 use crate::guard::ConnTicket;
-use crate::metrics::{AcceptError, Handshake};
+use crate::metrics::AcceptError;
 use crate::pipeline::{App, Peer};
 use crate::proxyproto;
 use crate::reject::ConnReject;
@@ -168,7 +168,9 @@ impl Listener {
             Some(acceptor) => {
                 // The handshake in a future of its own: the TLS stream it
                 // returns is moved on, never held twice by this one.
-                let Some((tls, h2)) = handshake(app, acceptor, io, deadline, &c.peer).await else {
+                let Some((tls, h2)) =
+                    super::handshake::tls(app, acceptor, io, deadline, &c.peer).await
+                else {
                     return;
                 };
                 c.h2 = Some(h2);
@@ -178,38 +180,4 @@ impl Listener {
         }
         drop(ticket);
     }
-}
-
-/// The TLS handshake within the connection's deadline, counted and scored:
-/// the stream and whether ALPN chose h2, or `None` when it failed.
-async fn handshake(
-    app: &App,
-    acceptor: &TlsAcceptor,
-    io: ConnIo,
-    deadline: Instant,
-    peer: &Peer,
-) -> Option<(tokio_rustls::server::TlsStream<ConnIo>, bool)> {
-    let accepted = tokio::select! {
-        r = tokio::time::timeout_at(deadline, acceptor.accept(io)) => r,
-        _ = peer.conn.closing() => return None,
-    };
-    let why = match accepted {
-        Ok(Ok(tls)) => {
-            app.metrics.handshake(Handshake::of(tls.get_ref().1));
-            let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
-            return Some((tls, h2));
-        }
-        Ok(Err(e)) => {
-            app.metrics.handshake(Handshake::Failed);
-            tracing::debug!(peer = %peer.conn.peer(), error = %e, "TLS handshake failed");
-            ConnReject::HandshakeFailed
-        }
-        Err(_) => {
-            app.metrics.handshake(Handshake::Timeout);
-            ConnReject::HandshakeTimeout
-        }
-    };
-    app.metrics.conn_rejected(why, false);
-    app.guard.penalize(http::scored_client(peer), why);
-    None
 }
