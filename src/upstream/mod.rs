@@ -15,8 +15,8 @@
 //! `doh_upstream_queries_total`.
 //!
 //! Transports ([`spec`]): UDP from a pool of connected sockets on random
-//! ports with a random ID ([`udp`]), TCP after a truncated or oversized answer; pipelined TCP and
-//! TLS ([`stream`]); HTTP/2 ([`https`]). Every answer is checked (ID,
+//! ports with a random ID ([`udp`]), TCP after a truncated or oversized
+//! answer; pipelined TCP and TLS ([`stream`]); HTTP/2 ([`https`]). Every answer is checked (ID,
 //! question, size) and stripped of what a client must not get.
 //!
 //! Whether an upstream is up is decided by the proxy's own probes only
@@ -158,25 +158,13 @@ impl Backoff {
 /// Checks an answer and strips what a client must not get.
 fn accept(wire: &[u8], id: u16, key: &Key) -> Result<(Vec<u8>, AnswerInfo), dns::AnswerError> {
     let info = dns::check_answer(wire, id, key)?;
-    let out = match dns::strip_extras(wire, key.flags.dnssec_ok()) {
+    let mut out = match dns::strip_extras(wire, key.flags.dnssec_ok()) {
         None => wire.to_vec(),
         Some(stripped) => stripped,
     };
-    finish(out, wire.len(), id, key, info)
-}
-
-/// Clears the options a client must not get from a checked answer, and
-/// locates the TTLs again if that moved them.
-fn finish(
-    mut out: Vec<u8>,
-    wire_len: usize,
-    id: u16,
-    key: &Key,
-    info: AnswerInfo,
-) -> Result<(Vec<u8>, AnswerInfo), dns::AnswerError> {
     let before = out.len();
     dns::clear_options(&mut out);
-    if out.len() == wire_len && before == wire_len {
+    if out.len() == wire.len() && before == wire.len() {
         return Ok((out, info));
     }
     // Offsets moved: locate the TTLs again.
@@ -622,8 +610,9 @@ async fn udp_exchange(
 ) -> Result<Exchanged, ExchangeError> {
     let mut taken = pool.take().await?;
     let r = udp_query(&mut taken, addr, key, metrics).await;
-    if r.is_err() {
-        taken.discard();
+    if r.is_ok() {
+        // Its answer is taken: nothing more can arrive for this query.
+        taken.keep();
     }
     r
 }

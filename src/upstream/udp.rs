@@ -18,6 +18,11 @@
 //! - a socket is closed after [`RETIRE_AFTER`] queries and replaced by one
 //!   on a new random port, so ports learnt by an observer soon stop
 //!   mattering; at most [`POOL`] idle sockets are kept, the rest close.
+//!
+//! Only a socket whose query got its answer goes back: one whose query
+//! failed, timed out or was abandoned for a hedge closes, so that a late
+//! answer never meets the next query (it would be counted as a dropped,
+//! mismatched answer).
 
 use std::net::SocketAddr;
 use std::sync::Mutex;
@@ -43,10 +48,12 @@ pub struct UdpPool {
 }
 
 /// A socket taken from the pool for one query; it goes back when dropped
-/// (answered, failed or abandoned), unless it has served its turn.
+/// if [`Taken::keep`] was called and it has not served its turn, else it
+/// closes.
 pub struct Taken<'a> {
     pool: &'a UdpPool,
     sock: Option<Pooled>,
+    keep: bool,
 }
 
 impl Taken<'_> {
@@ -56,16 +63,16 @@ impl Taken<'_> {
         self.sock.as_mut().map(|p| (&p.sock, &mut p.buf[..]))
     }
 
-    /// Closes the socket instead of putting it back (after an I/O error).
-    pub fn discard(&mut self) {
-        self.sock = None;
+    /// Puts the socket back when dropped: its query got its answer.
+    pub fn keep(&mut self) {
+        self.keep = true;
     }
 }
 
 impl Drop for Taken<'_> {
     fn drop(&mut self) {
         if let Some(p) = self.sock.take() {
-            if p.uses < RETIRE_AFTER {
+            if self.keep && p.uses < RETIRE_AFTER {
                 if let Ok(mut idle) = self.pool.idle.lock() {
                     if idle.len() < POOL {
                         idle.push(p);
@@ -116,6 +123,7 @@ impl UdpPool {
         Ok(Taken {
             pool: self,
             sock: Some(p),
+            keep: false,
         })
     }
 }
@@ -138,7 +146,9 @@ mod tests {
             let mut t = pool.take().await.expect("take");
             let (sock, _) = t.parts().expect("socket");
             sock.send(b"one").await.expect("send");
-            sock.local_addr().expect("addr")
+            let addr = sock.local_addr().expect("addr");
+            t.keep();
+            addr
         };
         let mut buf = [0u8; 16];
         let (n, from) = up.recv_from(&mut buf).await.expect("recv");
@@ -177,7 +187,11 @@ mod tests {
     async fn sockets_are_retired_and_the_idle_ones_bounded() {
         let (_up, addr) = upstream().await;
         let pool = UdpPool::new(addr, 513);
-        let port = |t: &mut Taken<'_>| t.parts().expect("socket").0.local_addr().expect("addr");
+        // Each query answered: its socket is kept.
+        let port = |t: &mut Taken<'_>| {
+            t.keep();
+            t.parts().expect("socket").0.local_addr().expect("addr")
+        };
         let mut t = pool.take().await.expect("take");
         let first = port(&mut t);
         drop(t);
@@ -192,13 +206,15 @@ mod tests {
         // More queries at once than POOL: only POOL sockets stay.
         let mut many = Vec::new();
         for _ in 0..POOL + 10 {
-            many.push(pool.take().await.expect("take"));
+            let mut t = pool.take().await.expect("take");
+            t.keep();
+            many.push(t);
         }
         drop(many);
         assert_eq!(pool.idle.lock().expect("lock").len(), POOL);
-        // A socket that failed is not put back.
-        let mut t = pool.take().await.expect("take");
-        t.discard();
+        // A query that got no answer (failed, timed out, abandoned): its
+        // socket is not put back, a late answer can meet nobody.
+        let t = pool.take().await.expect("take");
         drop(t);
         assert_eq!(pool.idle.lock().expect("lock").len(), POOL - 1);
     }

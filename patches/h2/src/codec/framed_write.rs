@@ -170,6 +170,8 @@ where
                 ControlFlow::Break => break,
             }
         }
+        // Everything buffered is written.
+        self.encoder.release();
 
         tracing::trace!("flushing buffer");
         // Flush the upstream
@@ -208,7 +210,6 @@ where
             Some(Next::Data(frame)) => {
                 self.last_data_frame = Some(frame);
                 debug_assert!(self.is_empty());
-                self.release();
                 ControlFlow::Break
             }
             Some(Next::Continuation(frame)) => {
@@ -219,10 +220,7 @@ where
                 }
                 ControlFlow::Continue
             }
-            None => {
-                self.release();
-                ControlFlow::Break
-            }
+            None => ControlFlow::Break,
         }
     }
 
