@@ -14,31 +14,6 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
-use hyper_util::rt::{TokioExecutor, TokioIo};
-
-type H2 = hyper::client::conn::http2::SendRequest<Full<Bytes>>;
-
-async fn h2c(addr: &str) -> Result<H2, common::Error> {
-    let tcp = tokio::net::TcpStream::connect(addr).await?;
-    let (send, conn) =
-        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp)).await?;
-    tokio::spawn(conn);
-    Ok(send)
-}
-
-async fn get(send: &mut H2, host: &str, path: &str, client: &str) -> Result<u16, common::Error> {
-    let req = http::Request::get(format!("http://{host}{path}"))
-        .header("x-forwarded-for", client)
-        .body(Full::new(Bytes::new()))?;
-    send.ready().await?;
-    let resp = send.send_request(req).await?;
-    let status = resp.status().as_u16();
-    resp.into_body().collect().await?;
-    Ok(status)
-}
-
 #[tokio::main]
 async fn main() -> Result<(), common::Error> {
     let url: http::Uri = common::arg("--url", "http://127.0.0.1:8080/dns-query").parse()?;
@@ -61,7 +36,7 @@ async fn main() -> Result<(), common::Error> {
     for w in 0..8u32 {
         let (host, path) = (host.clone(), path.clone());
         attackers.push(tokio::spawn(async move {
-            let mut c = h2c(&host).await?;
+            let mut c = common::h2c(&host).await?;
             let mut sent = 0u32;
             for i in (w..clients).step_by(8) {
                 let client = format!("10.{}.{}.{}", (i >> 16) & 255, (i >> 8) & 255, i & 255);
@@ -71,7 +46,7 @@ async fn main() -> Result<(), common::Error> {
                     2 => format!("{path}?dns=!!not-base64!!"),
                     _ => format!("{path}?dns=AAAB&random_padding=xyz"),
                 };
-                get(&mut c, &host, &q, &client).await?;
+                common::get_as(&mut c, &host, &q, &client).await?;
                 sent += 1;
             }
             Ok::<u32, common::Error>(sent)
@@ -80,14 +55,14 @@ async fn main() -> Result<(), common::Error> {
     let legit = {
         let (host, path) = (host.clone(), path.clone());
         tokio::spawn(async move {
-            let mut c = h2c(&host).await?;
+            let mut c = common::h2c(&host).await?;
             let (mut ok, mut total) = (0u32, 0u32);
             let mut lat = Vec::new();
             for i in 0..200 {
                 let t = Instant::now();
                 let p = common::dns_path(&path, legit_names[i % legit_names.len()], 1);
                 let client = format!("203.0.113.{}", 1 + i % 20);
-                let s = get(&mut c, &host, &p, &client).await?;
+                let s = common::get_as(&mut c, &host, &p, &client).await?;
                 lat.push(t.elapsed().as_secs_f64() * 1000.0);
                 total += 1;
                 ok += (s == 200) as u32;

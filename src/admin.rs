@@ -184,6 +184,38 @@ pub const BANS_PAGE: usize = 10_000;
 /// cap [`BANS_PAGE`]), soonest to expire first, after the ban on `after`
 /// (the last `target` of the previous page). When more remain, a `Link`
 /// header gives the next page. 410 when `after` is no longer banned.
+/// `GET /known/ADDR`: whether the client at ADDR is known, as JSON
+/// (`remembered` false once it is forgotten or was never answered).
+fn known(app: &App, raw: &str) -> Response<Full<Bytes>> {
+    let raw = raw.replace("%3A", ":").replace("%3a", ":");
+    let Ok(ip) = raw.parse::<std::net::IpAddr>() else {
+        return reply(
+            StatusCode::BAD_REQUEST,
+            "text/plain",
+            format!(
+                "`{}` is not an address\n",
+                raw.chars().take(64).collect::<String>()
+            ),
+        );
+    };
+    let ip = crate::net::canonical(ip);
+    let body = match app.guard.known().lookup(ip, crate::clock::unix_now()) {
+        Some(r) => serde_json::json!({
+            "address": ip.to_string(),
+            "known": r.known,
+            "remembered": true,
+            "first_answered": (r.first > 0).then_some(r.first),
+            "last_seen": r.last,
+        }),
+        None => serde_json::json!({
+            "address": ip.to_string(),
+            "known": false,
+            "remembered": false,
+        }),
+    };
+    reply(StatusCode::OK, "application/json", format!("{body}\n"))
+}
+
 fn bans_page(app: &App, query: &str) -> Response<Full<Bytes>> {
     let mut limit = BANS_PAGE;
     let mut after = None;
@@ -315,6 +347,12 @@ fn route<B>(app: &App, token: Option<&str>, req: Request<B>) -> Response<Full<By
                 Err(e) => reply(StatusCode::BAD_REQUEST, "text/plain", format!("{e}\n")),
             }
         }
+        (&Method::GET, p) if p.starts_with("/known/") => known(app, &p["/known/".len()..]),
+        (_, p) if p.starts_with("/known/") => reply(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "text/plain",
+            "method not allowed\n".into(),
+        ),
         (_, "/metrics" | "/healthz" | "/bans") => reply(
             StatusCode::METHOD_NOT_ALLOWED,
             "text/plain",

@@ -17,7 +17,9 @@
 //! with the ban), channel `bans`, `offence:<target>` (repeat count, a
 //! day), `budget:<unix second>`, `clients:<instance>` (its sketch of the
 //! last 24 hours, kept 25 hours), `clients` (sorted set of sketches),
-//! `instances` (sorted set of heartbeats), `odoh` (the current key's seed).
+//! `instances` (sorted set of heartbeats), `odoh` (the current key's seed),
+//! `known` (sorted set of known clients by when last seen),
+//! `budget-known:<unix second>` (what known clients leased).
 
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -38,7 +40,7 @@ use crate::guard::{BanEvent, Guard};
 use crate::hll::UniqueClients;
 use crate::metrics::Metrics;
 use crate::tickets::{Tickets, SECRET_LEN};
-use crate::upstream::{Spend, TokenBucket};
+use crate::upstream::{LocalBudget, Spend, UpstreamSettings, Who};
 
 const PREFIX: &str = "doh-proxy";
 /// Longest wait for any Redis command: past it Redis counts as down.
@@ -49,6 +51,8 @@ const LEASE_WAIT: Duration = Duration::from_millis(5);
 /// The most local-share tokens owed to the fleet, charged at the next
 /// leases: in seconds of budget.
 const MAX_DEBT_SECS: i64 = 1;
+/// Known clients pushed to and pulled from Redis at a time.
+const KNOWN_BATCH: usize = 10_000;
 /// Instance sketches merged for the fleet's count, at most (the newest).
 const MAX_SKETCHES: isize = 256;
 /// How long an instance's sketch outlives its last update.
@@ -67,10 +71,25 @@ pub struct FleetSettings {
 /// charged first, and what the second cannot hold is carried into the
 /// next one (`KEYS[2]`), so that the fleet's spending over time stays
 /// within the budget.
+///
+/// The known clients' share (`--known-share`): `KEYS[3]` counts what leases
+/// for known clients took this second. A lease for new clients (`ARGV[5]`
+/// 0) leaves room for what the share has not used yet of the part of the
+/// second still to come (`ARGV[4]` tokens a second, `ARGV[6]` ms of the
+/// second gone): at the start of a second new clients may lease up to the
+/// rest of the budget, by its end all of it if known clients took nothing.
+/// Returns the tokens granted, or -1 when the second's budget is spent.
 const LEASE_SCRIPT: &str = r#"
 local limit = tonumber(ARGV[2])
 local used = tonumber(redis.call('GET', KEYS[1]) or '0') + tonumber(ARGV[3])
-local grant = math.min(tonumber(ARGV[1]), math.max(0, limit - used))
+local total = limit - used
+local room = total
+if ARGV[5] == '0' then
+  local held = math.floor(tonumber(ARGV[4]) * (1000 - tonumber(ARGV[6])) / 1000)
+    - tonumber(redis.call('GET', KEYS[3]) or '0')
+  if held > 0 then room = room - held end
+end
+local grant = math.min(tonumber(ARGV[1]), math.max(0, room))
 used = used + grant
 if used > limit then
   redis.call('INCRBY', KEYS[2], used - limit)
@@ -78,6 +97,11 @@ if used > limit then
   used = limit
 end
 redis.call('SET', KEYS[1], used, 'PX', 2000)
+if ARGV[5] == '1' and grant > 0 then
+  redis.call('INCRBY', KEYS[3], grant)
+  redis.call('PEXPIRE', KEYS[3], 2000)
+end
+if grant == 0 and total <= 0 then return -1 end
 return grant
 "#;
 
@@ -148,32 +172,47 @@ pub struct Fleet {
     guard: Arc<Guard>,
     // The upstream budget.
     qps: AtomicU32,
+    /// `--known-share`, percent.
+    share: AtomicU32,
+    /// Tokens leased for anybody, and leased for known clients only.
     leased: AtomicI64,
+    leased_known: AtomicI64,
+    /// A known client waits for a lease: the next one is for known clients.
+    want_known: AtomicBool,
     window: AtomicU64,
     refill: Notify,
     refilled: Notify,
     /// Tokens spent from the local share while a lease was late, charged
     /// to the fleet's counter by the next lease.
     debt: AtomicI64,
-    /// The last second (unix) for which the fleet's budget ran out.
+    /// Until when (unix ms) the fleet has nothing to lease to new clients,
+    /// and to anybody: the end of a second whose budget is spent, or 50 ms
+    /// while the rest is kept for known clients.
     exhausted: AtomicU64,
+    exhausted_known: AtomicU64,
 
-    fallback: Mutex<(u32, TokenBucket)>,
+    /// The local share while Redis is away: (qps, share, its budget).
+    fallback: Mutex<(u32, u8, LocalBudget)>,
+    dry_run: bool,
     peers: AtomicU32,
     // Unique clients.
     unique: Arc<UniqueClients>,
     tickets: Option<Arc<Tickets>>,
     fleet_unique: AtomicU64,
+    /// Unix seconds: known clients seen since were not pushed yet; known
+    /// clients others pushed since were not pulled yet.
+    known_pushed: AtomicU64,
+    known_pulled: AtomicU64,
 }
 
-fn limiter(qps: u32) -> TokenBucket {
-    TokenBucket::new(qps, qps)
+fn limiter(qps: u32, share: u8, dry_run: bool) -> LocalBudget {
+    LocalBudget::with_share(qps, share, dry_run, None)
 }
 
 impl Fleet {
     pub fn new(
         s: &FleetSettings,
-        upstream_qps: u32,
+        budget: &UpstreamSettings,
         guard: Arc<Guard>,
         unique: Arc<UniqueClients>,
         tickets: Option<Arc<Tickets>>,
@@ -182,6 +221,7 @@ impl Fleet {
         let client =
             redis::Client::open(s.url.as_str()).map_err(|e| format!("redis `{}`: {e}", s.url))?;
         metrics.redis_up.set(0);
+        let (upstream_qps, known_share, dry_run) = (budget.qps, budget.known_share, budget.dry_run);
         Ok(Arc::new(Fleet {
             client,
             conn: ArcSwapOption::empty(),
@@ -191,18 +231,29 @@ impl Fleet {
             metrics,
             guard,
             qps: AtomicU32::new(upstream_qps),
+            share: AtomicU32::new(u32::from(known_share)),
             leased: AtomicI64::new(0),
+            leased_known: AtomicI64::new(0),
+            want_known: AtomicBool::new(false),
             window: AtomicU64::new(0),
             refill: Notify::new(),
             refilled: Notify::new(),
             debt: AtomicI64::new(0),
             exhausted: AtomicU64::new(0),
+            exhausted_known: AtomicU64::new(0),
 
-            fallback: Mutex::new((upstream_qps, limiter(upstream_qps))),
+            fallback: Mutex::new((
+                upstream_qps,
+                known_share,
+                limiter(upstream_qps, known_share, dry_run),
+            )),
+            dry_run,
             peers: AtomicU32::new(1),
             unique,
             tickets,
             fleet_unique: AtomicU64::new(0),
+            known_pushed: AtomicU64::new(0),
+            known_pulled: AtomicU64::new(0),
         }))
     }
 
@@ -210,9 +261,10 @@ impl Fleet {
         self.up.load(Ordering::Relaxed)
     }
 
-    /// Takes a new `--upstream-qps` (reload).
-    pub fn set_qps(&self, qps: u32) {
+    /// Takes a new `--upstream-qps` and `--known-share` (reload).
+    pub fn set_qps(&self, qps: u32, share: u8) {
         self.qps.store(qps, Ordering::Relaxed);
+        self.share.store(u32::from(share), Ordering::Relaxed);
     }
 
     /// The fleet's count of distinct clients (24 h), when Redis is up.
@@ -587,6 +639,16 @@ impl Fleet {
                         },
                     )
                     .await;
+                    if crate::net::is_host(&target) {
+                        // A ban makes the client unknown to the fleet too.
+                        let _: Option<i64> = self
+                            .run(
+                                redis::cmd("ZREM")
+                                    .arg(key(&["known"]))
+                                    .arg(target.addr().to_string()),
+                            )
+                            .await;
+                    }
                     let k = key(&["offence", &t]);
                     let _: Option<()> = self
                         .run(redis::cmd("SET").arg(&k).arg(offences).arg("EX").arg(86400))
@@ -624,28 +686,50 @@ impl Fleet {
             let qps = self.qps.load(Ordering::Relaxed).max(1);
             let batch = i64::from((qps / 20).max(1));
             let owed = self.debt.swap(0, Ordering::Relaxed);
-            let sec = unix_now();
+            let for_known = self.want_known.swap(false, Ordering::Relaxed);
+            let share = self.share.load(Ordering::Relaxed);
+            let reserve = u64::from(qps) * u64::from(share) / 100;
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap_or_default();
+            let (sec, ms) = (now.as_secs(), now.subsec_millis());
             let granted: Option<i64> = self
                 .script(
                     script
                         .key(key(&["budget", &sec.to_string()]))
                         .key(key(&["budget", &(sec + 1).to_string()]))
+                        .key(key(&["budget-known", &sec.to_string()]))
                         .arg(batch)
                         .arg(qps)
-                        .arg(owed),
+                        .arg(owed)
+                        .arg(if self.dry_run { 0 } else { reserve })
+                        .arg(u8::from(for_known))
+                        .arg(ms),
                 )
                 .await;
             // None: Redis is down now, and the debt goes with the fleet's view.
             if let Some(g) = granted {
-                if g == 0 {
-                    self.exhausted.store(sec, Ordering::Relaxed);
+                let end_of_second = (sec + 1) * 1000;
+                if g < 0 {
+                    self.exhausted.store(end_of_second, Ordering::Relaxed);
+                    self.exhausted_known.store(end_of_second, Ordering::Relaxed);
+                } else if g == 0 && !for_known {
+                    let later = sec * 1000 + u64::from(ms) + 50;
+                    self.exhausted
+                        .store(later.min(end_of_second), Ordering::Relaxed);
                 }
+                let g = g.max(0);
+                let pool = if for_known {
+                    &self.leased_known
+                } else {
+                    &self.leased
+                };
                 if self.window.swap(sec, Ordering::Relaxed) != sec {
                     // A new second: what is left of the last one is void.
-                    self.leased.store(g, Ordering::Relaxed);
-                } else {
-                    self.leased.fetch_add(g, Ordering::Relaxed);
+                    self.leased.store(0, Ordering::Relaxed);
+                    self.leased_known.store(0, Ordering::Relaxed);
                 }
+                pool.fetch_add(g, Ordering::Relaxed);
             }
             self.refilled.notify_waiters();
         }
@@ -662,33 +746,52 @@ impl Fleet {
             });
     }
 
-    fn take(&self) -> bool {
+    /// Takes a leased token: a known client from the known clients'
+    /// leases first, then from anybody's.
+    fn take(&self, who: Who) -> bool {
         if self.window.load(Ordering::Relaxed) != unix_now() {
             return false;
         }
-        let left = self.leased.fetch_sub(1, Ordering::Relaxed);
-        if left > 0 {
-            let batch = i64::from((self.qps.load(Ordering::Relaxed) / 20).max(1));
-            if left <= batch / 2 {
-                self.refill.notify_one();
+        let pools: &[&AtomicI64] = match who {
+            Who::Known => &[&self.leased_known, &self.leased],
+            Who::New => &[&self.leased],
+        };
+        for pool in pools {
+            let left = pool.fetch_sub(1, Ordering::Relaxed);
+            if left > 0 {
+                let batch = i64::from((self.qps.load(Ordering::Relaxed) / 20).max(1));
+                if left <= batch / 2 && std::ptr::eq(*pool, &self.leased) {
+                    self.refill.notify_one();
+                }
+                return true;
             }
-            true
-        } else {
-            self.leased.fetch_add(1, Ordering::Relaxed);
-            false
+            pool.fetch_add(1, Ordering::Relaxed);
         }
+        false
     }
 
-    /// The local share of the budget, for when Redis cannot lease.
-    fn local_share(&self) -> bool {
-        let share = self.qps.load(Ordering::Relaxed) / self.peers.load(Ordering::Relaxed).max(1);
+    /// Whether the fleet's budget for `who` ran out this second.
+    fn spent(&self, who: Who) -> bool {
+        let now = unix_ms();
+        let until = match who {
+            Who::Known => &self.exhausted_known,
+            Who::New => &self.exhausted,
+        };
+        now < until.load(Ordering::Relaxed)
+    }
+
+    /// The local share of the budget, for when Redis cannot lease (with
+    /// the known clients' part of it).
+    fn local_share(&self, who: Who) -> bool {
+        let qps = self.qps.load(Ordering::Relaxed) / self.peers.load(Ordering::Relaxed).max(1);
+        let known = u8::try_from(self.share.load(Ordering::Relaxed)).unwrap_or(100);
         let Ok(mut f) = self.fallback.lock() else {
             return false;
         };
-        if f.0 != share {
-            *f = (share, limiter(share));
+        if (f.0, f.1) != (qps, known) {
+            *f = (qps, known, limiter(qps, known, self.dry_run));
         }
-        f.1.take()
+        f.2.take(who)
     }
 
     /// Once a second: heartbeat, unique clients, ODoH keys.
@@ -706,6 +809,9 @@ impl Fleet {
             }
             self.heartbeat().await;
             self.sync_tickets().await;
+            if n % 2 == 0 {
+                self.share_known().await;
+            }
             if n % 5 == 1 {
                 self.share_clients().await;
             }
@@ -733,6 +839,82 @@ impl Fleet {
 
     /// Puts this instance's sketch of the last 24 hours in Redis (a dense
     /// HyperLogLog under its own key) and counts the union of the fleet's.
+    /// Known clients, shared: those that became known or were answered
+    /// here since the last push go into the sorted set `known` (scored by
+    /// when last seen, never lowered), which is trimmed to `--known-max`
+    /// and `--known-forget-secs`; those the others added since the last
+    /// pull become known here (unless banned here). At most
+    /// [`KNOWN_BATCH`] each way every 2 s.
+    async fn share_known(&self) {
+        let s = self.guard.settings();
+        let now = unix_now();
+        let set = key(&["known"]);
+        let since = self.known_pushed.load(Ordering::Relaxed);
+        let ours = self.guard.known().known_since(since, KNOWN_BATCH);
+        if !ours.is_empty() {
+            let mut zadd = redis::cmd("ZADD");
+            zadd.arg(&set).arg("GT");
+            for (ip, last) in &ours {
+                zadd.arg(*last).arg(ip.to_string());
+            }
+            let mut pipe = redis::pipe();
+            pipe.add_command(zadd)
+                .ignore()
+                .cmd("ZREMRANGEBYSCORE")
+                .arg(&set)
+                .arg(0)
+                .arg(now.saturating_sub(s.known_forget_secs))
+                .ignore()
+                .cmd("ZREMRANGEBYRANK")
+                .arg(&set)
+                .arg(0)
+                .arg(
+                    -(i64::try_from(s.known_max)
+                        .unwrap_or(i64::MAX)
+                        .saturating_add(1)),
+                )
+                .ignore();
+            if self.pipe::<()>(&pipe).await.is_some() {
+                // One second back: a client answered later in this second
+                // is pushed again, never missed.
+                self.known_pushed
+                    .store(now.saturating_sub(1), Ordering::Relaxed);
+            }
+        }
+        let from = self.known_pulled.load(Ordering::Relaxed);
+        let Some(theirs): Option<Vec<(String, u64)>> = self
+            .run(
+                redis::cmd("ZRANGEBYSCORE")
+                    .arg(&set)
+                    .arg(from.max(now.saturating_sub(s.known_forget_secs)))
+                    .arg("+inf")
+                    .arg("WITHSCORES")
+                    .arg("LIMIT")
+                    .arg(0)
+                    .arg(KNOWN_BATCH),
+            )
+            .await
+        else {
+            return;
+        };
+        let mut newest = from;
+        for (member, last) in &theirs {
+            newest = newest.max(*last);
+            let Ok(ip) = member.parse::<std::net::IpAddr>() else {
+                continue;
+            };
+            if self.guard.banned(ip) == crate::guard::Verdict::Pass {
+                self.guard.known().make_known(ip, (*last).min(now));
+            }
+        }
+        if theirs.len() == KNOWN_BATCH && newest == from {
+            newest += 1; // a full page of one score: move on
+        }
+        // Two seconds back: what others pushed late is read again.
+        self.known_pulled
+            .store(newest.min(now).saturating_sub(2), Ordering::Relaxed);
+    }
+
     async fn share_clients(&self) {
         let now = unix_now();
         let ours = key(&["clients", &self.id]);
@@ -863,30 +1045,33 @@ impl Fleet {
 }
 
 impl Spend for Fleet {
-    fn spend(&self) -> futures_util::future::BoxFuture<'_, bool> {
+    fn spend(&self, who: Who) -> futures_util::future::BoxFuture<'_, bool> {
         Box::pin(async move {
             if !self.is_up() {
-                return self.local_share();
+                return self.local_share(who);
             }
-            if self.take() {
+            if self.take(who) {
                 return true;
             }
-            if self.exhausted.load(Ordering::Relaxed) == unix_now() {
+            if self.spent(who) {
                 // The fleet has spent this second's budget: no need to ask.
                 return false;
             }
             let waiting = self.refilled.notified();
             tokio::pin!(waiting);
             waiting.as_mut().enable();
+            if who == Who::Known && self.share.load(Ordering::Relaxed) > 0 {
+                self.want_known.store(true, Ordering::Relaxed);
+            }
             self.refill.notify_one();
             let _ = tokio::time::timeout(LEASE_WAIT, waiting).await;
-            if self.take() {
+            if self.take(who) {
                 return true;
             }
             if !self.is_up() {
-                return self.local_share();
+                return self.local_share(who);
             }
-            if self.exhausted.load(Ordering::Relaxed) == unix_now() {
+            if self.spent(who) {
                 // The fleet has spent this second's budget.
                 return false;
             }
@@ -894,7 +1079,7 @@ impl Spend for Fleet {
             // other queries before this one: the query does not wait longer
             // but spends the local share, which the next lease charges to
             // the fleet.
-            if self.local_share() {
+            if self.local_share(who) {
                 self.owe(1);
                 return true;
             }
@@ -907,6 +1092,12 @@ impl Spend for Fleet {
 /// command refused).
 fn lost(e: &redis::RedisError) -> bool {
     e.is_io_error() || e.is_timeout() || e.is_connection_dropped() || e.is_unrecoverable_error()
+}
+
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
 fn hex(b: &[u8]) -> String {

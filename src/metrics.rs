@@ -267,6 +267,10 @@ pub struct Metrics {
     quic_refusals: Vec<Counter>,
     /// Indexed by whether the ban is on a prefix.
     bans: [Pair; 2],
+    /// Indexed by client class (0 new, 1 known).
+    upstream_budget_refused: [Pair; 2],
+    /// Known clients (`--known-after-secs`).
+    pub known_clients: Gauge,
     pub cache_hits: Counter,
     pub cache_misses: Counter,
     pub cache_stale: Counter,
@@ -331,6 +335,7 @@ impl Metrics {
         let acme_f = Family::<Labels, Counter>::default();
         let odoh_f = Family::<Labels, Counter>::default();
         let bans_f = Family::<Labels, Counter>::default();
+        let budget_refused_f = Family::<Labels, Counter>::default();
         let fams = UpstreamFamilies {
             queries: Family::default(),
             duration: Family::<Labels, Histogram>::new_with_constructor(
@@ -381,6 +386,11 @@ impl Metrics {
                 .iter()
                 .map(|k| one(&quic_f, "action", k.label()))
                 .collect(),
+            upstream_budget_refused: [
+                pair(&budget_refused_f, &[("client", "new")]),
+                pair(&budget_refused_f, &[("client", "known")]),
+            ],
+            known_clients: Gauge::default(),
             bans: [
                 pair(&bans_f, &[("kind", "address")]),
                 pair(&bans_f, &[("kind", "prefix")]),
@@ -535,6 +545,16 @@ impl Metrics {
         );
         registry.register("doh_bans_active", "Bans in force", m.bans_active.clone());
         registry.register(
+            "doh_upstream_budget_refused",
+            "Misses refused because the upstream budget was spent, by client (known or new)",
+            budget_refused_f,
+        );
+        registry.register(
+            "doh_known_clients",
+            "Clients known (answered again --known-after-secs after their first answer)",
+            m.known_clients.clone(),
+        );
+        registry.register(
             "doh_bans",
             "Bans issued, by kind (address or prefix)",
             bans_f,
@@ -654,6 +674,12 @@ impl Metrics {
         if let Some(c) = i.and_then(|i| self.quic_refusals.get(i)) {
             c.inc();
         }
+    }
+
+    /// A miss refused for the upstream budget (`dry_run`: one the known
+    /// clients' share would have refused).
+    pub fn upstream_budget_refused(&self, known: bool, dry_run: bool) {
+        self.upstream_budget_refused[known as usize][dry_run as usize].inc();
     }
 
     pub fn ban(&self, prefix: bool, dry_run: bool) {

@@ -30,7 +30,7 @@ use crate::metrics::{Metrics, OdohResult};
 use crate::reject::{Outcome, Reject, Transport};
 use crate::server::ServerSettings;
 use crate::tickets::Tickets;
-use crate::upstream::{LocalBudget, Spend, Upstream, UpstreamError, UpstreamSettings};
+use crate::upstream::{LocalBudget, Spend, Upstream, UpstreamError, UpstreamSettings, Who};
 
 /// How long a request that found an expired entry waits for its refresh
 /// before it gets the stale answer (RFC 8767 suggests 1.8 s).
@@ -128,6 +128,16 @@ pub enum Padding {
     Never,
 }
 
+/// The budget of an instance on its own (`--upstream-qps`, the share kept
+/// for known clients).
+fn local_budget(s: &UpstreamSettings, metrics: &Arc<Metrics>) -> LocalBudget {
+    LocalBudget::with_share(s.qps, s.known_share, s.dry_run, Some(metrics.clone()))
+}
+
+fn same_budget(a: &UpstreamSettings, b: &UpstreamSettings) -> bool {
+    (a.qps, a.known_share, a.dry_run) == (b.qps, b.known_share, b.dry_run)
+}
+
 impl App {
     /// Everything a request needs. Fails when an upstream cannot be set up.
     pub fn new(s: &Settings, metrics: Arc<Metrics>) -> anyhow::Result<App> {
@@ -139,7 +149,7 @@ impl App {
             Some(f) => Some(
                 Fleet::new(
                     f,
-                    s.upstream.qps,
+                    &s.upstream,
                     guard.clone(),
                     unique.clone(),
                     tickets.clone(),
@@ -151,7 +161,7 @@ impl App {
         };
         let budget: Arc<dyn Spend> = match &fleet {
             Some(f) => f.clone(),
-            None => Arc::new(LocalBudget::new(s.upstream.qps)),
+            None => Arc::new(local_budget(&s.upstream, &metrics)),
         };
         let upstream = Upstream::new(&s.upstream, budget.clone(), metrics.clone(), tasks.clone())
             .map_err(anyhow::Error::msg)?;
@@ -194,11 +204,11 @@ impl App {
         if **self.upstream_settings.load() != s.upstream {
             let budget = match &self.fleet {
                 Some(f) => {
-                    f.set_qps(s.upstream.qps);
+                    f.set_qps(s.upstream.qps, s.upstream.known_share);
                     self.budget.load_full()
                 }
-                None if self.upstream_settings.load().qps != s.upstream.qps => {
-                    let b: Arc<dyn Spend> = Arc::new(LocalBudget::new(s.upstream.qps));
+                None if !same_budget(&self.upstream_settings.load(), &s.upstream) => {
+                    let b: Arc<dyn Spend> = Arc::new(local_budget(&s.upstream, &self.metrics));
                     self.budget.store(Arc::new(b.clone()));
                     Arc::new(b)
                 }
@@ -413,7 +423,8 @@ impl App {
         msg: &[u8],
     ) -> Result<Served, Reject> {
         let query = dns::parse_query(msg).map_err(Reject::from)?;
-        let entry = self.answer(&query.key).await?;
+        let entry = self.answer(&query.key, client).await?;
+        self.guard.answered(client);
         let (mut wire, max_age) = entry.serve(query.id, query.question, &self.cache.policy());
         // After the cache: stored answers are never padded.
         let padded = match **self.padding.load() {
@@ -444,23 +455,34 @@ impl App {
     /// without awaiting anything; stale entries and misses go through a
     /// boxed future, so that the request future — moved whole into every
     /// task hyper spawns — stays as small as the hit path needs.
-    async fn answer(self: &Arc<Self>, key: &Key) -> Result<Arc<Entry>, Reject> {
+    async fn answer(self: &Arc<Self>, key: &Key, client: IpAddr) -> Result<Arc<Entry>, Reject> {
         match self.cache.lookup(key) {
             Lookup::Fresh(e) => {
                 self.metrics.cache_hits.inc();
                 if e.wants_prefetch() && e.claim_refresh(PREFETCH_EVERY) {
                     let app = self.clone();
                     let key = key.clone();
-                    self.tasks.spawn(async move { app.resolve(&key).await });
+                    self.tasks
+                        .spawn(async move { app.resolve(&key, Who::New).await });
                 }
                 Ok(e)
             }
             Lookup::Stale(e) => Box::pin(self.answer_stale(key, e)).await,
             Lookup::Miss => {
                 self.metrics.cache_misses.inc();
-                match Box::pin(self.resolve(key)).await {
+                // Only a miss asks who the client is: hits never pay for it.
+                let who = if self.guard.is_known(client) {
+                    Who::Known
+                } else {
+                    Who::New
+                };
+                match Box::pin(self.resolve(key, who)).await {
                     Resolution::Answer(e) => Ok(e),
-                    Resolution::Budget => Err(Reject::UpstreamBudget),
+                    Resolution::Budget => {
+                        self.metrics
+                            .upstream_budget_refused(who == Who::Known, false);
+                        Err(Reject::UpstreamBudget)
+                    }
                 }
             }
         }
@@ -478,7 +500,11 @@ impl App {
         if e.claim_refresh(Duration::from_secs(STALE_TTL.into())) {
             let app = self.clone();
             let k = key.clone();
-            let refresh = self.tasks.spawn(async move { app.resolve(&k).await });
+            // A refresh with a stale answer to fall back on: it never
+            // draws on the known clients' share.
+            let refresh = self
+                .tasks
+                .spawn(async move { app.resolve(&k, Who::New).await });
             let timer = CLIENT_TIMER.min(self.upstream.load().timeout());
             if let Ok(Ok(Resolution::Answer(new))) = tokio::time::timeout(timer, refresh).await {
                 if !new.is_error() {
@@ -492,14 +518,24 @@ impl App {
     }
 
     /// Asks the upstream, once for any number of concurrent callers, and
-    /// caches the result (a failure as a short-lived SERVFAIL).
-    pub async fn resolve(&self, key: &Key) -> Resolution {
+    /// caches the result (a failure as a short-lived SERVFAIL). The first
+    /// caller's `who` spends the budget; a known client that joined a new
+    /// client's query refused for the budget asks once more as itself.
+    pub async fn resolve(&self, key: &Key, who: Who) -> Resolution {
+        let (res, ran) = self.resolve_once(key, who).await;
+        if matches!(res, Resolution::Budget) && !ran && who == Who::Known {
+            return self.resolve_once(key, who).await.0;
+        }
+        res
+    }
+
+    async fn resolve_once(&self, key: &Key, who: Who) -> (Resolution, bool) {
         let (res, ran) = self
             .inflight
             .run(key, || async {
                 let policy = self.cache.policy();
                 let upstream = self.upstream.load_full();
-                let entry = match upstream.resolve(key).await {
+                let entry = match upstream.resolve(key, who).await {
                     Ok((wire, info)) => Entry::from_answer(wire, &info, &policy),
                     Err(UpstreamError::Budget) => return Resolution::Budget,
                     Err(UpstreamError::Failed) => Entry::failure(key, &policy),
@@ -512,7 +548,7 @@ impl App {
         if !ran {
             self.metrics.coalesced.inc();
         }
-        res
+        (res, ran)
     }
 
     /// One DoH request: HTTP validation and the budget at once, from the

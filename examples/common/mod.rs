@@ -116,6 +116,33 @@ pub async fn get(
     Ok((status, body))
 }
 
+/// A plain HTTP/2 (h2c) connection to a proxy's `--listen-http`.
+pub async fn h2c(addr: &str) -> Result<SendRequest<Full<Bytes>>, Error> {
+    let tcp = tokio::net::TcpStream::connect(addr).await?;
+    let (send, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp)).await?;
+    tokio::spawn(conn);
+    Ok(send)
+}
+
+/// A GET on behalf of `client`, as a trusted reverse proxy sends it
+/// (`X-Forwarded-For`); returns the status.
+pub async fn get_as(
+    send: &mut SendRequest<Full<Bytes>>,
+    host: &str,
+    path: &str,
+    client: &str,
+) -> Result<u16, Error> {
+    let req = http::Request::get(format!("http://{host}{path}"))
+        .header("x-forwarded-for", client)
+        .body(Full::new(Bytes::new()))?;
+    send.ready().await?;
+    let resp = send.send_request(req).await?;
+    let status = resp.status().as_u16();
+    resp.into_body().collect().await?;
+    Ok(status)
+}
+
 /// A DNS query for `name`/`qtype`, with EDNS.
 pub fn query(name: &str, qtype: u16, id: u16) -> Vec<u8> {
     doh_proxy::dns::query_message(name, qtype, id, true).unwrap_or_default()

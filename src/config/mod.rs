@@ -374,6 +374,51 @@ pub struct Config {
     )]
     pub upstream_qps: u32,
 
+    /// Share of --upstream-qps (percent) that only known clients may spend
+    /// once new clients have spent the rest; 0 turns the priority off
+    #[arg(
+        long,
+        global = true,
+        value_name = "PERCENT",
+        default_value_t = 50,
+        help_heading = "Upstream"
+    )]
+    pub known_share: u8,
+
+    /// A client answered once, and answered again at least this long after
+    /// without being banned in between, is known (it keeps --known-share of
+    /// the upstream budget, and its connections at --max-conns)
+    #[arg(
+        long,
+        global = true,
+        value_name = "SECS",
+        default_value_t = 86400,
+        help_heading = "Clients"
+    )]
+    pub known_after_secs: u64,
+
+    /// Clients remembered at most (first-seen times and known ones, at most
+    /// 60 bytes each); when full, a client not yet known is forgotten before
+    /// a known one, the least recently seen first
+    #[arg(
+        long,
+        global = true,
+        value_name = "N",
+        default_value_t = 1_000_000,
+        help_heading = "Clients"
+    )]
+    pub known_max: u64,
+
+    /// A known client not seen for this long is forgotten
+    #[arg(
+        long,
+        global = true,
+        value_name = "SECS",
+        default_value_t = 2_592_000,
+        help_heading = "Clients"
+    )]
+    pub known_forget_secs: u64,
+
     // --- Cache
     /// TTL floor: cached answers live at least this long and are served with
     /// TTLs of at least this value

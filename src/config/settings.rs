@@ -151,6 +151,8 @@ impl Config {
             ("per_ip_conn_rate", self.per_ip_conn_rate.into()),
             ("per_prefix_conn_rate", self.per_prefix_conn_rate.into()),
             ("upstream_qps", self.upstream_qps.into()),
+            ("known_max", self.known_max),
+            ("known_forget_secs", self.known_forget_secs),
             ("max_conns_per_ip", self.max_conns_per_ip.into()),
             ("max_conns", self.max_conns.into()),
             ("ban_after", self.ban_after.into()),
@@ -165,6 +167,18 @@ impl Config {
             if v == 0 {
                 return bad(format!("{name} must be at least 1"));
             }
+        }
+        if self.known_share > 100 {
+            return bad(format!(
+                "known_share {} is a percentage: 0 to 100",
+                self.known_share
+            ));
+        }
+        if self.known_max > 100_000_000 {
+            return bad(format!(
+                "known_max {} is over 100,000,000 (60 bytes each: 6 GiB)",
+                self.known_max
+            ));
         }
         if self.cache_memory.0 < 1 << 20 {
             return bad(format!(
@@ -281,6 +295,8 @@ impl Config {
                 servers,
                 timeout: upstream_timeout,
                 qps: self.upstream_qps,
+                known_share: self.known_share,
+                dry_run: self.dry_run,
                 strategy: self.upstream_strategy,
                 extra_roots,
             },
@@ -301,6 +317,9 @@ impl Config {
                 max_conns: self.max_conns,
                 max_conns_per_ip: self.max_conns_per_ip,
                 per_ip_conn_rate: self.per_ip_conn_rate,
+                known_after_secs: self.known_after_secs,
+                known_max: self.known_max,
+                known_forget_secs: self.known_forget_secs,
                 per_prefix_conn_rate: self.per_prefix_conn_rate,
                 ban_after: self.ban_after,
                 ban_secs: self.ban_secs,

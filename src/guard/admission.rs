@@ -56,6 +56,8 @@ pub struct Conn {
     /// oldest unread answer was queued, if it took none since).
     progress_ms: AtomicU64,
     requests: AtomicU64,
+    /// The peer was a known client when it connected.
+    known: AtomicBool,
     close: CancellationToken,
     /// Whether this connection still holds a place in the global count.
     counted: AtomicBool,
@@ -82,6 +84,7 @@ impl Conn {
             unread: AtomicU32::new(0),
             progress_ms: AtomicU64::new(0),
             requests: AtomicU64::new(0),
+            known: AtomicBool::new(false),
             close: CancellationToken::new(),
             counted: AtomicBool::new(false),
         }
@@ -250,6 +253,9 @@ pub struct Candidate {
     pub global: bool,
     /// Exempt from the global cap (allowlisted).
     pub exempt: bool,
+    /// A known client: at `--max-conns`, its idle connections are closed
+    /// only once no other client's is idle.
+    pub known: bool,
 }
 
 pub struct Admission {
@@ -341,6 +347,7 @@ impl Admission {
             counted = Some((ip, prefix, net));
         }
         let conn = Arc::new(Conn::new(ip));
+        conn.known.store(who.known, Ordering::Relaxed);
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         if who.global {
             conn.counted.store(true, Ordering::Relaxed);
@@ -381,15 +388,19 @@ impl Admission {
     }
 }
 
-/// Takes the connection idle the longest out of the table, if any is idle.
+/// Takes the connection idle the longest out of the table, if any is
+/// idle: a client's that is not known before a known client's.
 fn idlest(t: &mut Table) -> Option<Arc<Conn>> {
     let id = t
         .live
         .iter()
         .filter(|(_, c)| !c.is_closing())
-        .filter_map(|(id, c)| c.idle_since().map(|since| (since, *id)))
+        .filter_map(|(id, c)| {
+            c.idle_since()
+                .map(|since| (c.known.load(Ordering::Relaxed), since, *id))
+        })
         .min()
-        .map(|(_, id)| id)?;
+        .map(|(_, _, id)| id)?;
     t.live.remove(&id)
 }
 
@@ -448,6 +459,7 @@ mod tests {
             capped: true,
             global: true,
             exempt: false,
+            known: false,
         }
     }
 
@@ -475,6 +487,31 @@ mod tests {
         let _t5 = a.admit(limited("198.51.100.2"), &s).unwrap();
         assert!(t3.conn().is_closing() && !t4.conn().is_closing());
         drop(busy);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_known_clients_connection_goes_last() {
+        let s = settings("max_conns = 2\nper_ip_conn_rate = 1000");
+        let a = admission(&s);
+        let known = a
+            .admit(
+                Candidate {
+                    known: true,
+                    ..limited("192.0.2.1")
+                },
+                &s,
+            )
+            .unwrap();
+        tokio::time::advance(Duration::from_secs(5)).await;
+        let new = a.admit(limited("192.0.2.2"), &s).unwrap();
+        // The known client's connection is the idlest, but the new one goes.
+        let _third = a.admit(limited("192.0.2.3"), &s).unwrap();
+        assert!(new.conn().is_closing());
+        assert!(!known.conn().is_closing());
+        // The newest connection goes next, still before the known one.
+        let third = _third;
+        let _fourth = a.admit(limited("192.0.2.4"), &s).unwrap();
+        assert!(third.conn().is_closing() && !known.conn().is_closing());
     }
 
     #[tokio::test(start_paused = true)]

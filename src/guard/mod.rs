@@ -10,6 +10,8 @@
 //! - [`bans`]: bans in force, indexed by expiry; escalation to a prefix
 //!   when 8 hosts of it are banned; repeat offenders get doubled bans.
 //! - [`forwarded`]: the client behind a trusted proxy.
+//! - [`known`]: the clients answered before, who keep a share of the
+//!   upstream budget and their connections at `--max-conns`.
 //! - [`nft`]: the ban list as an nftables script.
 //!
 //! `--allow` ranges are exempt from all of the above; trusted proxies are
@@ -20,6 +22,7 @@ pub mod admission;
 pub mod bans;
 pub mod budget;
 pub mod forwarded;
+pub mod known;
 pub mod nft;
 pub mod penalty;
 pub mod state;
@@ -95,6 +98,12 @@ pub struct GuardSettings {
     pub ports: Vec<u16>,
     /// UDP ports likewise (HTTP/3).
     pub udp_ports: Vec<u16>,
+    /// `--known-after-secs`.
+    pub known_after_secs: u64,
+    /// `--known-max`.
+    pub known_max: u64,
+    /// `--known-forget-secs`.
+    pub known_forget_secs: u64,
 }
 
 impl GuardSettings {
@@ -176,6 +185,7 @@ pub struct Guard {
     relay_budget: KeyedRate<IpAddr>,
     penalty: Penalty,
     bans: Bans,
+    known: known::Known,
     metrics: Arc<Metrics>,
     epoch: Instant,
     last_forwarding_warning: AtomicU64,
@@ -205,6 +215,7 @@ impl Guard {
             relay_budget: KeyedRate::new("per-relay request", s.relay_quota()),
             penalty: Penalty::new(),
             bans: Bans::new(max_bans),
+            known: known::Known::new(s.known_max, s.known_after_secs, s.known_forget_secs),
             metrics,
             epoch: Instant::now(),
             last_forwarding_warning: AtomicU64::new(0),
@@ -231,6 +242,8 @@ impl Guard {
         self.prefix_budget.set_quota(s.prefix_quota());
         self.relay_budget.set_quota(s.relay_quota());
         self.admission.reconfigure(&s);
+        self.known
+            .configure(s.known_max, s.known_after_secs, s.known_forget_secs);
         self.settings.store(Arc::new(s));
         self.bans.mark_dirty();
     }
@@ -325,6 +338,9 @@ impl Guard {
             capped: limited && capped,
             global,
             exempt: allowed,
+            // A QUIC source that has not proved its address could borrow
+            // a known client's.
+            known: proven && self.known.is_known(ip, unix_now()),
         };
         let r = self.admission.admit(who, &s);
         if let Err(reason) = r {
@@ -496,6 +512,8 @@ impl Guard {
             tracing::warn!(target = %target, reason, "dry run: would ban");
             return;
         }
+        // A ban makes the client (or the prefix's clients) unknown again.
+        self.known.forget(&target);
         let offences = self.bans.count_offence(target);
         let factor = (1u64 << offences.min(4)).min(MAX_BAN_FACTOR);
         let secs = s.ban_secs.saturating_mul(factor);
@@ -567,6 +585,7 @@ impl Guard {
         let host = is_host(&target);
         let prefix = host.then(|| prefix_of(target.addr(), s.prefix_v4, s.prefix_v6));
         let reason = state::static_reason(reason);
+        self.known.forget(&target);
         self.bans.restore(
             target,
             reason,
@@ -615,6 +634,25 @@ impl Guard {
         self.bans.page(after.map(|n| n.trunc()).as_ref(), limit)
     }
 
+    /// A request from `client` was answered: the memory of known clients
+    /// learns it (the shared `unknown` key behind a proxy never becomes
+    /// known: it is a crowd, not a client).
+    pub fn answered(&self, client: IpAddr) {
+        if client != crate::net::UNKNOWN_CLIENT {
+            self.known.answered(client, unix_now());
+        }
+    }
+
+    /// Whether `client` is a known client now.
+    pub fn is_known(&self, client: IpAddr) -> bool {
+        self.known.is_known(client, unix_now())
+    }
+
+    /// The memory of known clients.
+    pub fn known(&self) -> &known::Known {
+        &self.known
+    }
+
     /// Housekeeping, run every second: expire bans, prune limiter state,
     /// rewrite the ban file when bans changed.
     pub fn tick(&self) {
@@ -627,6 +665,15 @@ impl Guard {
         self.prefix_budget.prune();
         self.relay_budget.prune();
         self.admission.prune();
+        let now = unix_now();
+        if now % 10 == 0 {
+            let n = self.known.sweep(now);
+            self.metrics.known_clients.set(n as i64);
+        } else {
+            self.metrics
+                .known_clients
+                .set(self.known.known_count() as i64);
+        }
         self.persist();
     }
 
@@ -653,6 +700,11 @@ impl Guard {
             }
         }
         let now = self.epoch.elapsed().as_secs();
+        if let Some(path) = &s.state_file {
+            if now % 60 == 59 {
+                self.save_known(path);
+            }
+        }
         let every = if self.bans.len() > 10_000 { 5 } else { 1 };
         if s.ban_file.is_some()
             && now >= self.ban_file_written.load(Ordering::Relaxed) + every
@@ -697,7 +749,22 @@ impl Guard {
         let (bans, offences) = self.bans.export();
         state::save(path, bans, offences)?;
         self.journal_lines.store(0, Ordering::Relaxed);
-        Ok(())
+        let known = self.known.export(unix_now(), s.known_max as usize);
+        state::save_known(path, &known)
+    }
+
+    /// Writes the known clients beside the state file, in a background
+    /// thread (the list is copied a shard at a time).
+    fn save_known(&self, path: &std::path::Path) {
+        let known = self
+            .known
+            .export(unix_now(), self.settings.load().known_max as usize);
+        let path = path.to_path_buf();
+        in_background(move || {
+            if let Err(e) = state::save_known(&path, &known) {
+                tracing::error!(error = %e, "cannot write the known clients");
+            }
+        });
     }
 
     /// Reads `--state-file` back at start; a damaged file is reported and
@@ -711,6 +778,23 @@ impl Guard {
             prefix_v4: s.prefix_v4,
             prefix_v6: s.prefix_v6,
         };
+        // Known clients first: a ban restored below forgets its client.
+        let max = usize::try_from(s.known_max).unwrap_or(usize::MAX);
+        match state::load_known(path, unix_now(), s.known_forget_secs, max) {
+            Ok(r) => {
+                for (ip, last) in &r.clients {
+                    self.known.make_known(*ip, *last);
+                }
+                if !r.clients.is_empty() || r.dropped > 0 {
+                    tracing::info!(
+                        known = r.clients.len(),
+                        dropped = r.dropped,
+                        "known clients restored"
+                    );
+                }
+            }
+            Err(e) => tracing::warn!("{e}"),
+        }
         match state::load(path, limits) {
             Ok(None) => {}
             Ok(Some(r)) => {
@@ -726,6 +810,7 @@ impl Guard {
                 for (net, reason, since, remaining, hits) in r.bans {
                     let prefix =
                         is_host(&net).then(|| prefix_of(net.addr(), s.prefix_v4, s.prefix_v6));
+                    self.known.forget(&net);
                     self.bans
                         .restore(net, reason, since, remaining, hits, prefix, false);
                 }

@@ -398,6 +398,78 @@ fn set_aside(path: &Path, why: &str) -> String {
     }
 }
 
+/// Where the known clients are kept: `PATH.known`, one `ADDRESS LAST_SEEN`
+/// line each under a header line. Kept apart from the bans: it is written
+/// whole (a minute apart, and at shutdown), and a damaged one costs only
+/// itself.
+pub fn known_path(path: &Path) -> PathBuf {
+    beside(path, ".known")
+}
+
+const KNOWN_HEADER: &str = "doh-proxy known clients 1";
+
+/// Writes the known clients (address, last seen) atomically.
+pub fn save_known(path: &Path, known: &[(IpAddr, u64)]) -> std::io::Result<()> {
+    use std::fmt::Write;
+    let mut text = String::with_capacity(32 * known.len() + 32);
+    text.push_str(KNOWN_HEADER);
+    text.push('\n');
+    for (ip, last) in known {
+        let _ = writeln!(text, "{ip} {last}");
+    }
+    super::nft::write_atomically(&known_path(path), &text)
+}
+
+/// Known clients read back: at most `max`, none last seen more than
+/// `forget` seconds before `now` or after it (untrusted input: a line that
+/// does not parse, or a time out of range, is dropped and counted).
+#[derive(Debug, Default)]
+pub struct RestoredKnown {
+    pub clients: Vec<(IpAddr, u64)>,
+    pub dropped: usize,
+}
+
+pub fn load_known(path: &Path, now: u64, forget: u64, max: usize) -> Result<RestoredKnown, String> {
+    let path = known_path(path);
+    let text = match std::fs::read(&path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(RestoredKnown::default()),
+        Err(e) => return Err(format!("cannot read {}: {e}", path.display())),
+    };
+    parse_known(&text, now, forget, max).map_err(|why| format!("{}: {why}", set_aside(&path, why)))
+}
+
+pub fn parse_known(
+    text: &[u8],
+    now: u64,
+    forget: u64,
+    max: usize,
+) -> Result<RestoredKnown, &'static str> {
+    let mut lines = text.split(|b| *b == b'\n');
+    if lines.next() != Some(KNOWN_HEADER.as_bytes()) {
+        return Err("not a list of known clients");
+    }
+    let mut r = RestoredKnown::default();
+    for line in lines.filter(|l| !l.is_empty()) {
+        let parsed = std::str::from_utf8(line).ok().and_then(|l| {
+            let (ip, last) = l.split_once(' ')?;
+            Some((ip.parse::<IpAddr>().ok()?, last.parse::<u64>().ok()?))
+        });
+        match parsed {
+            Some((ip, last))
+                if r.clients.len() < max
+                    && last <= now.saturating_add(60)
+                    && now.saturating_sub(last) <= forget
+                    && !is_unknown(ip) =>
+            {
+                r.clients.push((ip, last.min(now)))
+            }
+            _ => r.dropped += 1,
+        }
+    }
+    Ok(r)
+}
+
 /// Whether `ip` is the shared key of unnamed clients.
 pub fn is_unknown(ip: IpAddr) -> bool {
     ip == crate::net::UNKNOWN_CLIENT
@@ -450,6 +522,36 @@ mod tests {
         assert!(r.bans[0].3 > Duration::from_secs(590));
         assert!(is_unknown(r.bans[1].0.addr()));
         assert_eq!(r.offences[0].1, 2);
+    }
+
+    #[test]
+    fn known_clients_round_trip_and_hostile_lines_drop() {
+        let path = temp("known");
+        let now = unix_now();
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        save_known(
+            &path,
+            &[(ip("192.0.2.1"), now - 10), (ip("2001:db8::1"), now)],
+        )
+        .unwrap();
+        let r = load_known(&path, now, 3600, 10).unwrap();
+        assert_eq!(
+            r.clients,
+            vec![(ip("192.0.2.1"), now - 10), (ip("2001:db8::1"), now)]
+        );
+        // Forgotten, in the future, garbage, too many.
+        let text = format!(
+            "{KNOWN_HEADER}\n192.0.2.1 {}\n192.0.2.2 {}\n192.0.2.3 18446744073709551615\nnope\n\u{0} 1\n192.0.2.4 {now}\n192.0.2.5 {now}\n",
+            now - 7200,
+            now + 3600,
+        );
+        let r = parse_known(text.as_bytes(), now, 3600, 1).unwrap();
+        assert_eq!(r.clients, vec![(ip("192.0.2.4"), now)]);
+        assert_eq!(r.dropped, 6);
+        assert!(parse_known(b"{\"format\": 1}", now, 3600, 10).is_err());
+        std::fs::write(known_path(&path), b"garbage").unwrap();
+        assert!(load_known(&path, now, 3600, 10).is_err());
+        assert!(!known_path(&path).exists(), "set aside");
     }
 
     #[test]

@@ -11,15 +11,26 @@
 //! `qps` a second. Tokio's clock also lets the tests pause time and prove
 //! the rate without waiting for it.
 
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::time::Instant;
 
+use crate::metrics::Metrics;
+
+/// Who a resolution is for: a known client (`--known-after-secs`) may
+/// spend the share of the budget kept for known clients.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Who {
+    Known,
+    New,
+}
+
 /// Takes one token per packet sent upstream; false when the budget is
-/// spent. Local ([`LocalBudget`]) or leased from the fleet's.
+/// spent (for `who`). Local ([`LocalBudget`]) or leased from the fleet's.
 pub trait Spend: Send + Sync {
-    fn spend(&self) -> futures_util::future::BoxFuture<'_, bool>;
+    fn spend(&self, who: Who) -> futures_util::future::BoxFuture<'_, bool>;
 }
 
 /// A token bucket: `rate` tokens a second, at most `burst` saved up. Kept
@@ -69,19 +80,133 @@ impl TokenBucket {
     }
 }
 
-/// `--upstream-qps` for one instance: a burst of one second's worth.
-#[derive(Debug)]
-pub struct LocalBudget(TokenBucket);
+/// `--upstream-qps` for one instance (a burst of one second's worth),
+/// with the share kept for known clients (`--known-share`).
+///
+/// Two buckets under one lock: the budget itself, and the *reserve*, which
+/// fills at the known clients' share of the rate (a burst of one second of
+/// it). Every token comes out of the budget; a known client's also drains
+/// the reserve. A new client may take a token only while the budget holds
+/// more than the reserve does. So, under a flood of new clients:
+/// - when known clients ask for nothing, the reserve stays full and the
+///   new clients take every token above it — the whole rate;
+/// - when known clients ask for up to their share, the reserve keeps up and
+///   they get all they ask for; new clients the rest;
+/// - past their share, the reserve is empty and both compete for what
+///   comes, known clients still getting at least their share.
+///
+/// The upstream never sees more than the rate and its burst: no token is
+/// ever taken that the budget does not hold.
+pub struct LocalBudget {
+    /// The time one token of the budget takes to come back, and the most
+    /// saved up.
+    period: Duration,
+    cap: Duration,
+    /// Likewise for the reserve; `None` when `--known-share` is 0.
+    reserve: Option<(Duration, Duration)>,
+    /// `--dry-run`: new clients are never held back, what would have been
+    /// is counted.
+    dry_run: bool,
+    metrics: Option<Arc<Metrics>>,
+    /// (budget saved up, reserve saved up, as of this instant)
+    state: Mutex<(Duration, Duration, Instant)>,
+    last_log: AtomicU64,
+}
 
 impl LocalBudget {
+    /// The whole budget, no share kept.
     pub fn new(qps: u32) -> LocalBudget {
-        LocalBudget(TokenBucket::new(qps, qps))
+        LocalBudget::with_share(qps, 0, false, None)
+    }
+
+    /// `qps` a second of which `share` percent is kept for known clients.
+    pub fn with_share(
+        qps: u32,
+        share: u8,
+        dry_run: bool,
+        metrics: Option<Arc<Metrics>>,
+    ) -> LocalBudget {
+        let qps = u64::from(qps.max(1));
+        let period = Duration::from_nanos(1_000_000_000 / qps);
+        let cap = period.saturating_mul(u32::try_from(qps).unwrap_or(u32::MAX));
+        // share × qps / 100 tokens a second; a bucket of one second of it,
+        // below the budget's own by at least one token (else new clients,
+        // who need the budget to hold more than the reserve, could never
+        // take one). With a budget of one a second there is no room for a
+        // share.
+        let per_sec_x100 = qps * u64::from(share.min(100));
+        let burst = (per_sec_x100 / 100).max(1).min(qps - 1);
+        let reserve = (per_sec_x100 > 0 && burst > 0).then(|| {
+            let rperiod = Duration::from_nanos(100_000_000_000 / per_sec_x100);
+            (
+                rperiod,
+                rperiod.saturating_mul(u32::try_from(burst).unwrap_or(u32::MAX)),
+            )
+        });
+        LocalBudget {
+            period,
+            cap,
+            reserve,
+            dry_run,
+            metrics,
+            state: Mutex::new((cap, reserve.map_or(Duration::ZERO, |r| r.1), Instant::now())),
+            last_log: AtomicU64::new(0),
+        }
+    }
+
+    /// Takes one token for `who` if there is one.
+    pub fn take(&self, who: Who) -> bool {
+        let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let (saved, reserved, last) = &mut *s;
+        // Read under the lock: an instant read before it could be older
+        // than `last`, and moving `last` back would count time twice.
+        let now = Instant::now();
+        if now > *last {
+            let dt = now - *last;
+            *saved = (*saved + dt).min(self.cap);
+            if let Some((_, rcap)) = self.reserve {
+                *reserved = (*reserved + dt).min(rcap);
+            }
+            *last = now;
+        }
+        if *saved < self.period {
+            return false;
+        }
+        let Some((rperiod, _)) = self.reserve else {
+            *saved -= self.period;
+            return true;
+        };
+        if who == Who::Known {
+            *saved -= self.period;
+            *reserved = reserved.saturating_sub(rperiod);
+            return true;
+        }
+        // A new client: only while the budget holds more tokens than the
+        // reserve, that is saved/period >= reserved/rperiod + 1.
+        let (p, rp) = (self.period.as_nanos(), rperiod.as_nanos());
+        if saved.as_nanos() * rp >= reserved.as_nanos() * p + p * rp {
+            *saved -= self.period;
+            return true;
+        }
+        if !self.dry_run {
+            return false;
+        }
+        *saved -= self.period;
+        drop(s);
+        if let Some(m) = &self.metrics {
+            m.upstream_budget_refused(false, true);
+        }
+        let sec = crate::clock::unix_now();
+        if self.last_log.swap(sec, Ordering::Relaxed) != sec {
+            tracing::info!("dry run: the known clients' share would have refused a new client's miss (logged once a second)");
+        }
+        true
     }
 }
 
 impl Spend for LocalBudget {
-    fn spend(&self) -> futures_util::future::BoxFuture<'_, bool> {
-        Box::pin(std::future::ready(self.0.take()))
+    fn spend(&self, who: Who) -> futures_util::future::BoxFuture<'_, bool> {
+        Box::pin(std::future::ready(self.take(who)))
     }
 }
 
@@ -90,7 +215,7 @@ impl Spend for LocalBudget {
 pub struct Unlimited;
 
 impl Spend for Unlimited {
-    fn spend(&self) -> futures_util::future::BoxFuture<'_, bool> {
+    fn spend(&self, _: Who) -> futures_util::future::BoxFuture<'_, bool> {
         Box::pin(std::future::ready(true))
     }
 }
@@ -98,8 +223,110 @@ impl Spend for Unlimited {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::atomic::{AtomicU64, Ordering};
-    use std::sync::Arc;
+
+    /// Asks for known and new clients every 10 ms over `secs` seconds; what it got.
+    async fn ask(
+        b: &LocalBudget,
+        known_per_tick: usize,
+        new_per_tick: usize,
+        secs: u64,
+    ) -> (usize, usize) {
+        let (mut known, mut new) = (0, 0);
+        for t in 0..secs * 100 {
+            tokio::time::advance(Duration::from_millis(10)).await;
+            // Interleaved as requests come, each first every other tick.
+            for i in 0..known_per_tick.max(new_per_tick) {
+                for who in if t % 2 == 0 {
+                    [Who::New, Who::Known]
+                } else {
+                    [Who::Known, Who::New]
+                } {
+                    let (n, got) = match who {
+                        Who::New => (new_per_tick, &mut new),
+                        Who::Known => (known_per_tick, &mut known),
+                    };
+                    if i < n && b.take(who) {
+                        *got += 1;
+                    }
+                }
+            }
+        }
+        (known, new)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn new_clients_alone_get_the_whole_rate() {
+        let b = LocalBudget::with_share(100, 50, false, None);
+        // The first second: the burst above the reserve, then the rate.
+        let _ = ask(&b, 0, 20, 1).await;
+        let (_, new) = ask(&b, 0, 20, 10).await;
+        assert!((990..=1010).contains(&new), "{new} of 1,000");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_crowd_alone_is_never_held_back_whatever_the_share() {
+        for (qps, share) in [(1, 50), (2, 100), (20, 100), (1000, 99)] {
+            let b = LocalBudget::with_share(qps, share, false, None);
+            let _ = ask(&b, 0, 20, 3).await;
+            let (_, new) = ask(&b, 0, 20, 10).await;
+            let want = 10 * qps as usize;
+            assert!(
+                new.abs_diff(want) <= want / 50 + 1,
+                "{qps}/s, {share} %: {new} of {want}"
+            );
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn known_clients_within_their_share_get_everything() {
+        let b = LocalBudget::with_share(100, 50, false, None);
+        let _ = ask(&b, 0, 20, 2).await; // a flood of new clients first
+                                         // Known clients ask 40 a second (two ticks in five), within their
+                                         // 50; new clients flood.
+        let (mut known, mut new) = (0, 0);
+        for t in 0..1000 {
+            tokio::time::advance(Duration::from_millis(10)).await;
+            for _ in 0..20 {
+                new += usize::from(b.take(Who::New));
+            }
+            if t % 5 < 2 {
+                known += usize::from(b.take(Who::Known));
+            }
+        }
+        assert_eq!(known, 400, "every one of the known clients' 400");
+        assert!((590..=610).contains(&new), "the rest: {new}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn past_their_share_known_clients_still_get_it() {
+        let b = LocalBudget::with_share(100, 50, false, None);
+        let (known, new) = ask(&b, 20, 20, 10).await;
+        assert!(known >= 500, "at least the share: {known}");
+        assert!(
+            known + new <= 1000 + 100,
+            "never over rate and burst: {}",
+            known + new
+        );
+        // No share: new and known alike.
+        let b = LocalBudget::with_share(100, 0, false, None);
+        let (known, new) = ask(&b, 20, 20, 10).await;
+        assert!(known.abs_diff(new) <= 2, "{known} vs {new}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn dry_run_holds_nobody_back_and_counts() {
+        let m = Arc::new(Metrics::new());
+        let b = LocalBudget::with_share(100, 50, true, Some(m.clone()));
+        let (known, new) = ask(&b, 20, 20, 10).await;
+        assert!(known.abs_diff(new) <= 2, "{known} vs {new}");
+        let text = m.encode();
+        assert!(
+            text.lines().any(|l| l
+                .starts_with("doh_upstream_budget_refused_total{client=\"new\",dry_run=\"true\"}")
+                && !l.ends_with(" 0")),
+            "{text}"
+        );
+    }
 
     #[tokio::test(start_paused = true)]
     async fn a_burst_then_exactly_the_rate() {

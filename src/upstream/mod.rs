@@ -31,7 +31,7 @@ mod stream;
 mod tls;
 mod udp;
 
-pub use budget::{LocalBudget, Spend, TokenBucket, Unlimited};
+pub use budget::{LocalBudget, Spend, TokenBucket, Unlimited, Who};
 pub use tls::read_ca;
 
 use std::net::SocketAddr;
@@ -77,6 +77,10 @@ pub struct UpstreamSettings {
     pub timeout: Duration,
     /// `--upstream-qps`: queries sent per second, in all.
     pub qps: u32,
+    /// `--known-share`: percent of `qps` kept for known clients.
+    pub known_share: u8,
+    /// `--dry-run`: the known clients' share only counts what it would do.
+    pub dry_run: bool,
     pub strategy: Strategy,
     /// `--upstream-ca`: trust anchors beside the system's.
     pub extra_roots: Vec<CertificateDer<'static>>,
@@ -234,12 +238,13 @@ impl Server {
         &self,
         key: &Key,
         budget: &dyn Spend,
+        who: Who,
     ) -> Result<(Vec<u8>, AnswerInfo), ExchangeError> {
         let r = match &self.link {
             Link::Udp(udp, tcp) => {
                 match udp_exchange(udp, self.spec.addr, key, &self.metrics).await? {
                     Exchanged::Truncated => {
-                        if !budget.spend().await {
+                        if !budget.spend(who).await {
                             return Err(ExchangeError::Budget);
                         }
                         tcp.exchange(key).await?
@@ -403,9 +408,14 @@ impl Upstream {
             .clamp(MIN_HEDGE, (self.timeout / 2).max(MIN_HEDGE))
     }
 
-    /// Resolves `key` within the deadline: the first good answer of any
-    /// attempt, else the last SERVFAIL or REFUSED received, else an error.
-    pub async fn resolve(&self, key: &Key) -> Result<(Vec<u8>, AnswerInfo), UpstreamError> {
+    /// Resolves `key` for `who` within the deadline: the first good answer
+    /// of any attempt, else the last SERVFAIL or REFUSED received, else an
+    /// error.
+    pub async fn resolve(
+        &self,
+        key: &Key,
+        who: Who,
+    ) -> Result<(Vec<u8>, AnswerInfo), UpstreamError> {
         let n = self.servers.len();
         if n == 0 {
             return Err(UpstreamError::Failed);
@@ -446,7 +456,7 @@ impl Upstream {
                     }
                     continue;
                 }
-                if !self.budget.spend().await {
+                if !self.budget.spend(who).await {
                     self.metrics.upstream_budget_exhausted.inc();
                     out_of_budget = true;
                     next = plan.len();
@@ -462,7 +472,7 @@ impl Upstream {
                 let budget = &*self.budget;
                 attempts.push(async move {
                     let started = Instant::now();
-                    (i, hedge, started, s.exchange(key, budget).await)
+                    (i, hedge, started, s.exchange(key, budget, who).await)
                 });
                 next_at = Instant::now() + self.hedge_after(i);
             }
@@ -556,7 +566,8 @@ impl Upstream {
             let key = key.clone();
             async move {
                 let started = Instant::now();
-                let r = tokio::time::timeout(self.timeout, s.exchange(&key, &Unlimited)).await;
+                let r = tokio::time::timeout(self.timeout, s.exchange(&key, &Unlimited, Who::New))
+                    .await;
                 let ok = matches!(r, Ok(Ok(_)));
                 if ok {
                     s.rtt.sample(started.elapsed());

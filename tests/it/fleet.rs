@@ -595,3 +595,66 @@ async fn a_client_resumes_on_any_instance() {
         HandshakeKind::Resumed
     );
 }
+
+/// A client known to one instance is known to the other (through the
+/// sorted set `known`); banned on one, it is unknown to both and leaves the
+/// set.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn known_clients_are_known_to_the_fleet() {
+    let redis = Redis::start().await;
+    let up = MockUpstream::start().await;
+    let (a, b) = pair(up.addr, &redis, |c| {
+        c.known_after_secs = 2;
+        c.ban_after = 3;
+    })
+    .await;
+    let known_on = async |p: &doh_proxy::server::Running, addr: &str| {
+        let r = admin(p, "GET", &format!("/known/{addr}"), None).await;
+        serde_json::from_slice::<serde_json::Value>(&r.body).unwrap()["known"] == true
+    };
+    let src = "127.0.96.1";
+    wait_for(
+        "known on A",
+        async || {
+            let r = send_from(&a, Proto::PlainH2, src, get(&ok_path("www.example.test"))).await;
+            assert_eq!(r.unwrap().status, 200);
+            known_on(&a, src).await
+        },
+        Duration::from_secs(10),
+    )
+    .await;
+    assert!(!known_on(&b, "127.0.96.2").await);
+    wait_for(
+        "known on B",
+        async || known_on(&b, src).await,
+        Duration::from_secs(10),
+    )
+    .await;
+    // Banned on B: unknown on both, and out of the fleet's set.
+    for _ in 0..3 {
+        let _ = send_from(&b, Proto::PlainH2, src, get("/dns-query?ct=x")).await;
+    }
+    wait_for(
+        "unknown on A",
+        async || !known_on(&a, src).await,
+        Duration::from_secs(5),
+    )
+    .await;
+    assert!(!known_on(&b, src).await);
+    let client = redis::Client::open(redis.url()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    wait_for(
+        "out of the set",
+        async || {
+            let score: Option<f64> = redis::cmd("ZSCORE")
+                .arg("doh-proxy:known")
+                .arg(src)
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+            score.is_none()
+        },
+        Duration::from_secs(5),
+    )
+    .await;
+}

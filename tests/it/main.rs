@@ -14,6 +14,7 @@ mod guard;
 mod hardening;
 mod hostile;
 mod http_rows;
+mod known;
 mod listeners;
 mod operations;
 mod privacy;
