@@ -74,10 +74,11 @@ pub struct FleetSettings {
 ///
 /// The known clients' share (`--known-share`): `KEYS[3]` counts what leases
 /// for known clients took this second. A lease for new clients (`ARGV[5]`
-/// 0) leaves room for what the share has not used yet of the part of the
-/// second still to come (`ARGV[4]` tokens a second, `ARGV[6]` ms of the
-/// second gone): at the start of a second new clients may lease up to the
-/// rest of the budget, by its end all of it if known clients took nothing.
+/// 0) leaves room for what the known clients have not leased of their
+/// share this second (`ARGV[4]` tokens), until the last tenth of the
+/// second (`ARGV[6]` ms of it gone), over which it is released: known
+/// clients asking all at once find their share most of the second, and a
+/// crowd alone still gets the whole budget of every second.
 /// Returns the tokens granted, or -1 when the second's budget is spent.
 const LEASE_SCRIPT: &str = r#"
 local limit = tonumber(ARGV[2])
@@ -85,8 +86,9 @@ local used = tonumber(redis.call('GET', KEYS[1]) or '0') + tonumber(ARGV[3])
 local total = limit - used
 local room = total
 if ARGV[5] == '0' then
-  local held = math.floor(tonumber(ARGV[4]) * (1000 - tonumber(ARGV[6])) / 1000)
-    - tonumber(redis.call('GET', KEYS[3]) or '0')
+  local share = tonumber(ARGV[4])
+  local held = math.min(math.ceil(share * math.min(1, (1000 - tonumber(ARGV[6])) / 100)),
+    share - tonumber(redis.call('GET', KEYS[3]) or '0'))
   if held > 0 then room = room - held end
 end
 local grant = math.min(tonumber(ARGV[1]), math.max(0, room))
@@ -190,6 +192,12 @@ pub struct Fleet {
     /// while the rest is kept for known clients.
     exhausted: AtomicU64,
     exhausted_known: AtomicU64,
+    /// Until when (unix ms) a new client whose lease is late is refused
+    /// rather than served from the local share: set for a second whenever
+    /// a lease for new clients was refused. Spending the local share then
+    /// would be charged to the fleet later, out of the known clients'
+    /// share.
+    pressed: AtomicU64,
 
     /// The local share while Redis is away: (qps, share, its budget).
     fallback: Mutex<(u32, u8, LocalBudget)>,
@@ -241,6 +249,7 @@ impl Fleet {
             debt: AtomicI64::new(0),
             exhausted: AtomicU64::new(0),
             exhausted_known: AtomicU64::new(0),
+            pressed: AtomicU64::new(0),
 
             fallback: Mutex::new((
                 upstream_qps,
@@ -710,6 +719,10 @@ impl Fleet {
             // None: Redis is down now, and the debt goes with the fleet's view.
             if let Some(g) = granted {
                 let end_of_second = (sec + 1) * 1000;
+                if g <= 0 && !for_known {
+                    self.pressed
+                        .store(sec * 1000 + u64::from(ms) + 1000, Ordering::Relaxed);
+                }
                 if g < 0 {
                     self.exhausted.store(end_of_second, Ordering::Relaxed);
                     self.exhausted_known.store(end_of_second, Ordering::Relaxed);
@@ -1078,7 +1091,11 @@ impl Spend for Fleet {
             // The lease is late (Redis slow, this instance busy) or went to
             // other queries before this one: the query does not wait longer
             // but spends the local share, which the next lease charges to
-            // the fleet.
+            // the fleet — unless new clients are being held back for the
+            // known clients' share.
+            if who == Who::New && unix_ms() < self.pressed.load(Ordering::Relaxed) {
+                return false;
+            }
             if self.local_share(who) {
                 self.owe(1);
                 return true;

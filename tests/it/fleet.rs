@@ -12,13 +12,13 @@ use tokio::net::{TcpListener, TcpStream};
 use crate::common::*;
 
 /// A redis-server on a loopback port, no persistence.
-struct Redis {
+pub(crate) struct Redis {
     port: u16,
     child: Option<std::process::Child>,
 }
 
 impl Redis {
-    async fn start() -> Redis {
+    pub(crate) async fn start() -> Redis {
         let mut r = Redis {
             port: free_port(),
             child: None,
@@ -52,7 +52,7 @@ impl Redis {
         }
     }
 
-    fn url(&self) -> String {
+    pub(crate) fn url(&self) -> String {
         format!("redis://127.0.0.1:{}/0", self.port)
     }
 }
