@@ -14,7 +14,7 @@ done
 fail() { echo "deb: $*"; exit 1; }
 
 bash debian/build.sh --quiet
-deb=$(ls -t target/debian/doh-proxy_*.deb | head -1)
+deb=$(ls -t "${CARGO_TARGET_DIR:-target}"/debian/doh-proxy_*.deb | head -1)
 echo "--- $deb"
 
 contents=$(dpkg-deb -c "$deb" | awk '{print $6}')
@@ -38,7 +38,7 @@ echo "Depends: $(dpkg-deb -f "$deb" Depends)"
 # an upload to Debian: no ITP bug to close).
 lintian --fail-on error,warning --suppress-tags no-manual-page,initial-upload-closes-no-bugs "$deb"
 
-apt-get install -y -q "./$deb" >/dev/null
+apt-get install -y -q "$(realpath "$deb")" >/dev/null
 test -x /usr/bin/doh-proxy || fail "not installed"
 test -L /etc/systemd/system/multi-user.target.wants/doh-proxy.service || fail "the service is not enabled"
 test ! -e /etc/systemd/system/sockets.target.wants/doh-proxy.socket || fail "the socket unit must not be enabled"
