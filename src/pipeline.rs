@@ -232,6 +232,7 @@ impl App {
             (old.http_listen != s.server.http_listen, "listen_http"),
             (old.dot_listen != s.server.dot_listen, "listen_dot"),
             (old.h3_listen != s.server.h3_listen, "listen_h3"),
+            (old.doq_listen != s.server.doq_listen, "listen_doq"),
             (
                 !self.cache.same_bounds(&s.cache),
                 "cache_size and cache_memory",

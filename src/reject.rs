@@ -63,10 +63,18 @@ pub enum Transport {
     H3,
     /// DNS over TLS.
     Dot,
+    /// DNS over QUIC.
+    Doq,
 }
 
 impl Transport {
-    pub const ALL: [Transport; 4] = [Transport::H1, Transport::H2, Transport::H3, Transport::Dot];
+    pub const ALL: [Transport; 5] = [
+        Transport::H1,
+        Transport::H2,
+        Transport::H3,
+        Transport::Dot,
+        Transport::Doq,
+    ];
 
     pub fn index(self) -> usize {
         self as usize
@@ -78,6 +86,7 @@ impl Transport {
             Transport::H2 => "h2",
             Transport::H3 => "h3",
             Transport::Dot => "dot",
+            Transport::Doq => "doq",
         }
     }
 }
@@ -334,6 +343,11 @@ table! {
         DotMalformed => (0, "dot_malformed", Rejected, scored: true, closes: true),
         /// A QUIC or HTTP/3 connection closed for a protocol violation.
         H3Protocol => (0, "h3_protocol", Rejected, scored: true, closes: true),
+        /// A DNS-over-QUIC stream that breaks RFC 9250: a length prefix
+        /// that does not match, a message ID other than 0, a message that
+        /// is not one valid query; the connection is closed with
+        /// DOQ_PROTOCOL_ERROR.
+        DoqProtocol => (0, "doq_protocol", Rejected, scored: true, closes: true),
     }
 }
 

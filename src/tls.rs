@@ -204,6 +204,8 @@ pub enum Alpn {
     Dot,
     /// HTTP/3 over QUIC: `h3`, TLS 1.3 only, no 0-RTT.
     H3,
+    /// DNS over QUIC (RFC 9250): `doq` only, TLS 1.3 only, no 0-RTT.
+    Doq,
     /// DoH over TLS, also answering ACME's TLS-ALPN-01 challenges.
     HttpsAcme,
 }
@@ -242,7 +244,7 @@ pub fn server_config(
     tickets: Option<Arc<crate::tickets::Tickets>>,
 ) -> Result<Arc<ServerConfig>, TlsError> {
     let builder = ServerConfig::builder_with_provider(Arc::new(server_provider()));
-    let builder = if alpn == Alpn::H3 {
+    let builder = if matches!(alpn, Alpn::H3 | Alpn::Doq) {
         builder.with_protocol_versions(&[&rustls::version::TLS13])
     } else {
         builder.with_safe_default_protocol_versions()
@@ -254,6 +256,7 @@ pub fn server_config(
         Alpn::HttpsAcme => vec![b"h2".to_vec(), b"http/1.1".to_vec(), ACME_TLS_ALPN.to_vec()],
         Alpn::Dot => vec![b"dot".to_vec()],
         Alpn::H3 => vec![b"h3".to_vec()],
+        Alpn::Doq => vec![b"doq".to_vec()],
     };
     // Our order, not the client's: see `server_provider`.
     cfg.ignore_client_order = true;
@@ -310,7 +313,7 @@ mod tests {
             .unwrap();
         assert!(matches!(e, TlsError::NoCert { .. }), "{e}");
         let store = CertStore::new(self_signed().unwrap()).unwrap();
-        for alpn in [Alpn::Https, Alpn::Dot, Alpn::H3] {
+        for alpn in [Alpn::Https, Alpn::Dot, Alpn::H3, Alpn::Doq] {
             assert!(server_config(store.clone(), alpn, None).is_ok());
         }
         let before = store.chain();

@@ -9,7 +9,7 @@ set -uo pipefail
 
 BIN=${1:-target/debug/doh-proxy}
 BASE=$(mktemp -d /tmp/doh-e2e.XXXXXX)
-NSD_PORT=5390 TLS_PORT=8543 HTTP_PORT=8580 ADMIN_PORT=9553 DOT_PORT=8593
+NSD_PORT=5390 TLS_PORT=8543 HTTP_PORT=8580 ADMIN_PORT=9553 DOT_PORT=8593 DOQ_PORT=8594
 UNBOUND_DOT=8953 DOT_FRONT=8544 DOT_FRONT_ADMIN=9554 DOH_FRONT=8545 DOH_FRONT_ADMIN=9555
 ACME_TLS=8546 ACME_ADMIN=9556 PEBBLE_PORT=14500 PEBBLE_MGMT=15500
 export DEBIAN_FRONTEND=noninteractive
@@ -33,8 +33,8 @@ if [ ${#need[@]} -gt 0 ]; then
   apt-get update -q >/dev/null && apt-get install -y -q --no-install-recommends "${need[@]}" >/dev/null
 fi
 VENV=${DOH_E2E_VENV:-/tmp/doh-e2e-venv}
-if ! "$VENV/bin/python" -c 'import dns.query; assert dns.query.have_doh' 2>/dev/null; then
-  python3 -m venv "$VENV" && "$VENV/bin/pip" install -q 'dnspython[doh]'
+if ! "$VENV/bin/python" -c 'import dns.query, aioquic; assert dns.query.have_doh' 2>/dev/null; then
+  { [ -x "$VENV/bin/pip" ] || python3 -m venv "$VENV"; } && "$VENV/bin/pip" install -q 'dnspython[doh,doq]'
 fi
 
 # A private CA and a leaf for localhost / 127.0.0.1 (rustls refuses a CA as end entity).
@@ -120,6 +120,7 @@ done
 "$BIN" -l 127.0.0.1:$TLS_PORT --listen-http 127.0.0.1:$HTTP_PORT -u 127.0.0.1:$NSD_PORT \
   --tls-cert "$T/cert.pem" --tls-key "$T/key.pem" --metrics-listen 127.0.0.1:$ADMIN_PORT \
   --listen-dot 127.0.0.1:$DOT_PORT \
+  --listen-doq 127.0.0.1:$DOQ_PORT \
   --trusted-proxy 127.0.0.2 --ban-file "$BASE/bans.nft" --ban-after 5 \
   --per-ip-conn-rate 1000 --per-prefix-conn-rate 1000 \
   > "$BASE/proxy.log" 2>&1 &
@@ -218,6 +219,19 @@ chk "negative answers keep their SOA" \
 chk "kdig +tls (DNS over TLS listener)" \
   "kdig +short @127.0.0.1 -p $DOT_PORT +tls +tls-ca=$CA +tls-hostname=localhost multi.example.test | sort | tr '\n' ' ' | grep -q '192.0.2.10 192.0.2.11 192.0.2.12' &&
    curl -s http://127.0.0.1:$ADMIN_PORT/metrics | grep -qE '^doh_requests_total\\{outcome=\"answered\",transport=\"dot\"\\} [1-9]'"
+chk "dnspython dns.query.quic (DNS over QUIC): answers, NXDOMAIN, ID 0, several streams on one connection" \
+  "$PY -c \"
+import dns.message, dns.query, dns.rcode, dns.quic
+with dns.quic.SyncQuicManager(verify_mode='$CA', server_name='localhost') as m:
+    conn = m.connect('127.0.0.1', $DOQ_PORT)
+    for name, want in [('multi.example.test', dns.rcode.NOERROR), ('nothere.example.test', dns.rcode.NXDOMAIN), ('short.example.test', dns.rcode.NOERROR)]:
+        r = dns.query.quic(dns.message.make_query(name, 'A'), '127.0.0.1', port=$DOQ_PORT, connection=conn, timeout=5)
+        assert r.rcode() == want, (name, r.rcode())
+        assert r.id == 0, r.id
+    r = dns.query.quic(dns.message.make_query('short.example.test', 'A'), '127.0.0.1', port=$DOQ_PORT, verify='$CA', hostname='localhost', timeout=5)
+    assert r.answer[0][0].address == '192.0.2.5'
+\" &&
+   curl -s http://127.0.0.1:$ADMIN_PORT/metrics | grep -qE '^doh_requests_total\\{outcome=\"answered\",transport=\"doq\"\\} [1-9]'"
 chk "kdig +tls, several queries on one connection (+keepopen)" \
   "kdig @127.0.0.1 -p $DOT_PORT +tls +tls-ca=$CA +tls-hostname=localhost +keepopen +short short.example.test txt.example.test TXT www.example.test | tr '\n' ' ' | grep -q '192.0.2.5.*hello.*192.0.2.1'"
 chk "DNS over TLS upstream (unbound): kdig through a second instance" \

@@ -184,6 +184,12 @@ pub struct Config {
     #[arg(long, global = true, value_name = "ADDR", help_heading = "Listeners")]
     pub listen_h3: Vec<SocketAddr>,
 
+    /// DNS over QUIC listener (RFC 9250, UDP; usually port 853): ALPN
+    /// `doq`, one query per stream, same certificate, guard and answers as
+    /// HTTP/3; repeatable [default: off]
+    #[arg(long, global = true, value_name = "ADDR", help_heading = "Listeners")]
+    pub listen_doq: Vec<SocketAddr>,
+
     /// Unvalidated QUIC handshakes per second beyond which a source must
     /// prove its address with a Retry first (0: always)
     #[arg(

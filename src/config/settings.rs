@@ -68,13 +68,18 @@ impl Config {
             && self.listen_http.is_empty()
             && self.listen_dot.is_empty()
             && self.listen_h3.is_empty()
+            && self.listen_doq.is_empty()
         {
             return bad(
-                "no listener: give --listen, --listen-http, --listen-dot or --listen-h3".into(),
+                "no listener: give --listen, --listen-http, --listen-dot, --listen-h3 or --listen-doq"
+                    .into(),
             );
         }
         if !self.listen_h3.is_empty() && !cfg!(feature = "h3") {
             return bad("listen_h3 needs a build with the `h3` feature".into());
+        }
+        if !self.listen_doq.is_empty() && !cfg!(feature = "h3") {
+            return bad("listen_doq needs a build with the `h3` feature (QUIC)".into());
         }
         if !self.path.starts_with('/') || self.path.contains(['?', '#', ' ']) {
             return bad(format!(
@@ -263,6 +268,7 @@ impl Config {
                 http_listen: self.listen_http.clone(),
                 dot_listen: self.listen_dot.clone(),
                 h3_listen: self.listen_h3.clone(),
+                doq_listen: self.listen_doq.clone(),
                 h3_retry_threshold: self.h3_retry_threshold,
                 tls,
                 ticket_lifetime: (self.tls_ticket_lifetime > 0)

@@ -26,12 +26,12 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::http::scored_client;
+use super::message::{self, Early};
 use super::watchdog;
-use crate::dns;
 use crate::guard::{ConnTicket, Unread};
 use crate::metrics::AcceptError;
 use crate::pipeline::{App, Peer};
-use crate::reject::{Outcome, ProtocolError, Reject, Transport};
+use crate::reject::{ProtocolError, Transport};
 
 /// Queries read and not yet answered into the socket, on one connection;
 /// reading pauses beyond.
@@ -196,34 +196,25 @@ where
                 return None;
             }
             let (_, inflight) = peer.conn.begin();
-            if let Err((reason, _)) = app.admit_request(client, Transport::Dot) {
+            match message::admit(&app, client, Transport::Dot, &msg) {
+                Ok(()) => {}
                 // Banned: close. Over budget: REFUSED, and go on.
-                send(frame(&refusal(&msg, reason.rcode())), place);
-                if reason.closes() {
-                    return None;
+                Err(Early::Refused { answer, closes }) => {
+                    send(frame(&answer), place);
+                    if closes {
+                        return None;
+                    }
+                    continue;
                 }
-                continue;
-            }
-            if let Err(e) = dns::parse_query(&msg) {
-                let reason = Reject::from(e);
-                app.refuse(client, reason, Transport::Dot);
-                send(frame(&refusal(&msg, reason.rcode())), place);
-                return Some(ProtocolError::DotMalformed);
+                Err(Early::Malformed(answer)) => {
+                    send(frame(&answer), place);
+                    return Some(ProtocolError::DotMalformed);
+                }
             }
             let (app, send) = (app.clone(), send.clone());
             let tasks = app.tasks.clone();
             tasks.spawn(async move {
-                let answer = match app.answer_message(client, &msg).await {
-                    Ok(served) => {
-                        app.metrics
-                            .request(Outcome::Answered, Transport::Dot, false);
-                        served.wire
-                    }
-                    Err(reason) => {
-                        app.refuse(client, reason, Transport::Dot);
-                        refusal(&msg, reason.rcode())
-                    }
-                };
+                let answer = message::answer(&app, client, Transport::Dot, &msg).await;
                 // Unread from here on, no longer in flight.
                 send(frame(&answer), place);
                 drop(inflight);
@@ -282,44 +273,4 @@ fn frame(msg: &[u8]) -> Vec<u8> {
     f.extend_from_slice(&(msg.len().min(65535) as u16).to_be_bytes());
     f.extend_from_slice(&msg[..msg.len().min(65535)]);
     f
-}
-
-/// An answer with `rcode` to `query`: its ID, opcode and RD, and its
-/// question when it has one that parses.
-fn refusal(query: &[u8], rcode: u8) -> Vec<u8> {
-    let mut out = vec![0u8; 12];
-    if query.len() >= 4 {
-        out[..2].copy_from_slice(&query[..2]);
-        out[2] = 0x80 | (query[2] & 0x79); // QR, opcode, RD
-    } else {
-        out[2] = 0x80;
-    }
-    out[3] = 0x80 | rcode; // RA
-    if let Ok(q) = dns::parse_query(query) {
-        out[5] = 1;
-        out.extend_from_slice(q.question);
-    }
-    out
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn refusals_echo_id_and_question() {
-        let q = dns::query_message("a.test", 1, 0x4242, true).unwrap();
-        let r = refusal(&q, crate::dns::RCODE_REFUSED);
-        let m = hickory_proto::op::Message::from_vec(&r).unwrap();
-        assert_eq!(m.metadata.id, 0x4242);
-        assert_eq!(
-            m.metadata.response_code,
-            hickory_proto::op::ResponseCode::Refused
-        );
-        assert_eq!(m.queries.len(), 1);
-        let r = refusal(b"\x12\x34garbage", crate::dns::RCODE_FORMERR);
-        let m = hickory_proto::op::Message::from_vec(&r).unwrap();
-        assert_eq!(m.metadata.id, 0x1234);
-        assert!(m.queries.is_empty());
-    }
 }

@@ -9,9 +9,13 @@
 //! - [`tcp`]: the HTTPS and plain-HTTP listeners (accept, admission,
 //!   PROXY header, TLS).
 //! - [`dot`]: DNS over TLS.
-//! - `h3`: DoH over HTTP/3 (QUIC), with the `h3` feature.
+//! - `quic`: the QUIC listeners' accept loop, admission and handshake;
+//!   `h3`: DoH over HTTP/3 and `doq`: DNS over QUIC on its connections
+//!   (with the `h3` feature).
 //! - [`http`]: HTTP/1.1 and HTTP/2 with hyper.
 //! - [`io`]: write batching on the client's TCP stream.
+//! - [`message`]: one DNS message (DNS over TLS and over QUIC): admit,
+//!   parse, answer or refuse.
 //! - [`watchdog`]: the request-driven clock that closes slow and idle
 //!   connections, shared by every transport.
 //! - [`workers`]: the threads TCP connections are accepted and served on.
@@ -19,12 +23,17 @@
 #[cfg(feature = "h3")]
 pub mod amplification;
 pub mod certs;
+#[cfg(feature = "h3")]
+pub mod doq;
 pub mod dot;
 #[cfg(feature = "h3")]
 pub mod h3;
 pub mod handshake;
 pub mod http;
 pub mod io;
+pub mod message;
+#[cfg(feature = "h3")]
+pub mod quic;
 pub mod systemd;
 pub mod tcp;
 pub mod watchdog;
@@ -69,6 +78,7 @@ pub struct ServerSettings {
     pub http_listen: Vec<SocketAddr>,
     pub dot_listen: Vec<SocketAddr>,
     pub h3_listen: Vec<SocketAddr>,
+    pub doq_listen: Vec<SocketAddr>,
     /// Unvalidated QUIC handshakes per second before Retry is required.
     pub h3_retry_threshold: u32,
     pub tls: TlsSource,
@@ -90,6 +100,7 @@ pub struct Running {
     pub http_addrs: Vec<SocketAddr>,
     pub dot_addrs: Vec<SocketAddr>,
     pub h3_addrs: Vec<SocketAddr>,
+    pub doq_addrs: Vec<SocketAddr>,
     pub admin_addr: SocketAddr,
     pub app: Arc<App>,
     /// The certificate in service, when a TLS or QUIC listener runs.
@@ -176,9 +187,11 @@ pub async fn start_with(
     let needs_cert = !(s.tls_listen.is_empty()
         && s.dot_listen.is_empty()
         && s.h3_listen.is_empty()
+        && s.doq_listen.is_empty()
         && inherited.https.is_empty()
         && inherited.dot.is_empty()
-        && inherited.h3.is_empty());
+        && inherited.h3.is_empty()
+        && inherited.doq.is_empty());
     let certs = if needs_cert {
         Some(certs::Certs::load(&s.tls)?)
     } else {
@@ -217,28 +230,35 @@ pub async fn start_with(
     let tls_listeners = bind_all(&s.tls_listen, inherited.https)?;
     let http_listeners = bind_all(&s.http_listen, inherited.http)?;
     let dot_listeners = bind_all(&s.dot_listen, inherited.dot)?;
+    // QUIC endpoints of one kind: the configured addresses, or the
+    // sockets of that kind the service manager passed.
     #[cfg(feature = "h3")]
-    let h3_endpoints = {
-        let quic_tls = || -> anyhow::Result<_> {
-            let store = certs
-                .as_ref()
-                .map(|c| c.store.clone())
-                .ok_or_else(|| anyhow::anyhow!("no certificate"))?;
-            Ok(tls::server_config(store, tls::Alpn::H3, tickets.clone())?)
-        };
-        if inherited.h3.is_empty() {
-            s.h3_listen
-                .iter()
-                .map(|a| h3::endpoint(h3::UdpSource::Bind(*a), quic_tls()?, s.idle_timeout))
-                .collect::<anyhow::Result<Vec<_>>>()?
+    let quic_endpoints = |listen: &[SocketAddr],
+                          passed: Vec<std::net::UdpSocket>,
+                          alpn: tls::Alpn,
+                          uni_streams: u32|
+     -> anyhow::Result<Vec<_>> {
+        let store = certs.as_ref().map(|c| c.store.clone());
+        let sources: Vec<quic::UdpSource> = if passed.is_empty() {
+            listen.iter().map(|a| quic::UdpSource::Bind(*a)).collect()
         } else {
-            inherited
-                .h3
-                .into_iter()
-                .map(|u| h3::endpoint(h3::UdpSource::Socket(u), quic_tls()?, s.idle_timeout))
-                .collect::<anyhow::Result<Vec<_>>>()?
-        }
+            passed.into_iter().map(quic::UdpSource::Socket).collect()
+        };
+        sources
+            .into_iter()
+            .map(|src| {
+                let store = store
+                    .clone()
+                    .ok_or_else(|| anyhow::anyhow!("no certificate"))?;
+                let tls = tls::server_config(store, alpn, tickets.clone())?;
+                quic::endpoint(src, tls, s.idle_timeout, uni_streams)
+            })
+            .collect()
     };
+    #[cfg(feature = "h3")]
+    let h3_endpoints = quic_endpoints(&s.h3_listen, inherited.h3, tls::Alpn::H3, h3::UNI_STREAMS)?;
+    #[cfg(feature = "h3")]
+    let doq_endpoints = quic_endpoints(&s.doq_listen, inherited.doq, tls::Alpn::Doq, 0)?;
     let admin_listener = tokio::net::TcpListener::from_std(tcp::bind(settings.admin.listen)?)?;
     let addrs = |ls: &[std::net::TcpListener]| -> Vec<SocketAddr> {
         ls.iter().filter_map(|l| l.local_addr().ok()).collect()
@@ -253,6 +273,13 @@ pub async fn start_with(
         .collect();
     #[cfg(not(feature = "h3"))]
     let h3_addrs: Vec<SocketAddr> = Vec::new();
+    #[cfg(feature = "h3")]
+    let doq_addrs: Vec<SocketAddr> = doq_endpoints
+        .iter()
+        .filter_map(|(e, _)| e.local_addr().ok())
+        .collect();
+    #[cfg(not(feature = "h3"))]
+    let doq_addrs: Vec<SocketAddr> = Vec::new();
 
     app.guard.restore_state();
     // The ban file's rule names the bound ports (port 0 in the
@@ -264,7 +291,11 @@ pub async fn start_with(
             .chain(&dot_addrs)
             .map(|a| a.port())
             .collect(),
-        h3_addrs.iter().map(|a| a.port()).collect(),
+        h3_addrs
+            .iter()
+            .chain(&doq_addrs)
+            .map(|a| a.port())
+            .collect(),
     );
     let shutdown = CancellationToken::new();
     let tasks = TaskTracker::new();
@@ -300,6 +331,7 @@ pub async fn start_with(
         http_addrs,
         dot_addrs,
         h3_addrs,
+        doq_addrs,
         app: app.clone(),
         shutdown: shutdown.clone(),
         tasks: tasks.clone(),
@@ -333,13 +365,27 @@ pub async fn start_with(
         })?;
     }
     #[cfg(feature = "h3")]
-    for (e, socket) in h3_endpoints {
-        let h3 = h3::H3Listener {
-            app: app.clone(),
-            socket,
-            retry_threshold: s.h3_retry_threshold,
-        };
-        tasks.spawn(h3.run(e, tasks.clone(), shutdown.clone()));
+    {
+        let h3 = Arc::new(h3::H3);
+        for (e, socket) in h3_endpoints {
+            let l = quic::QuicListener {
+                app: app.clone(),
+                socket,
+                retry_threshold: s.h3_retry_threshold,
+                service: h3.clone(),
+            };
+            tasks.spawn(l.run(e, tasks.clone(), shutdown.clone()));
+        }
+        let doq = Arc::new(doq::Doq);
+        for (e, socket) in doq_endpoints {
+            let l = quic::QuicListener {
+                app: app.clone(),
+                socket,
+                retry_threshold: s.h3_retry_threshold,
+                service: doq.clone(),
+            };
+            tasks.spawn(l.run(e, tasks.clone(), shutdown.clone()));
+        }
     }
     tasks.spawn(admin::serve(
         app.clone(),
@@ -400,6 +446,9 @@ pub async fn start_with(
     }
     for a in &running.h3_addrs {
         tracing::info!(listen = %a, "serving DoH over HTTP/3 (UDP)");
+    }
+    for a in &running.doq_addrs {
+        tracing::info!(listen = %a, "serving DNS over QUIC (UDP)");
     }
     tracing::info!(listen = %running.admin_addr, "admin listener (/metrics, /healthz, /bans)");
     Ok(running)

@@ -2,7 +2,7 @@
 //! service state reported to `NOTIFY_SOCKET` (`Type=notify`).
 //!
 //! Sockets are told apart by their `FileDescriptorName=`: `https`, `http`,
-//! `dot` (TCP) and `h3` (UDP); an unnamed one is taken as `https`. The
+//! `dot` (TCP), `h3` and `doq` (UDP); an unnamed one is taken as `https`. The
 //! sockets of a kind, when any were passed, replace the configured
 //! addresses of that kind.
 
@@ -15,6 +15,7 @@ pub struct Inherited {
     pub http: Vec<TcpListener>,
     pub dot: Vec<TcpListener>,
     pub h3: Vec<UdpSocket>,
+    pub doq: Vec<UdpSocket>,
 }
 
 impl Inherited {
@@ -31,6 +32,7 @@ impl Inherited {
             let name = names.get(i).map(String::as_str).unwrap_or("https");
             let taken = match name {
                 "h3" => fds.take_udp_socket(i).map(|s| s.map(|s| out.h3.push(s))),
+                "doq" => fds.take_udp_socket(i).map(|s| s.map(|s| out.doq.push(s))),
                 "http" => fds
                     .take_tcp_listener(i)
                     .map(|s| s.map(|s| out.http.push(s))),
@@ -47,7 +49,11 @@ impl Inherited {
     }
 
     pub fn is_empty(&self) -> bool {
-        self.https.is_empty() && self.http.is_empty() && self.dot.is_empty() && self.h3.is_empty()
+        self.https.is_empty()
+            && self.http.is_empty()
+            && self.dot.is_empty()
+            && self.h3.is_empty()
+            && self.doq.is_empty()
     }
 }
 

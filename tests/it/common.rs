@@ -313,6 +313,7 @@ pub fn test_config(upstreams: &[SocketAddr]) -> Config {
         listen_http: vec!["127.0.0.1:0".parse().unwrap()],
         listen_h3: vec!["127.0.0.1:0".parse().unwrap()],
         listen_dot: vec!["127.0.0.1:0".parse().unwrap()],
+        listen_doq: vec!["127.0.0.1:0".parse().unwrap()],
         metrics_listen: "127.0.0.1:0".parse().unwrap(),
         admin_token: Some(ADMIN_TOKEN.into()),
         tls_cert: Some(p.cert.clone()),
