@@ -54,6 +54,13 @@ impl ServerCertVerifier for NoVerify {
 
 /// TLS settings: trust `ca` (a PEM file), or nothing at all with `None`.
 pub fn tls(ca: Option<&str>) -> Result<tokio_rustls::TlsConnector, Error> {
+    let cfg = client_config(ca, b"h2")?;
+    Ok(tokio_rustls::TlsConnector::from(Arc::new(cfg)))
+}
+
+/// A client configuration trusting `ca` (or anything, with `None`),
+/// offering `alpn`.
+pub fn client_config(ca: Option<&str>, alpn: &[u8]) -> Result<rustls::ClientConfig, Error> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()?;
@@ -71,8 +78,8 @@ pub fn tls(ca: Option<&str>) -> Result<tokio_rustls::TlsConnector, Error> {
             .with_custom_certificate_verifier(Arc::new(NoVerify(provider)))
             .with_no_client_auth(),
     };
-    cfg.alpn_protocols = vec![b"h2".to_vec()];
-    Ok(tokio_rustls::TlsConnector::from(Arc::new(cfg)))
+    cfg.alpn_protocols = vec![alpn.to_vec()];
+    Ok(cfg)
 }
 
 /// An HTTP/2 connection to `addr` over TLS, from `source` if given.
@@ -185,6 +192,16 @@ pub async fn metric_sum(metrics_url: &str, family: &str, filter: &str) -> Result
         })
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum())
+}
+
+/// CPU seconds (user and system) a process has used (Linux), if known.
+pub fn cpu_secs(pid: Option<u32>) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{}/stat", pid?)).ok()?;
+    // Fields after the command name, which may hold spaces.
+    let rest = stat.rsplit_once(')')?.1;
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?;
+    Some(ticks / 100.0)
 }
 
 /// Resident set of a process in MiB (Linux), if known.
