@@ -541,9 +541,13 @@ async fn ban_file_is_an_nftables_script() {
     })
     .await;
     let _ = send_from(&p, Proto::H1, "127.0.17.1", get("/dns-query?ct=x")).await;
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    wait_for(
+        "the ban in the file",
+        async || std::fs::read_to_string(&file).is_ok_and(|t| t.contains("127.0.17.1/32 timeout")),
+        Duration::from_secs(10),
+    )
+    .await;
     let text = std::fs::read_to_string(&file).unwrap();
-    assert!(text.contains("127.0.17.1/32 timeout"), "{text}");
     let mut tcp = [
         p.tls_addrs[0].port(),
         p.http_addrs[0].port(),
@@ -555,8 +559,12 @@ async fn ban_file_is_an_nftables_script() {
         text.contains(&format!("tcp dport {{ {} }} drop", tcp.join(", "))),
         "{text}"
     );
+    // HTTP/3 and DNS over QUIC.
+    let mut udp = [p.h3_addrs[0].port(), p.doq_addrs[0].port()];
+    udp.sort_unstable();
+    let udp: Vec<String> = udp.iter().map(|p| p.to_string()).collect();
     assert!(
-        text.contains(&format!("udp dport {{ {} }} drop", p.h3_addrs[0].port())),
+        text.contains(&format!("udp dport {{ {} }} drop", udp.join(", "))),
         "{text}"
     );
     if let Ok(out) = std::process::Command::new("nft")
