@@ -103,6 +103,14 @@ async fn answers_streams_of_one_connection_with_id_0() {
     }
     // Again on the same connection: from the cache.
     assert_eq!(ask(&conn, "www.example.test").await.unwrap().metadata.id, 0);
+    // A padded query gets a padded answer (RFC 9250 §5.4, RFC 8467).
+    let reply = exchange(
+        &conn,
+        &framed(&query_with_opt("pad.example.test", 0, 4096, true)),
+    )
+    .await
+    .unwrap();
+    assert_eq!((reply.len() - 2) % 468, 0, "{} bytes", reply.len() - 2);
     assert_eq!(up.count("www.example.test."), 1);
     assert_eq!(
         metric(
@@ -110,7 +118,7 @@ async fn answers_streams_of_one_connection_with_id_0() {
             "doh_requests_total{outcome=\"answered\",transport=\"doq\"}"
         )
         .await,
-        5.0
+        6.0
     );
     assert!(
         metric(
