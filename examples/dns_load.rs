@@ -22,20 +22,32 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::Semaphore;
 
-fn framed(msg: &[u8]) -> Vec<u8> {
-    let mut f = (msg.len() as u16).to_be_bytes().to_vec();
-    f.extend_from_slice(msg);
-    f
-}
-
-async fn doq(
+/// What every connection of a run shares.
+#[derive(Clone)]
+struct Run {
     addr: SocketAddr,
     ca: Option<String>,
     inflight: usize,
     until: Instant,
     name: String,
     done: Arc<AtomicU64>,
-) -> Result<(), common::Error> {
+}
+
+fn framed(msg: &[u8]) -> Vec<u8> {
+    let mut f = (msg.len() as u16).to_be_bytes().to_vec();
+    f.extend_from_slice(msg);
+    f
+}
+
+async fn doq(run: Run) -> Result<(), common::Error> {
+    let Run {
+        addr,
+        ca,
+        inflight,
+        until,
+        name,
+        done,
+    } = run;
     let tls = common::client_config(ca.as_deref(), b"doq")?;
     let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls)?;
     let mut ep = quinn::Endpoint::client("127.0.0.1:0".parse()?)?;
@@ -63,14 +75,15 @@ async fn doq(
     Ok(())
 }
 
-async fn dot(
-    addr: SocketAddr,
-    ca: Option<String>,
-    inflight: usize,
-    until: Instant,
-    name: String,
-    done: Arc<AtomicU64>,
-) -> Result<(), common::Error> {
+async fn dot(run: Run) -> Result<(), common::Error> {
+    let Run {
+        addr,
+        ca,
+        inflight,
+        until,
+        name,
+        done,
+    } = run;
     let tls =
         tokio_rustls::TlsConnector::from(Arc::new(common::client_config(ca.as_deref(), b"dot")?));
     let tcp = tokio::net::TcpStream::connect(addr).await?;
@@ -105,14 +118,15 @@ async fn dot(
     Ok(())
 }
 
-async fn doh(
-    addr: SocketAddr,
-    ca: Option<String>,
-    inflight: usize,
-    until: Instant,
-    name: String,
-    done: Arc<AtomicU64>,
-) -> Result<(), common::Error> {
+async fn doh(run: Run) -> Result<(), common::Error> {
+    let Run {
+        addr,
+        ca,
+        inflight,
+        until,
+        name,
+        done,
+    } = run;
     let tls = common::tls(ca.as_deref())?;
     let send = common::connect(&tls, addr, None).await?;
     let path = common::dns_path("/dns-query", &name, 1);
@@ -151,15 +165,22 @@ async fn main() -> Result<(), common::Error> {
     let cpu0 = common::cpu_secs(pid);
     let t = Instant::now();
     let mut tasks = Vec::new();
+    let run = Run {
+        addr,
+        ca,
+        inflight,
+        until,
+        name,
+        done: done.clone(),
+    };
     for _ in 0..conns {
-        let (ca, name, done) = (ca.clone(), name.clone(), done.clone());
-        let run = match proto.as_str() {
-            "doq" => tokio::spawn(doq(addr, ca, inflight, until, name, done)),
-            "dot" => tokio::spawn(dot(addr, ca, inflight, until, name, done)),
-            "doh" => tokio::spawn(doh(addr, ca, inflight, until, name, done)),
+        let run = run.clone();
+        tasks.push(match proto.as_str() {
+            "doq" => tokio::spawn(doq(run)),
+            "dot" => tokio::spawn(dot(run)),
+            "doh" => tokio::spawn(doh(run)),
             other => return Err(format!("--proto {other}: doq, dot or doh").into()),
-        };
-        tasks.push(run);
+        });
     }
     for t in tasks {
         t.await??;

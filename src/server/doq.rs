@@ -54,13 +54,8 @@ impl QuicService for Doq {
         tasks: TaskTracker,
         shutdown: CancellationToken,
     ) {
-        let settings = app.server.load_full();
-        let (first, idle, write) = (
-            settings.handshake_timeout,
-            settings.idle_timeout,
-            settings.write_timeout,
-        );
-        let watch = watchdog::expired(&peer.conn, first, idle, write);
+        let first = app.server.load().handshake_timeout;
+        let watch = watchdog::watch(app, &peer);
         tokio::pin!(watch);
         loop {
             tokio::select! {

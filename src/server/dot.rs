@@ -85,18 +85,12 @@ impl DotListener {
         super::tcp::bound_send_buffer(&stream);
         let app = &self.app;
         let peer = Peer::new(ticket.conn().clone(), None);
-        let settings = app.server.load_full();
-        let (first, idle, write) = (
-            settings.handshake_timeout,
-            settings.idle_timeout,
-            settings.write_timeout,
-        );
-        let deadline = Instant::now() + first;
+        let deadline = Instant::now() + app.server.load().handshake_timeout;
         let Some((tls, _)) = super::handshake::tls(app, &self.tls, stream, deadline, &peer).await
         else {
             return;
         };
-        let watch = watchdog::expired(&peer.conn, first, idle, write);
+        let watch = watchdog::watch(app, &peer);
         tokio::pin!(watch);
         tokio::select! {
             end = session(app.clone(), peer.clone(), tls) => {

@@ -38,12 +38,7 @@ impl QuicService for H3 {
         tasks: TaskTracker,
         shutdown: CancellationToken,
     ) {
-        let settings = app.server.load_full();
-        let (first, idle, write) = (
-            settings.handshake_timeout,
-            settings.idle_timeout,
-            settings.write_timeout,
-        );
+        let first = app.server.load().handshake_timeout;
         let built = tokio::time::timeout_at(
             deadline,
             h3::server::builder()
@@ -56,7 +51,7 @@ impl QuicService for H3 {
             conn.close(0x100u32.into(), b"");
             return;
         };
-        let watch = watchdog::expired(&peer.conn, first, idle, write);
+        let watch = watchdog::watch(app, &peer);
         tokio::pin!(watch);
         loop {
             tokio::select! {

@@ -366,26 +366,11 @@ pub async fn start_with(
     }
     #[cfg(feature = "h3")]
     {
+        let threshold = s.h3_retry_threshold;
         let h3 = Arc::new(h3::H3);
-        for (e, socket) in h3_endpoints {
-            let l = quic::QuicListener {
-                app: app.clone(),
-                socket,
-                retry_threshold: s.h3_retry_threshold,
-                service: h3.clone(),
-            };
-            tasks.spawn(l.run(e, tasks.clone(), shutdown.clone()));
-        }
+        quic::spawn(h3_endpoints, &app, threshold, h3, &tasks, &shutdown);
         let doq = Arc::new(doq::Doq);
-        for (e, socket) in doq_endpoints {
-            let l = quic::QuicListener {
-                app: app.clone(),
-                socket,
-                retry_threshold: s.h3_retry_threshold,
-                service: doq.clone(),
-            };
-            tasks.spawn(l.run(e, tasks.clone(), shutdown.clone()));
-        }
+        quic::spawn(doq_endpoints, &app, threshold, doq, &tasks, &shutdown);
     }
     tasks.spawn(admin::serve(
         app.clone(),

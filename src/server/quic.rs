@@ -113,6 +113,26 @@ pub trait QuicService: Send + Sync + 'static {
     ) -> impl Future<Output = ()> + Send;
 }
 
+/// Runs a listener serving `service` on each of `endpoints`.
+pub fn spawn<S: QuicService>(
+    endpoints: Vec<(quinn::Endpoint, Arc<Guarded>)>,
+    app: &Arc<App>,
+    retry_threshold: u32,
+    service: Arc<S>,
+    tasks: &TaskTracker,
+    shutdown: &CancellationToken,
+) {
+    for (endpoint, socket) in endpoints {
+        let l = QuicListener {
+            app: app.clone(),
+            socket,
+            retry_threshold,
+            service: service.clone(),
+        };
+        tasks.spawn(l.run(endpoint, tasks.clone(), shutdown.clone()));
+    }
+}
+
 pub struct QuicListener<S> {
     pub app: Arc<App>,
     /// The socket's anti-amplification books.
