@@ -181,31 +181,32 @@ impl Known {
             self.count(was, is);
             return;
         }
+        self.insert(
+            &mut s,
+            k,
+            Entry {
+                first: now,
+                last: now,
+            },
+            after,
+        );
+    }
+
+    /// Adds a client not remembered yet, making room first when the shard
+    /// is full, and growing it by an eighth at a time, never by doubling:
+    /// what keeps [`MAX_BYTES_PER_CLIENT`] true however the client came.
+    fn insert(&self, s: &mut Shard, k: Key, e: Entry, after: u32) {
         let cap = self.per_shard.load(Ordering::Relaxed) as usize;
         while s.map.len() >= cap {
             let gone = forget_one(&mut s.map, after);
             self.count(gone.is_known(after), false);
         }
         if s.map.len() == s.map.capacity() {
-            // Grow by an eighth, not double: the bound per client holds.
             let more = (s.map.len() / 8).max(16).min(cap - s.map.len());
             s.map.reserve_exact(more);
         }
-        s.map.insert(
-            k,
-            Entry {
-                first: now,
-                last: now,
-            },
-        );
-        self.count(
-            false,
-            Entry {
-                first: now,
-                last: now,
-            }
-            .is_known(after),
-        );
+        s.map.insert(k, e);
+        self.count(false, e.is_known(after));
     }
 
     fn count(&self, was: bool, is: bool) {
@@ -256,14 +257,7 @@ impl Known {
             self.count(was, e.is_known(after));
             return;
         }
-        let cap = self.per_shard.load(Ordering::Relaxed) as usize;
-        if s.map.len() >= cap {
-            let gone = forget_one(&mut s.map, after);
-            self.count(gone.is_known(after), false);
-        }
-        let e = Entry { first: 0, last };
-        s.map.insert(k, e);
-        self.count(false, e.is_known(after));
+        self.insert(&mut s, k, Entry { first: 0, last }, after);
     }
 
     /// Forgets every client in `net` (a ban: an address or a prefix).
@@ -445,5 +439,10 @@ mod tests {
         assert!(k.is_known(ip("192.0.2.9"), 5_100));
         assert_eq!(k.export(5_100, 10), vec![(ip("192.0.2.9"), 5_000)]);
         assert_eq!(k.lookup(a, 5_100).map(|r| r.first), Some(0));
+        // Clients made known from elsewhere meet the same bound.
+        for i in 0..500u32 {
+            k.make_known(IpAddr::V4(std::net::Ipv4Addr::from(0x0a00_0000 + i)), 5_000);
+        }
+        assert!(k.len() <= 100, "{}", k.len());
     }
 }
