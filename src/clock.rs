@@ -8,7 +8,18 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 /// Seconds since the Unix epoch; 0 if the system clock is before it.
 pub fn unix_now() -> u64 {
+    since_epoch().as_secs()
+}
+
+/// Milliseconds since the Unix epoch (the fleet's per-second budget
+/// windows); 0 if the system clock is before it.
+pub fn unix_ms() -> u64 {
+    u64::try_from(since_epoch().as_millis()).unwrap_or(u64::MAX)
+}
+
+/// Time since the Unix epoch; zero if the system clock is before it.
+pub fn since_epoch() -> std::time::Duration {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
+        .unwrap_or_default()
 }

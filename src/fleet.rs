@@ -34,7 +34,7 @@ use tokio_util::sync::CancellationToken;
 
 use ipnet::IpNet;
 
-use crate::clock::unix_now;
+use crate::clock::{unix_ms, unix_now};
 use crate::guard::bans::{parse_target, target_label};
 use crate::guard::{BanEvent, Guard};
 use crate::hll::UniqueClients;
@@ -698,9 +698,7 @@ impl Fleet {
             let for_known = self.want_known.swap(false, Ordering::Relaxed);
             let share = self.share.load(Ordering::Relaxed);
             let reserve = u64::from(qps) * u64::from(share) / 100;
-            let now = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap_or_default();
+            let now = crate::clock::since_epoch();
             let (sec, ms) = (now.as_secs(), now.subsec_millis());
             let granted: Option<i64> = self
                 .script(
@@ -1109,12 +1107,6 @@ impl Spend for Fleet {
 /// command refused).
 fn lost(e: &redis::RedisError) -> bool {
     e.is_io_error() || e.is_timeout() || e.is_connection_dropped() || e.is_unrecoverable_error()
-}
-
-fn unix_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
 }
 
 fn hex(b: &[u8]) -> String {

@@ -177,10 +177,7 @@ async fn stream(
     // Unread from here on, no longer in flight.
     let unread = peer.conn.queued();
     drop(inflight);
-    let mut framed = Vec::with_capacity(answer.len() + 2);
-    framed.extend_from_slice(&(answer.len().min(65_535) as u16).to_be_bytes());
-    framed.extend_from_slice(&answer[..answer.len().min(65_535)]);
-    let delivered = send.write_all(&framed).await.is_ok() && send.finish().is_ok();
+    let delivered = send.write_all(&message::frame(&answer)).await.is_ok() && send.finish().is_ok();
     drop(unread);
     if !delivered {
         app.metrics

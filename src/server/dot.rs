@@ -26,7 +26,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::http::scored_client;
-use super::message::{self, Early};
+use super::message::{self, frame, Early};
 use super::watchdog;
 use crate::guard::{ConnTicket, Unread};
 use crate::metrics::AcceptError;
@@ -259,12 +259,4 @@ async fn write_answers<W: AsyncWrite>(
         }
     }
     let _ = w.shutdown().await;
-}
-
-/// A message with its two-byte length prefix.
-fn frame(msg: &[u8]) -> Vec<u8> {
-    let mut f = Vec::with_capacity(msg.len() + 2);
-    f.extend_from_slice(&(msg.len().min(65535) as u16).to_be_bytes());
-    f.extend_from_slice(&msg[..msg.len().min(65535)]);
-    f
 }

@@ -20,6 +20,14 @@ pub enum Early {
     Malformed(Vec<u8>),
 }
 
+/// A message with its two-byte length prefix (DNS over TCP, TLS, QUIC).
+pub fn frame(msg: &[u8]) -> Vec<u8> {
+    let mut f = Vec::with_capacity(msg.len() + 2);
+    f.extend_from_slice(&(msg.len().min(65535) as u16).to_be_bytes());
+    f.extend_from_slice(&msg[..msg.len().min(65535)]);
+    f
+}
+
 /// The cheap checks, in the order of the request flow: the client's ban
 /// and budget, then the parse.
 pub fn admit(app: &App, client: IpAddr, transport: Transport, msg: &[u8]) -> Result<(), Early> {
