@@ -33,53 +33,6 @@ pub trait Spend: Send + Sync {
     fn spend(&self, who: Who) -> futures_util::future::BoxFuture<'_, bool>;
 }
 
-/// A token bucket: `rate` tokens a second, at most `burst` saved up. Kept
-/// as time in whole nanoseconds (one token is `1 s / rate` of it), so no
-/// rounding ever loses or makes a token.
-#[derive(Debug)]
-pub struct TokenBucket {
-    /// The time one token takes to come back.
-    period: Duration,
-    /// The most time saved up: `burst` tokens' worth.
-    cap: Duration,
-    /// Time saved up, as of the instant beside it.
-    state: Mutex<(Duration, Instant)>,
-}
-
-impl TokenBucket {
-    /// A full bucket of `burst` tokens refilled at `rate` a second (a
-    /// rate of 0 is taken as 1: a budget never stops the upstream for
-    /// good).
-    pub fn new(rate: u32, burst: u32) -> TokenBucket {
-        let period = Duration::from_nanos(1_000_000_000 / u64::from(rate.max(1)));
-        let cap = period.saturating_mul(burst.max(1));
-        TokenBucket {
-            period,
-            cap,
-            state: Mutex::new((cap, Instant::now())),
-        }
-    }
-
-    /// Takes one token if there is one.
-    pub fn take(&self) -> bool {
-        let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        let (saved, last) = &mut *s;
-        // Read under the lock: an instant read before it could be older
-        // than `last`, and moving `last` back would count time twice.
-        let now = Instant::now();
-        if now > *last {
-            *saved = (*saved + (now - *last)).min(self.cap);
-            *last = now;
-        }
-        if *saved >= self.period {
-            *saved -= self.period;
-            true
-        } else {
-            false
-        }
-    }
-}
-
 /// `--upstream-qps` for one instance (a burst of one second's worth),
 /// with the share kept for known clients (`--known-share`).
 ///
@@ -96,7 +49,9 @@ impl TokenBucket {
 ///   comes, known clients still getting at least their share.
 ///
 /// The upstream never sees more than the rate and its burst: no token is
-/// ever taken that the budget does not hold.
+/// ever taken that the budget does not hold. Both buckets are kept as time
+/// in whole nanoseconds (one token is `1 s / rate` of it), so no rounding
+/// ever loses or makes a token.
 pub struct LocalBudget {
     /// The time one token of the budget takes to come back, and the most
     /// saved up.
@@ -330,25 +285,27 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_burst_then_exactly_the_rate() {
-        let b = TokenBucket::new(50, 50);
-        assert_eq!((0..200).filter(|_| b.take()).count(), 50);
+        let b = LocalBudget::new(50);
+        let take = || b.take(Who::New);
+        assert_eq!((0..200).filter(|_| take()).count(), 50);
         for _ in 0..10 {
             tokio::time::advance(Duration::from_millis(100)).await;
-            assert_eq!((0..200).filter(|_| b.take()).count(), 5);
+            assert_eq!((0..200).filter(|_| take()).count(), 5);
         }
         // Ten idle seconds save up one burst, no more.
         tokio::time::advance(Duration::from_secs(10)).await;
-        assert_eq!((0..200).filter(|_| b.take()).count(), 50);
+        assert_eq!((0..200).filter(|_| take()).count(), 50);
     }
 
     #[tokio::test(start_paused = true)]
     async fn fractions_of_a_token_are_kept() {
-        let b = TokenBucket::new(3, 2);
-        assert!(b.take() && b.take() && !b.take());
+        let b = LocalBudget::new(3);
+        let take = || b.take(Who::New);
+        assert!(take() && take() && take() && !take());
         let mut got = 0;
         for _ in 0..101 {
             tokio::time::advance(Duration::from_millis(10)).await;
-            got += usize::from(b.take());
+            got += usize::from(take());
         }
         assert_eq!(got, 3, "three a second, asked every 10 ms");
     }
@@ -365,7 +322,7 @@ mod tests {
             .enable_time()
             .build()
             .unwrap();
-        let b = Arc::new(TokenBucket::new(50, 50));
+        let b = Arc::new(LocalBudget::new(50));
         let start = std::time::Instant::now();
         let granted = Arc::new(AtomicU64::new(0));
         let asked = Arc::new(AtomicU64::new(0));
@@ -377,7 +334,7 @@ mod tests {
                     let _g = h.enter();
                     while start.elapsed() < Duration::from_secs(3) {
                         asked.fetch_add(1, Ordering::Relaxed);
-                        if b.take() {
+                        if b.take(Who::New) {
                             granted.fetch_add(1, Ordering::Relaxed);
                         }
                     }

@@ -31,7 +31,7 @@ mod stream;
 mod tls;
 mod udp;
 
-pub use budget::{LocalBudget, Spend, TokenBucket, Unlimited, Who};
+pub use budget::{LocalBudget, Spend, Unlimited, Who};
 pub use tls::read_ca;
 
 use std::net::SocketAddr;
