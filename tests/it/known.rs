@@ -119,8 +119,14 @@ async fn through_a_crowd(share: u8, redis: Option<String>) -> f64 {
             (ok, asked)
         }));
     }
-    // The crowd is on: the regular clients ask their names.
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    // Once the crowd has spent the budget, the regular clients ask their
+    // names.
+    wait_for(
+        "the crowd past the budget",
+        async || metric(&p, "doh_upstream_budget_refused_total{client=\"new\"}").await > 0.0,
+        Duration::from_secs(5),
+    )
+    .await;
     let mut regulars = Vec::new();
     for i in 0..10 {
         let p = p.clone();
