@@ -30,6 +30,7 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use ipnet::IpNet;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use crate::net::Cidr;
 use crate::pipeline::App;
@@ -54,6 +55,7 @@ pub async fn serve(
     app: Arc<App>,
     settings: AdminSettings,
     listener: TcpListener,
+    tasks: TaskTracker,
     shutdown: CancellationToken,
 ) {
     let places = Arc::new(Places::new(settings.max_conns.max(1)));
@@ -74,7 +76,7 @@ pub async fn serve(
         };
         let app = app.clone();
         let token = token.clone();
-        tokio::spawn(async move {
+        tasks.spawn(async move {
             let svc = service_fn(move |req| {
                 let app = app.clone();
                 let token = token.clone();

@@ -24,6 +24,7 @@
 
 pub mod acme;
 pub mod admin;
+pub mod app;
 pub mod cache;
 pub mod clock;
 pub mod config;

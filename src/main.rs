@@ -3,7 +3,8 @@
 
 use std::process::ExitCode;
 
-use doh_proxy::config::{CommandLine, LogFormat, Settings};
+use doh_proxy::app::{LogFormat, Settings};
+use doh_proxy::config::CommandLine;
 use doh_proxy::server::systemd::{self, Inherited, State};
 
 /// jemalloc gives memory back once a crowd of connections has closed
@@ -64,7 +65,7 @@ async fn run(cli: &CommandLine, settings: Settings, inherited: Inherited) -> any
     let mut term = signal(SignalKind::terminate())?;
     let mut hup = signal(SignalKind::hangup())?;
     let passed = !inherited.is_empty();
-    let running = doh_proxy::server::start_with(settings, inherited).await?;
+    let running = doh_proxy::app::start_with(settings, inherited).await?;
     systemd::notify(State::Ready);
     loop {
         tokio::select! {

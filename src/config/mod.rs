@@ -16,14 +16,15 @@ use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
 use clap::parser::ValueSource;
-use clap::{ArgMatches, Args, CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
+use clap::{ArgMatches, Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 use serde::{Deserialize, Serialize};
 
+pub use crate::app::LogFormat;
 pub use crate::guard::forwarded::ForwardedHeader;
 pub use crate::net::Cidr;
 pub use crate::pipeline::Padding;
 pub use crate::upstream::{Strategy, UpstreamSpec};
-pub use settings::{Settings, Warnings};
+pub use settings::Warnings;
 
 /// Default config file, read when it exists and no `--config` is given.
 pub const DEFAULT_CONFIG_FILE: &str = "doh-proxy.toml";
@@ -52,14 +53,6 @@ pub enum Command {
     /// Validate a configuration (file and flags) and exit: 0 when it is sound,
     /// 1 with a one-line reason otherwise. Nothing is bound or sent.
     Check,
-}
-
-/// Output format of the logs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum LogFormat {
-    Text,
-    Json,
 }
 
 /// A size in bytes, written `268435456`, `256MiB`, `1GiB`, `64KiB`, `100MB`.

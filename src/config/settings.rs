@@ -6,41 +6,23 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
 
-use super::{system_nameservers, Config, ConfigError, LogFormat};
+use super::{system_nameservers, Config, ConfigError};
 use crate::acme::AcmeSettings;
 use crate::admin::AdminSettings;
+use crate::app::Settings;
 use crate::cache::{CacheSettings, TtlPolicy};
 use crate::doh::Limits;
 use crate::fleet::FleetSettings;
 use crate::guard::GuardSettings;
 use crate::net::overlaps;
 use crate::odoh::OdohSettings;
-use crate::pipeline::Padding;
+use crate::pipeline::ConnLimits;
+use crate::server::listener::{Addrs, Kind};
 use crate::server::{ServerSettings, TlsSource};
 use crate::upstream::{UpstreamSettings, UpstreamSpec};
 
 /// Sound but suspicious settings, for `check` and the start-up log.
 pub type Warnings = Vec<String>;
-
-/// The validated configuration, one part per component. Cheap to clone.
-#[derive(Debug, Clone)]
-pub struct Settings {
-    pub server: ServerSettings,
-    pub doh: Limits,
-    pub cache: CacheSettings,
-    pub upstream: UpstreamSettings,
-    pub guard: GuardSettings,
-    pub admin: AdminSettings,
-    /// Certificates from an ACME CA, when `--acme-domain` is given.
-    pub acme: Option<AcmeSettings>,
-    pub padding: Padding,
-    pub odoh: OdohSettings,
-    /// State shared with other instances through Redis (`--redis`).
-    pub fleet: Option<FleetSettings>,
-    /// `-v`: 1 logs a line per request, 2 and more debug.
-    pub verbose: u8,
-    pub log_format: LogFormat,
-}
 
 /// Largest answer the cache keeps; larger ones are served, not cached.
 pub const MAX_CACHED_ANSWER: usize = 16 * 1024;
@@ -63,23 +45,19 @@ impl Config {
     /// listening sockets to (`inherited`): it may then configure none.
     pub fn settings_for(&self, inherited: bool) -> Result<(Settings, Warnings), ConfigError> {
         let mut warnings = Vec::new();
-        if !inherited
-            && self.listen.is_empty()
-            && self.listen_http.is_empty()
-            && self.listen_dot.is_empty()
-            && self.listen_h3.is_empty()
-            && self.listen_doq.is_empty()
-        {
-            return bad(
-                "no listener: give --listen, --listen-http, --listen-dot, --listen-h3 or --listen-doq"
-                    .into(),
-            );
+        let listen = self.listeners();
+        if !inherited && listen.is_empty() {
+            let keys: Vec<String> = Kind::ALL
+                .iter()
+                .map(|k| format!("--{}", k.key().replace('_', "-")))
+                .collect();
+            return bad(format!("no listener: give {}", keys.join(", ")));
         }
-        if !self.listen_h3.is_empty() && !cfg!(feature = "h3") {
-            return bad("listen_h3 needs a build with the `h3` feature".into());
-        }
-        if !self.listen_doq.is_empty() && !cfg!(feature = "h3") {
-            return bad("listen_doq needs a build with the `h3` feature (QUIC)".into());
+        if let Some(k) = listen.keys().find(|k| k.udp() && !cfg!(feature = "h3")) {
+            return bad(format!(
+                "{} needs a build with the `h3` feature (QUIC)",
+                k.key()
+            ));
         }
         if !self.path.starts_with('/') || self.path.contains(['?', '#', ' ']) {
             return bad(format!(
@@ -264,20 +242,18 @@ impl Config {
         }
         let settings = Settings {
             server: ServerSettings {
-                tls_listen: self.listen.clone(),
-                http_listen: self.listen_http.clone(),
-                dot_listen: self.listen_dot.clone(),
-                h3_listen: self.listen_h3.clone(),
-                doq_listen: self.listen_doq.clone(),
+                listen,
                 h3_retry_threshold: self.h3_retry_threshold,
                 tls,
                 ticket_lifetime: (self.tls_ticket_lifetime > 0)
                     .then(|| Duration::from_secs(self.tls_ticket_lifetime)),
-                handshake_timeout: Duration::from_secs(self.handshake_timeout),
-                idle_timeout: Duration::from_secs(self.idle_timeout),
-                write_timeout: Duration::from_secs(self.write_timeout),
-                max_requests_per_conn: self.max_requests_per_conn,
-                proxy_protocol: self.proxy_protocol,
+                conn: ConnLimits {
+                    handshake_timeout: Duration::from_secs(self.handshake_timeout),
+                    idle_timeout: Duration::from_secs(self.idle_timeout),
+                    write_timeout: Duration::from_secs(self.write_timeout),
+                    max_requests_per_conn: self.max_requests_per_conn,
+                    proxy_protocol: self.proxy_protocol,
+                },
             },
             doh: Limits {
                 path: self.path.clone(),
@@ -364,6 +340,28 @@ impl Config {
     }
 }
 
+impl Config {
+    /// The configured addresses of each kind of listener.
+    fn listeners(&self) -> Addrs {
+        Kind::ALL
+            .into_iter()
+            .map(|k| (k, self.listen_of(k).to_vec()))
+            .filter(|(_, a)| !a.is_empty())
+            .collect()
+    }
+
+    /// The addresses configured for one kind of listener (its key).
+    fn listen_of(&self, kind: Kind) -> &[SocketAddr] {
+        match kind {
+            Kind::Https => &self.listen,
+            Kind::Http => &self.listen_http,
+            Kind::Dot => &self.listen_dot,
+            Kind::H3 => &self.listen_h3,
+            Kind::Doq => &self.listen_doq,
+        }
+    }
+}
+
 fn list(v: &[SocketAddr]) -> String {
     v.iter()
         .map(|a| a.to_string())
@@ -381,7 +379,7 @@ pub fn descriptors_needed(max_conns: u32, upstream_qps: u32, upstream_timeout: D
 }
 
 fn descriptor_warning(cfg: &Config, upstream_timeout: Duration) -> Option<String> {
-    let (_, hard) = crate::server::nofile_limit()?;
+    let (_, hard) = crate::app::nofile_limit()?;
     let needed = descriptors_needed(cfg.max_conns, cfg.upstream_qps, upstream_timeout);
     (hard < needed).then(|| {
         format!(

@@ -441,15 +441,8 @@ impl Drop for ConnTicket {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::Config;
-
-    fn settings(extra: &str) -> GuardSettings {
-        Config::from_toml(&format!("upstream=[\"127.0.0.1:53\"]\n{extra}"))
-            .unwrap()
-            .settings()
-            .unwrap()
-            .0
-            .guard
+    fn settings(change: impl FnOnce(&mut GuardSettings)) -> GuardSettings {
+        GuardSettings::for_tests(change)
     }
 
     fn limited(ip: &str) -> Candidate {
@@ -469,7 +462,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn the_longest_idle_connection_gives_way() {
-        let s = settings("max_conns = 3\nper_ip_conn_rate = 1000");
+        let s = settings(|s| (s.max_conns, s.per_ip_conn_rate) = (3, 1000));
         let a = admission(&s);
         let t1 = a.admit(limited("192.0.2.1"), &s).unwrap();
         tokio::time::advance(Duration::from_secs(1)).await;
@@ -491,7 +484,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_known_clients_connection_goes_last() {
-        let s = settings("max_conns = 2\nper_ip_conn_rate = 1000");
+        let s = settings(|s| (s.max_conns, s.per_ip_conn_rate) = (2, 1000));
         let a = admission(&s);
         let known = a
             .admit(
@@ -516,7 +509,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn all_busy_means_refused() {
-        let s = settings("max_conns = 1");
+        let s = settings(|s| s.max_conns = 1);
         let a = admission(&s);
         let t1 = a.admit(limited("192.0.2.1"), &s).unwrap();
         let _busy = t1.conn().begin();
@@ -529,7 +522,10 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn wider_network_cap() {
         // max_conns 64: a /16 holds at most max(64/4, 8*2) = 16.
-        let s = settings("max_conns = 64\nmax_conns_per_ip = 2\nper_ip_conn_rate = 1000\nper_prefix_conn_rate = 1000");
+        let s = settings(|s| {
+            (s.max_conns, s.max_conns_per_ip) = (64, 2);
+            (s.per_ip_conn_rate, s.per_prefix_conn_rate) = (1000, 1000);
+        });
         let a = admission(&s);
         let mut held = Vec::new();
         for i in 0..16 {
@@ -544,7 +540,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn connection_rate_per_address() {
-        let s = settings("per_ip_conn_rate = 2");
+        let s = settings(|s| s.per_ip_conn_rate = 2);
         let a = admission(&s);
         let mut ok = 0;
         for _ in 0..30 {
@@ -577,7 +573,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn unread_answers_are_not_busy() {
-        let s = settings("max_conns = 2\nper_ip_conn_rate = 1000");
+        let s = settings(|s| (s.max_conns, s.per_ip_conn_rate) = (2, 1000));
         let a = admission(&s);
         let (first, idle, write) = (
             Duration::from_secs(5),

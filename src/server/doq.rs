@@ -45,6 +45,9 @@ const MAX_STREAM: usize = 2 + 65_535;
 pub struct Doq;
 
 impl QuicService for Doq {
+    /// None: DNS over QUIC uses bidirectional streams only.
+    const UNI_STREAMS: u32 = 0;
+
     async fn serve(
         &self,
         app: &Arc<App>,
@@ -54,7 +57,7 @@ impl QuicService for Doq {
         tasks: TaskTracker,
         shutdown: CancellationToken,
     ) {
-        let first = app.server.load().handshake_timeout;
+        let first = app.conn.load().handshake_timeout;
         let watch = watchdog::watch(app, &peer);
         tokio::pin!(watch);
         loop {

@@ -85,7 +85,7 @@ impl DotListener {
         super::tcp::bound_send_buffer(&stream);
         let app = &self.app;
         let peer = Peer::new(ticket.conn().clone(), None);
-        let deadline = Instant::now() + app.server.load().handshake_timeout;
+        let deadline = Instant::now() + app.conn.load().handshake_timeout;
         let Some((tls, _)) = super::handshake::tls(app, &self.tls, stream, deadline, &peer).await
         else {
             return;

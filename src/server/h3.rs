@@ -22,13 +22,13 @@ use crate::reject::{Outcome, ProtocolError, Transport};
 
 /// Largest header section accepted (as HTTP/2's header list limit).
 const MAX_FIELD_SECTION: u64 = 16 * 1024;
-/// The client's control stream and QPACK streams.
-pub const UNI_STREAMS: u32 = 3;
-
 /// HTTP/3 on an admitted QUIC connection.
 pub struct H3;
 
 impl QuicService for H3 {
+    /// The client's control stream and QPACK streams.
+    const UNI_STREAMS: u32 = 3;
+
     async fn serve(
         &self,
         app: &Arc<App>,
@@ -38,7 +38,7 @@ impl QuicService for H3 {
         tasks: TaskTracker,
         shutdown: CancellationToken,
     ) {
-        let first = app.server.load().handshake_timeout;
+        let first = app.conn.load().handshake_timeout;
         let built = tokio::time::timeout_at(
             deadline,
             h3::server::builder()

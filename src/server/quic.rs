@@ -23,7 +23,6 @@
 //! TCP, and the close that ends a connection reaches its client.
 
 use std::future::Future;
-use std::net::SocketAddr;
 use std::num::NonZeroU32;
 use std::sync::Arc;
 use std::time::Duration;
@@ -49,19 +48,12 @@ pub const SEND_WINDOW: u64 = 256 * 1024;
 /// CONNECTION_CLOSE still goes out through the anti-amplification books.
 const CLOSE_GRACE: Duration = Duration::from_millis(500);
 
-/// Where a QUIC endpoint's socket comes from.
-pub enum UdpSource {
-    Bind(SocketAddr),
-    /// Passed by the service manager.
-    Socket(std::net::UdpSocket),
-}
-
 /// A QUIC endpoint with `tls` (which names the ALPN), on a socket that
 /// enforces the anti-amplification limit; clients may open `uni_streams`
 /// unidirectional streams at once (HTTP/3's control and QPACK streams;
 /// none for DNS over QUIC).
 pub fn endpoint(
-    source: UdpSource,
+    std_socket: std::net::UdpSocket,
     tls: Arc<rustls::ServerConfig>,
     idle: Duration,
     uni_streams: u32,
@@ -81,11 +73,6 @@ pub fn endpoint(
     config.transport_config(Arc::new(transport));
     // A connection keeps the address it was admitted under.
     config.migration(false);
-    let std_socket = match source {
-        UdpSource::Bind(addr) => std::net::UdpSocket::bind(addr)
-            .map_err(|e| anyhow::anyhow!("cannot bind {addr}/udp: {e}"))?,
-        UdpSource::Socket(s) => s,
-    };
     let runtime = Arc::new(quinn::TokioRuntime);
     let socket = Guarded::new(quinn::Runtime::wrap_udp_socket(&*runtime, std_socket)?);
     let endpoint = quinn::Endpoint::new_with_abstract_socket(
@@ -100,6 +87,9 @@ pub fn endpoint(
 /// What a QUIC listener serves on a connection whose handshake completed
 /// and whose address was admitted.
 pub trait QuicService: Send + Sync + 'static {
+    /// Unidirectional streams a client may open at once.
+    const UNI_STREAMS: u32;
+
     /// Serves `conn` until it ends or `shutdown`; `deadline` is the end of
     /// the connection's first-request deadline.
     fn serve(
@@ -113,24 +103,22 @@ pub trait QuicService: Send + Sync + 'static {
     ) -> impl Future<Output = ()> + Send;
 }
 
-/// Runs a listener serving `service` on each of `endpoints`.
+/// Runs a listener serving `service` on `endpoint`.
 pub fn spawn<S: QuicService>(
-    endpoints: Vec<(quinn::Endpoint, Arc<Guarded>)>,
+    (endpoint, socket): (quinn::Endpoint, Arc<Guarded>),
     app: &Arc<App>,
     retry_threshold: u32,
     service: Arc<S>,
     tasks: &TaskTracker,
     shutdown: &CancellationToken,
 ) {
-    for (endpoint, socket) in endpoints {
-        let l = QuicListener {
-            app: app.clone(),
-            socket,
-            retry_threshold,
-            service: service.clone(),
-        };
-        tasks.spawn(l.run(endpoint, tasks.clone(), shutdown.clone()));
-    }
+    let l = QuicListener {
+        app: app.clone(),
+        socket,
+        retry_threshold,
+        service,
+    };
+    tasks.spawn(l.run(endpoint, tasks.clone(), shutdown.clone()));
 }
 
 pub struct QuicListener<S> {
@@ -242,7 +230,7 @@ impl<S: QuicService> QuicListener<S> {
     ) {
         let app = &self.app;
         let peer = Peer::new(ticket.conn().clone(), None);
-        let deadline = Instant::now() + app.server.load().handshake_timeout;
+        let deadline = Instant::now() + app.conn.load().handshake_timeout;
         let addr = incoming.remote_address();
         let connecting = match incoming.accept() {
             Ok(c) => c,

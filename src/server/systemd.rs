@@ -6,17 +6,13 @@
 //! sockets of a kind, when any were passed, replace the configured
 //! addresses of that kind.
 
-use std::net::{TcpListener, UdpSocket};
+use std::collections::BTreeMap;
 
-/// Sockets inherited from the service manager.
+use super::listener::{Kind, Socket};
+
+/// Sockets inherited from the service manager, by kind.
 #[derive(Debug, Default)]
-pub struct Inherited {
-    pub https: Vec<TcpListener>,
-    pub http: Vec<TcpListener>,
-    pub dot: Vec<TcpListener>,
-    pub h3: Vec<UdpSocket>,
-    pub doq: Vec<UdpSocket>,
-}
+pub struct Inherited(pub BTreeMap<Kind, Vec<Socket>>);
 
 impl Inherited {
     /// Takes the sockets passed with `LISTEN_FDS` (for this process only:
@@ -30,30 +26,23 @@ impl Inherited {
         let mut out = Inherited::default();
         for i in 0..fds.len() {
             let name = names.get(i).map(String::as_str).unwrap_or("https");
-            let taken = match name {
-                "h3" => fds.take_udp_socket(i).map(|s| s.map(|s| out.h3.push(s))),
-                "doq" => fds.take_udp_socket(i).map(|s| s.map(|s| out.doq.push(s))),
-                "http" => fds
-                    .take_tcp_listener(i)
-                    .map(|s| s.map(|s| out.http.push(s))),
-                "dot" => fds.take_tcp_listener(i).map(|s| s.map(|s| out.dot.push(s))),
-                _ => fds
-                    .take_tcp_listener(i)
-                    .map(|s| s.map(|s| out.https.push(s))),
+            let kind = Kind::from_fd_name(name).unwrap_or(Kind::Https);
+            let taken = if kind.udp() {
+                fds.take_udp_socket(i).map(|s| s.map(Socket::Udp))
+            } else {
+                fds.take_tcp_listener(i).map(|s| s.map(Socket::Tcp))
             };
-            if let Err(e) = taken {
-                eprintln!("doh-proxy: inherited socket {i} ({name}) is not usable: {e}");
+            match taken {
+                Ok(Some(s)) => out.0.entry(kind).or_default().push(s),
+                Ok(None) => {}
+                Err(e) => eprintln!("doh-proxy: inherited socket {i} ({name}) is not usable: {e}"),
             }
         }
         out
     }
 
     pub fn is_empty(&self) -> bool {
-        self.https.is_empty()
-            && self.http.is_empty()
-            && self.dot.is_empty()
-            && self.h3.is_empty()
-            && self.doq.is_empty()
+        self.0.values().all(Vec::is_empty)
     }
 }
 

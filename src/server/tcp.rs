@@ -127,7 +127,7 @@ impl Listener {
         let _ = stream.set_nodelay(true);
         bound_send_buffer(&stream);
         let app = &self.app;
-        let settings = app.server.load_full();
+        let settings = app.conn.load_full();
         let conn = ticket.conn().clone();
         let deadline = Instant::now() + settings.handshake_timeout;
         let mut proxied = None;

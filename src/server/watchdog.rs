@@ -37,7 +37,7 @@ pub async fn expired(conn: &Conn, first: Duration, idle: Duration, write: Durati
 /// [`expired`] for a connection of `peer` with the deadlines in force
 /// (`--handshake-timeout`, `--idle-timeout`, `--write-timeout`).
 pub async fn watch(app: &App, peer: &Peer) -> Expiry {
-    let s = app.server.load_full();
+    let s = app.conn.load_full();
     let (first, idle, write) = (s.handshake_timeout, s.idle_timeout, s.write_timeout);
     drop(s);
     expired(&peer.conn, first, idle, write).await

@@ -74,6 +74,12 @@ impl LocalBudget {
         LocalBudget::with_share(qps, 0, false, None)
     }
 
+    /// The budget of an instance on its own: `--upstream-qps`, the share
+    /// kept for known clients, `--dry-run`.
+    pub fn of(s: &super::UpstreamSettings, metrics: &Arc<Metrics>) -> LocalBudget {
+        LocalBudget::with_share(s.qps, s.known_share, s.dry_run, Some(metrics.clone()))
+    }
+
     /// `qps` a second of which `share` percent is kept for known clients.
     pub fn with_share(
         qps: u32,

@@ -86,6 +86,13 @@ pub struct UpstreamSettings {
     pub extra_roots: Vec<CertificateDer<'static>>,
 }
 
+impl UpstreamSettings {
+    /// Whether a local budget built from `other` would be this one's.
+    pub fn same_budget(&self, other: &UpstreamSettings) -> bool {
+        (self.qps, self.known_share, self.dry_run) == (other.qps, other.known_share, other.dry_run)
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum UpstreamError {
     #[error("no upstream answered in time")]

@@ -11,8 +11,9 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use bytes::Bytes;
+pub use doh_proxy::app::{self, Running};
 use doh_proxy::config::{Config, UpstreamSpec};
-use doh_proxy::server::{self, Running};
+pub use doh_proxy::server::listener::Kind;
 use hickory_proto::op::Message;
 use hickory_proto::op::{MessageType, OpCode, ResponseCode};
 use hickory_proto::rr::rdata::{A, SOA};
@@ -441,7 +442,7 @@ pub async fn proxy(upstreams: &[SocketAddr], tweak: impl FnOnce(&mut Config)) ->
     let mut cfg = test_config(upstreams);
     tweak(&mut cfg);
     let (settings, _) = cfg.settings().expect("test config is valid");
-    server::start(settings).await.expect("proxy starts")
+    app::start(settings).await.expect("proxy starts")
 }
 
 /// A DNS query as a stub would send it, case of `name` preserved, with EDNS.
@@ -635,13 +636,13 @@ impl Client {
         proto: Proto,
         source: Option<IpAddr>,
     ) -> std::io::Result<Client> {
-        let tls_addr = running.tls_addrs[0];
-        let http_addr = running.http_addrs[0];
+        let tls_addr = running.addrs(Kind::Https)[0];
+        let http_addr = running.addrs(Kind::Http)[0];
         let io_err = |e: hyper::Error| std::io::Error::other(e);
         match proto {
             Proto::H3 => {
                 let source = source.unwrap_or(IpAddr::from([127, 0, 0, 1]));
-                H3Client::connect(running.h3_addrs[0], source)
+                H3Client::connect(running.addrs(Kind::H3)[0], source)
                     .await
                     .map(Client::H3)
                     .map_err(std::io::Error::other)

@@ -249,7 +249,7 @@ async fn a_trusted_proxy_without_the_header_is_the_unknown_client() {
 /// requests sent and the upstream packets (UDP and TCP) counted in each
 /// whole second after the first.
 async fn flood_unique(
-    p: &doh_proxy::server::Running,
+    p: &doh_proxy::app::Running,
     up: &MockUpstream,
     prefix: &'static str,
     tasks: usize,
@@ -349,7 +349,7 @@ fn sealed_query(configs: &odoh_rs::ObliviousDoHConfigs, name: &str) -> Vec<u8> {
 
 /// Statuses of `n` posts of `body` from `source` on one HTTP/2 connection
 /// (reconnecting when the proxy closes it); 0 for a refused connection.
-async fn replay(p: &doh_proxy::server::Running, source: &str, body: &[u8], n: usize) -> Vec<u16> {
+async fn replay(p: &doh_proxy::app::Running, source: &str, body: &[u8], n: usize) -> Vec<u16> {
     let mut statuses = Vec::new();
     let mut c = None;
     while statuses.len() < n {
@@ -450,13 +450,13 @@ async fn odoh_is_no_free_pass() {
 
 /// A DoT connection from `source` with a 4 KiB receive buffer, TLS done.
 async fn dot_small_window(
-    p: &doh_proxy::server::Running,
+    p: &doh_proxy::app::Running,
     source: &str,
 ) -> std::io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
     let sock = tokio::net::TcpSocket::new_v4()?;
     sock.set_recv_buffer_size(4096)?;
     sock.bind(std::net::SocketAddr::new(source.parse().unwrap(), 0))?;
-    let tcp = sock.connect(p.dot_addrs[0]).await?;
+    let tcp = sock.connect(p.addrs(Kind::Dot)[0]).await?;
     tls_connector(b"dot")
         .connect(
             rustls::pki_types::ServerName::try_from("localhost").unwrap(),
@@ -473,9 +473,9 @@ fn dot_frame(msg: &[u8]) -> Vec<u8> {
 }
 
 /// A legitimate DoT query from `source` on a fresh connection: its rcode.
-async fn dot_legit(p: &doh_proxy::server::Running, source: &str, id: u16) -> Option<u16> {
+async fn dot_legit(p: &doh_proxy::app::Running, source: &str, id: u16) -> Option<u16> {
     use tokio::io::AsyncReadExt;
-    let tcp = tcp_from(Some(source.parse().unwrap()), p.dot_addrs[0])
+    let tcp = tcp_from(Some(source.parse().unwrap()), p.addrs(Kind::Dot)[0])
         .await
         .ok()?;
     let mut s = tls_connector(b"dot")
@@ -610,7 +610,7 @@ async fn spoofed_initials_do_not_lock_the_victim_out() {
     })
     .await;
     let victim: std::net::IpAddr = "127.0.92.5".parse().unwrap();
-    let server = p.h3_addrs[0];
+    let server = p.addrs(Kind::H3)[0];
     let flood = tokio::task::spawn_blocking(move || spoof_initials(server, victim, 120, 40));
     // Let the spoofed handshakes pile up past the per-address cap.
     wait_for(
@@ -711,7 +711,7 @@ async fn the_quic_close_reaches_the_client() {
     let p = proxy(&[up.addr], |c| c.handshake_timeout = 1).await;
     let ep = quic_client("127.0.94.1".parse().unwrap());
     let conn = ep
-        .connect(p.h3_addrs[0], "localhost")
+        .connect(p.addrs(Kind::H3)[0], "localhost")
         .unwrap()
         .await
         .unwrap();
@@ -823,7 +823,7 @@ async fn h3_clients_that_grant_no_credit_are_closed_at_the_write_deadline() {
     ));
     config.transport_config(std::sync::Arc::new(transport));
     let conn = ep
-        .connect_with(config, p.h3_addrs[0], "localhost")
+        .connect_with(config, p.addrs(Kind::H3)[0], "localhost")
         .unwrap()
         .await
         .unwrap();
@@ -860,7 +860,7 @@ async fn h3_clients_that_grant_no_credit_are_closed_at_the_write_deadline() {
 }
 
 /// A legitimate request over TLS HTTP/2 from `source`: its status.
-async fn legit(p: &doh_proxy::server::Running, source: &str) -> (u16, ()) {
+async fn legit(p: &doh_proxy::app::Running, source: &str) -> (u16, ()) {
     let r = send_from(p, Proto::H2, source, get(&ok_path("www.example.test"))).await;
     (r.map(|r| r.status).unwrap_or(0), ())
 }

@@ -36,10 +36,10 @@ async fn connect_to(
 }
 
 async fn connect(
-    p: &doh_proxy::server::Running,
+    p: &doh_proxy::app::Running,
     source: &str,
 ) -> (quinn::Endpoint, quinn::Connection) {
-    connect_to(p.doq_addrs[0], source)
+    connect_to(p.addrs(Kind::Doq)[0], source)
         .await
         .expect("DoQ handshake")
 }
@@ -215,7 +215,9 @@ async fn protocol_errors_close_the_connection_only() {
         Duration::from_secs(5),
     )
     .await;
-    assert!(connect_to(p.doq_addrs[0], "127.0.71.1").await.is_err());
+    assert!(connect_to(p.addrs(Kind::Doq)[0], "127.0.71.1")
+        .await
+        .is_err());
     assert!(metric(&p, "doh_quic_refused_total{action=\"ignored\"}").await >= 1.0);
     let (_ep3, other) = connect(&p, "127.0.71.2").await;
     assert!(ask(&other, "www.example.test").await.is_ok());
@@ -228,7 +230,7 @@ async fn another_alpn_is_refused() {
     let ep = client("127.0.72.1", b"h3");
     let r = tokio::time::timeout(
         Duration::from_secs(5),
-        ep.connect(p.doq_addrs[0], "localhost").unwrap(),
+        ep.connect(p.addrs(Kind::Doq)[0], "localhost").unwrap(),
     )
     .await;
     assert!(matches!(r, Ok(Err(_))), "the handshake fails");
@@ -236,7 +238,7 @@ async fn another_alpn_is_refused() {
     let ep = client("127.0.72.1", b"doq");
     let r = tokio::time::timeout(
         Duration::from_secs(5),
-        ep.connect(p.h3_addrs[0], "localhost").unwrap(),
+        ep.connect(p.addrs(Kind::H3)[0], "localhost").unwrap(),
     )
     .await;
     assert!(matches!(r, Ok(Err(_))), "the handshake fails");

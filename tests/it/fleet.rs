@@ -67,7 +67,7 @@ async fn instance(
     up: SocketAddr,
     url: &str,
     tweak: impl FnOnce(&mut doh_proxy::config::Config),
-) -> doh_proxy::server::Running {
+) -> doh_proxy::app::Running {
     let url = url.to_string();
     proxy(&[up], move |c| {
         c.redis = Some(url);
@@ -81,7 +81,7 @@ async fn pair(
     up: SocketAddr,
     redis: &Redis,
     tweak: impl Fn(&mut doh_proxy::config::Config) + Clone + Send + 'static,
-) -> (doh_proxy::server::Running, doh_proxy::server::Running) {
+) -> (doh_proxy::app::Running, doh_proxy::app::Running) {
     let a = instance(up, &redis.url(), tweak.clone()).await;
     let b = instance(up, &redis.url(), tweak).await;
     wait_for(
@@ -150,7 +150,7 @@ async fn a_ban_on_one_instance_is_enforced_by_the_other() {
 }
 
 /// Seconds left on the ban of `target` as `p` lists it.
-async fn ban_left(p: &doh_proxy::server::Running, target: &str) -> Option<u64> {
+async fn ban_left(p: &doh_proxy::app::Running, target: &str) -> Option<u64> {
     let body = admin(p, "GET", "/bans", None).await.body;
     let bans: serde_json::Value = serde_json::from_slice(&body).unwrap();
     bans.as_array()?
@@ -168,7 +168,7 @@ async fn repeat_offences_escalate_across_instances() {
         c.ban_secs = 100;
     };
     let (a, b) = pair(up.addr, &redis, tweak).await;
-    let garbage = async |p: &doh_proxy::server::Running, src: &str| {
+    let garbage = async |p: &doh_proxy::app::Running, src: &str| {
         for _ in 0..3 {
             let _ = send_from(p, Proto::H2, src, get("/dns-query?ct=x")).await;
         }
@@ -456,7 +456,7 @@ async fn slow_relay(to: u16, delay: Duration) -> u16 {
 /// both see the same machine; half hits, half misses (which spend the
 /// upstream budget).
 async fn latencies(
-    proxies: [&doh_proxy::server::Running; 2],
+    proxies: [&doh_proxy::app::Running; 2],
     src: &str,
     tag: &str,
 ) -> [Vec<Duration>; 2] {
@@ -608,7 +608,7 @@ async fn known_clients_are_known_to_the_fleet() {
         c.ban_after = 3;
     })
     .await;
-    let known_on = async |p: &doh_proxy::server::Running, addr: &str| {
+    let known_on = async |p: &doh_proxy::app::Running, addr: &str| {
         let r = admin(p, "GET", &format!("/known/{addr}"), None).await;
         serde_json::from_slice::<serde_json::Value>(&r.body).unwrap()["known"] == true
     };

@@ -170,7 +170,7 @@ async fn connections_from_one_address_are_capped_and_idle_ones_closed() {
     let mut conns = Vec::new();
     for _ in 0..60 {
         conns.push(
-            tcp_from(Some("127.0.14.1".parse().unwrap()), p.tls_addrs[0])
+            tcp_from(Some("127.0.14.1".parse().unwrap()), p.addrs(Kind::Https)[0])
                 .await
                 .unwrap(),
         );
@@ -278,7 +278,7 @@ async fn proxy_protocol_names_the_client() {
     })
     .await;
     let connect = |client: &'static str| {
-        let addr = p.tls_addrs[0];
+        let addr = p.addrs(Kind::Https)[0];
         async move {
             let mut tcp = tcp_from(Some("127.0.0.1".parse().unwrap()), addr)
                 .await
@@ -549,9 +549,9 @@ async fn ban_file_is_an_nftables_script() {
     .await;
     let text = std::fs::read_to_string(&file).unwrap();
     let mut tcp = [
-        p.tls_addrs[0].port(),
-        p.http_addrs[0].port(),
-        p.dot_addrs[0].port(),
+        p.addrs(Kind::Https)[0].port(),
+        p.addrs(Kind::Http)[0].port(),
+        p.addrs(Kind::Dot)[0].port(),
     ];
     tcp.sort_unstable();
     let tcp: Vec<String> = tcp.iter().map(|p| p.to_string()).collect();
@@ -560,7 +560,7 @@ async fn ban_file_is_an_nftables_script() {
         "{text}"
     );
     // HTTP/3 and DNS over QUIC.
-    let mut udp = [p.h3_addrs[0].port(), p.doq_addrs[0].port()];
+    let mut udp = [p.addrs(Kind::H3)[0].port(), p.addrs(Kind::Doq)[0].port()];
     udp.sort_unstable();
     let udp: Vec<String> = udp.iter().map(|p| p.to_string()).collect();
     assert!(

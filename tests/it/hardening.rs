@@ -76,7 +76,7 @@ async fn closed<S: tokio::io::AsyncRead + Unpin>(s: &mut S, wait: Duration) -> b
 
 /// A legitimate request from `source` on a fresh connection: its status
 /// and how long it took.
-async fn legit(p: &doh_proxy::server::Running, source: &str, name: &str) -> (u16, Duration) {
+async fn legit(p: &doh_proxy::app::Running, source: &str, name: &str) -> (u16, Duration) {
     let t = Instant::now();
     let r = tokio::time::timeout(
         Duration::from_secs(10),
@@ -165,7 +165,7 @@ async fn ping_only_connections_do_not_hold_the_table() {
         c.idle_timeout = 8;
     })
     .await;
-    let addr = p.tls_addrs[0];
+    let addr = p.addrs(Kind::Https)[0];
     let mut attackers = Vec::new();
     for i in 0..120 {
         // 12 addresses in 3 /24s, under every per-address and prefix cap.
@@ -218,7 +218,7 @@ async fn ping_only_connections_do_not_hold_the_table() {
 async fn pings_after_a_request_do_not_keep_a_connection() {
     let up = MockUpstream::start().await;
     let p = proxy(&[up.addr], |c| c.idle_timeout = 2).await;
-    let mut s = h2_tls(p.tls_addrs[0], "127.0.62.1").await.unwrap();
+    let mut s = h2_tls(p.addrs(Kind::Https)[0], "127.0.62.1").await.unwrap();
     s.write_all(PREFACE).await.unwrap();
     s.write_all(&settings(&[])).await.unwrap();
     s.write_all(&get_headers(1, &ok_path("www.example.test")))
@@ -248,8 +248,8 @@ async fn pings_after_a_request_do_not_keep_a_connection() {
 async fn drips_are_closed_at_the_first_request_deadline() {
     let up = MockUpstream::start().await;
     let p = proxy(&[up.addr], |c| c.handshake_timeout = 2).await;
-    let tls = p.tls_addrs[0];
-    let plain = p.http_addrs[0];
+    let tls = p.addrs(Kind::Https)[0];
+    let plain = p.addrs(Kind::Http)[0];
     let drip = |bytes: &'static [u8]| {
         move |mut s: Box<dyn AsyncRw>| async move {
             let t = Instant::now();
@@ -353,7 +353,7 @@ async fn handshake_bursts_are_refused_at_accept() {
         })
         .await,
     );
-    let addr = p.tls_addrs[0];
+    let addr = p.addrs(Kind::Https)[0];
     let mut handshakes = 0;
     for _ in 0..300 {
         if let Ok(Ok(s)) =
@@ -381,7 +381,7 @@ async fn protocol_errors_score() {
     let up = MockUpstream::start().await;
     let p = proxy(&[up.addr], |c| c.ban_after = 5).await;
     for _ in 0..3 {
-        let mut s = h2_tls(p.tls_addrs[0], "127.0.68.1").await.unwrap();
+        let mut s = h2_tls(p.addrs(Kind::Https)[0], "127.0.68.1").await.unwrap();
         s.write_all(PREFACE).await.unwrap();
         s.write_all(&settings(&[])).await.unwrap();
         // DATA on stream 0 is a connection error (PROTOCOL_ERROR).
@@ -389,7 +389,7 @@ async fn protocol_errors_score() {
         assert!(closed(&mut s, Duration::from_secs(3)).await);
     }
     for _ in 0..2 {
-        let mut s = tcp_from(Some("127.0.68.1".parse().unwrap()), p.http_addrs[0])
+        let mut s = tcp_from(Some("127.0.68.1".parse().unwrap()), p.addrs(Kind::Http)[0])
             .await
             .unwrap();
         s.write_all(b"GET / HTTP/1.1\r\nHost x\r\n\0\0\r\n\r\n")
@@ -486,7 +486,7 @@ async fn proxy_unknown_is_the_shared_key() {
         c.per_ip_burst = 2;
     })
     .await;
-    let mut tcp = tcp_from(Some("127.0.0.1".parse().unwrap()), p.http_addrs[0])
+    let mut tcp = tcp_from(Some("127.0.0.1".parse().unwrap()), p.addrs(Kind::Http)[0])
         .await
         .unwrap();
     tcp.write_all(b"PROXY UNKNOWN\r\n").await.unwrap();
@@ -564,7 +564,7 @@ async fn a_closed_window_means_undelivered() {
         c.write_timeout = 1;
     })
     .await;
-    let mut s = h2_tls(p.tls_addrs[0], "127.0.70.1").await.unwrap();
+    let mut s = h2_tls(p.addrs(Kind::Https)[0], "127.0.70.1").await.unwrap();
     s.write_all(PREFACE).await.unwrap();
     // SETTINGS_INITIAL_WINDOW_SIZE = 0: no stream may send DATA.
     s.write_all(&settings(&[(4, 0)])).await.unwrap();
@@ -602,7 +602,7 @@ async fn zero_windows_are_closed_at_the_write_deadline() {
     let t = Instant::now();
     let mut held = Vec::new();
     for i in 0..20u32 {
-        let mut s = h2_tls(p.tls_addrs[0], &format!("127.0.{}.1", 110 + i))
+        let mut s = h2_tls(p.addrs(Kind::Https)[0], &format!("127.0.{}.1", 110 + i))
             .await
             .unwrap();
         s.write_all(PREFACE).await.unwrap();

@@ -8,7 +8,7 @@ use crate::common::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-async fn still_serving(p: &doh_proxy::server::Running) {
+async fn still_serving(p: &doh_proxy::app::Running) {
     let r = tokio::time::timeout(
         Duration::from_secs(3),
         send(
@@ -38,13 +38,13 @@ async fn junk_and_plain_http_on_the_tls_port() {
     let junk: Vec<u8> = (0..4096u32)
         .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
         .collect();
-    poke(p.tls_addrs[0], &junk).await;
+    poke(p.addrs(Kind::Https)[0], &junk).await;
     poke(
-        p.tls_addrs[0],
+        p.addrs(Kind::Https)[0],
         b"GET /dns-query?dns=AAAA HTTP/1.1\r\nHost: x\r\n\r\n",
     )
     .await;
-    poke(p.tls_addrs[0], &[0x16, 0x03, 0x01, 0xff, 0xff]).await;
+    poke(p.addrs(Kind::Https)[0], &[0x16, 0x03, 0x01, 0xff, 0xff]).await;
     still_serving(&p).await;
     assert!(
         metric(
@@ -60,7 +60,7 @@ async fn junk_and_plain_http_on_the_tls_port() {
 async fn huge_header_block_body_and_uri() {
     let up = MockUpstream::start().await;
     let p = proxy(&[up.addr], |c| c.ban_after = 10_000).await;
-    let http = p.http_addrs[0];
+    let http = p.addrs(Kind::Http)[0];
     // 256 KB of headers: refused with 431 or the connection is closed.
     let mut req = b"GET /dns-query?dns=AAAA HTTP/1.1\r\nHost: x\r\n".to_vec();
     for i in 0..256 {
@@ -120,7 +120,7 @@ async fn silent_clients_delay_nobody_and_time_out() {
         silent.push(
             tcp_from(
                 Some(format!("127.0.3.{}", i + 1).parse().unwrap()),
-                p.tls_addrs[0],
+                p.addrs(Kind::Https)[0],
             )
             .await
             .unwrap(),
@@ -184,7 +184,7 @@ async fn graceful_stop_finishes_in_flight_requests() {
             .await
     });
     tokio::time::sleep(Duration::from_millis(50)).await;
-    let addr = p.tls_addrs[0];
+    let addr = p.addrs(Kind::Https)[0];
     p.stop().await;
     let r = pending.await.unwrap().expect("in-flight request completed");
     assert_eq!(r.status, 200);

@@ -297,7 +297,7 @@ async fn http1_client_sending_a_large_body_reads_its_413() {
         v
     };
     for declared in [true, false] {
-        let mut s = tokio::net::TcpStream::connect(p.http_addrs[0])
+        let mut s = tokio::net::TcpStream::connect(p.addrs(Kind::Http)[0])
             .await
             .unwrap();
         let framing = if declared {

@@ -7,7 +7,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use doh_proxy::server::Running;
+use doh_proxy::app::Running;
 
 use crate::common::*;
 

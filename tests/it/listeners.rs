@@ -15,10 +15,10 @@ use crate::common::*;
 
 /// A DoT connection with the test CA from `source`.
 async fn dot_connect(
-    p: &doh_proxy::server::Running,
+    p: &doh_proxy::app::Running,
     source: &str,
 ) -> std::io::Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
-    let tcp = tcp_from(Some(source.parse().unwrap()), p.dot_addrs[0]).await?;
+    let tcp = tcp_from(Some(source.parse().unwrap()), p.addrs(Kind::Dot)[0]).await?;
     tls_connector(b"dot")
         .connect(ServerName::try_from("localhost").unwrap(), tcp)
         .await
@@ -87,7 +87,7 @@ async fn h3_answers_and_its_budget_and_alt_svc() {
     )
     .await
     .unwrap();
-    let alt = format!("h3=\":{}\"; ma=86400", p.h3_addrs[0].port());
+    let alt = format!("h3=\":{}\"; ma=86400", p.addrs(Kind::H3)[0].port());
     assert_eq!(r.header("alt-svc"), Some(alt.as_str()));
     let r = send_from(&p, Proto::H1, "127.0.80.2", get("/nowhere"))
         .await
@@ -112,9 +112,11 @@ async fn a_banned_address_gets_no_quic_handshake() {
         assert_eq!(r.status, 403);
     }
     let t = Instant::now();
-    assert!(H3Client::connect(p.h3_addrs[0], src.parse().unwrap())
-        .await
-        .is_err());
+    assert!(
+        H3Client::connect(p.addrs(Kind::H3)[0], src.parse().unwrap())
+            .await
+            .is_err()
+    );
     assert!(
         t.elapsed() >= Duration::from_secs(2),
         "no answer at all, the client times out"
@@ -140,7 +142,7 @@ async fn a_banned_address_gets_no_quic_handshake() {
 async fn spoofed_initial_floods_are_not_amplified() {
     let up = MockUpstream::start().await;
     let p = proxy(&[up.addr], |c| c.h3_retry_threshold = 20).await;
-    let server = p.h3_addrs[0];
+    let server = p.addrs(Kind::H3)[0];
     let sources: Vec<IpAddr> = (0..300u32)
         .map(|i| IpAddr::from([127, 90 + (i / 250) as u8, (i % 250) as u8, 7]))
         .collect();

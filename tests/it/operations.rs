@@ -27,7 +27,7 @@ async fn renewed_certificate_files_are_served_within_ten_seconds() {
         c.tls_key = Some(k2);
     })
     .await;
-    let before = served_cert(p.tls_addrs[0]).await;
+    let before = served_cert(p.addrs(Kind::Https)[0]).await;
     // A connection opened before, and a cached answer.
     let mut old = Client::connect(&p, Proto::H2, None).await.unwrap();
     assert_eq!(
@@ -44,7 +44,7 @@ async fn renewed_certificate_files_are_served_within_ten_seconds() {
     let mut now = before.clone();
     while t.elapsed() < Duration::from_secs(13) && now != der {
         tokio::time::sleep(Duration::from_millis(250)).await;
-        now = served_cert(p.tls_addrs[0]).await;
+        now = served_cert(p.addrs(Kind::Https)[0]).await;
     }
     assert_eq!(now, der, "the new certificate is served");
     assert!(t.elapsed() <= Duration::from_secs(11), "{:?}", t.elapsed());

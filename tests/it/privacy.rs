@@ -134,7 +134,7 @@ async fn padding_always_and_never_beyond_the_payload() {
     assert!(r.body.len() < 468);
 }
 
-pub async fn fetch_configs(p: &doh_proxy::server::Running) -> (ObliviousDoHConfigs, Reply) {
+pub async fn fetch_configs(p: &doh_proxy::app::Running) -> (ObliviousDoHConfigs, Reply) {
     let r = send(p, Proto::H2, get("/.well-known/odohconfigs")).await;
     assert_eq!(r.status, 200);
     let configs: ObliviousDoHConfigs = odoh_rs::parse(&mut r.body.clone()).unwrap();
@@ -143,7 +143,7 @@ pub async fn fetch_configs(p: &doh_proxy::server::Running) -> (ObliviousDoHConfi
 
 /// Seals `query` under `configs`, posts it, opens the answer.
 pub async fn oblivious(
-    p: &doh_proxy::server::Running,
+    p: &doh_proxy::app::Running,
     configs: &ObliviousDoHConfigs,
     query: Vec<u8>,
 ) -> Result<Message, u16> {

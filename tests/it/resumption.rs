@@ -12,12 +12,12 @@ use crate::common::*;
 /// store remembers tickets between calls), one request over HTTP/1.1 so
 /// that the tickets sent after the handshake are read; how it went.
 pub async fn handshake(
-    p: &doh_proxy::server::Running,
+    p: &doh_proxy::app::Running,
     connector: &tokio_rustls::TlsConnector,
     src: &str,
 ) -> HandshakeKind {
     let src: IpAddr = src.parse().unwrap();
-    let tcp = tcp_from(Some(src), p.tls_addrs[0]).await.unwrap();
+    let tcp = tcp_from(Some(src), p.addrs(Kind::Https)[0]).await.unwrap();
     let mut tls = connector
         .connect(ServerName::try_from("localhost").unwrap(), tcp)
         .await
@@ -38,7 +38,7 @@ pub async fn handshake(
     kind
 }
 
-async fn handshakes(p: &doh_proxy::server::Running, resumed: bool) -> f64 {
+async fn handshakes(p: &doh_proxy::app::Running, resumed: bool) -> f64 {
     let resumed = if resumed { "true" } else { "false" };
     metric(
         p,

@@ -143,7 +143,7 @@ async fn ipv6_listeners_and_upstream() {
         c.listen_http = vec!["[::1]:0".parse().unwrap()];
     })
     .await;
-    assert!(p.tls_addrs[0].is_ipv6());
+    assert!(p.addrs(Kind::Https)[0].is_ipv6());
     for proto in [Proto::H2, Proto::PlainH1] {
         let r = send(&p, proto, get(&get_path(&query("www.example.test", 28, 8)))).await;
         assert_eq!(r.status, 200, "{proto:?}");
@@ -347,7 +347,7 @@ async fn a_wrong_certificate_name_is_refused() {
 async fn doh_upstream_through_another_instance() {
     let up = MockUpstream::start().await;
     let back = proxy(&[up.addr], |_| {}).await;
-    let spec = format!("https://{}/dns-query#localhost", back.tls_addrs[0]);
+    let spec = format!("https://{}/dns-query#localhost", back.addrs(Kind::Https)[0]);
     let ca = pki().ca.clone();
     let front = proxy(&[], move |c| {
         c.upstream = vec![spec.parse().unwrap()];

@@ -1,0 +1,347 @@
+//! The HTTP side of a DoH request: its head checked and its budget spent
+//! at once, then a GET's query or a POST's body (plain or sealed), and the
+//! response each outcome gets.
+
+use std::future::Future;
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::{header, HeaderValue, Request, Response, StatusCode};
+
+use super::{App, Peer, HEALTH_PATH};
+use crate::doh::{self, Limits, Wanted};
+use crate::metrics::OdohResult;
+use crate::reject::{Reject, Transport};
+
+/// A DoH answer for the transport to write out.
+pub struct Reply {
+    pub response: Response<Bytes>,
+    /// A DNS answer (counted `answered` once delivered, `undelivered` if the
+    /// client never takes it), as opposed to a refusal (already counted).
+    pub answer: bool,
+    /// Close the connection after this response (gracefully).
+    pub close: bool,
+}
+
+impl App {
+    /// `GET /healthz` from a trusted proxy itself: 200 or 503 with why,
+    /// never limited nor counted as a client's request.
+    fn health_reply(&self) -> Reply {
+        let (status, text) = match self.health() {
+            Ok(()) => (StatusCode::OK, "ok\n".to_string()),
+            Err(why) => (StatusCode::SERVICE_UNAVAILABLE, format!("{why}\n")),
+        };
+        let mut response = Response::new(Bytes::from(text));
+        *response.status_mut() = status;
+        let h = response.headers_mut();
+        h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+        h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+        Reply {
+            response,
+            answer: false,
+            close: false,
+        }
+    }
+
+    /// Opens a sealed Oblivious DoH query.
+    fn open(&self, body: &[u8]) -> Result<crate::odoh::Opened, Reject> {
+        let Some(odoh) = &self.odoh else {
+            return Err(Reject::MediaType);
+        };
+        odoh.open(body).map_err(|e| match e {
+            crate::odoh::OpenError::UnknownKey => {
+                self.metrics.odoh(OdohResult::UnknownKey);
+                Reject::OdohUnknownKey
+            }
+            crate::odoh::OpenError::Malformed => {
+                self.metrics.odoh(OdohResult::Malformed);
+                Reject::OdohMalformed
+            }
+        })
+    }
+
+    /// `GET /.well-known/odohconfigs`: cacheable for the key's remaining life.
+    fn odoh_configs(&self) -> Reply {
+        let Some(odoh) = &self.odoh else {
+            return Reply {
+                response: refusal(Reject::NotFound, None),
+                answer: false,
+                close: false,
+            };
+        };
+        self.metrics.odoh(OdohResult::Configs);
+        let (configs, max_age) = odoh.configs();
+        let mut resp = Response::new(configs);
+        let h = resp.headers_mut();
+        h.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/octet-stream"),
+        );
+        if let Ok(v) = HeaderValue::from_str(&format!("max-age={max_age}")) {
+            h.insert(header::CACHE_CONTROL, v);
+        }
+        Reply {
+            response: resp,
+            answer: false,
+            close: false,
+        }
+    }
+
+    /// One DoH request: HTTP validation and the budget at once, from the
+    /// request's head; then, in the returned future, the body of a POST
+    /// and the DNS message. The future holds none of the request's
+    /// headers: it is what hyper moves into the task of every HTTP/2
+    /// stream, so its size is paid on every request.
+    pub fn doh<B>(
+        self: &Arc<Self>,
+        peer: &Peer,
+        transport: Transport,
+        req: Request<B>,
+    ) -> impl Future<Output = Reply>
+    where
+        B: http_body::Body,
+        B::Error: std::error::Error + Send + Sync + 'static,
+    {
+        let (n, inflight) = peer.conn.begin();
+        let head_only = req.method() == http::Method::HEAD;
+        let from = Origin::of(peer);
+        let front = self.front(peer, from, transport, req);
+        let close_after = n >= self.conn.load().max_requests_per_conn;
+        let app = self.clone();
+        async move {
+            let _inflight = inflight;
+            let mut reply = match front {
+                Front::Done(reply) => reply,
+                Front::Linger(reply, body) => {
+                    Box::pin(doh::discard(body, doh::LINGER_BYTES)).await;
+                    reply
+                }
+                Front::Query(client, bytes) => app.plain(from, client, transport, &bytes).await,
+                Front::Body(client, body, limits, oblivious) => {
+                    Box::pin(app.posted(from, client, transport, body, limits, oblivious)).await
+                }
+            };
+            if head_only {
+                // A response to HEAD carries no body.
+                *reply.response.body_mut() = Bytes::new();
+            }
+            reply.close |= close_after;
+            if reply.close && transport == Transport::H1 {
+                reply
+                    .response
+                    .headers_mut()
+                    .insert(header::CONNECTION, HeaderValue::from_static("close"));
+            }
+            reply
+        }
+    }
+
+    /// What the head of a request decides: a refusal (or the ODoH
+    /// configurations), a GET's query, or a body still to read.
+    fn front<B>(
+        self: &Arc<Self>,
+        peer: &Peer,
+        from: Origin,
+        transport: Transport,
+        req: Request<B>,
+    ) -> Front<B> {
+        let (parts, body) = req.into_parts();
+        if parts.uri.path() == HEALTH_PATH
+            && parts.method == http::Method::GET
+            && peer.proxied.is_none()
+            && self.guard.is_own_probe(peer.conn.peer(), &parts.headers)
+        {
+            return Front::Done(self.health_reply());
+        }
+        let client = self.client_of(peer, &parts.headers);
+        let limits = self.limits.load_full();
+        let head = doh::check_head(&parts, &limits);
+        // A named relay's sealed queries spend the relay's budget;
+        // everything else, sealed queries from anybody else included, the
+        // client's own. Either way before any HPKE work.
+        let oblivious = matches!(head, Ok(Wanted::Oblivious));
+        let relayed = oblivious && self.guard.is_odoh_relay(client);
+        if let Err((reason, retry)) = self.admit(client, transport, relayed) {
+            return Front::Done(self.refused(from, reason, retry));
+        }
+        match head {
+            Ok(Wanted::Get(v)) => Front::Query(client, Bytes::from(v)),
+            Ok(Wanted::Post | Wanted::Oblivious) => Front::Body(client, body, limits, oblivious),
+            Ok(Wanted::OdohConfigs) => Front::Done(self.odoh_configs()),
+            Err(r) => {
+                self.refuse(client, r, transport);
+                let reply = self.refused(from, r, None);
+                if r == Reject::BodyTooLarge && transport == Transport::H1 {
+                    // See doh::read_body: the body is read and thrown
+                    // away before the 413 goes out.
+                    return Front::Linger(reply, body);
+                }
+                Front::Done(reply)
+            }
+        }
+    }
+
+    /// The reply to a refused request. A banned client loses its
+    /// connection too, unless the connection is a trusted proxy's carrying
+    /// other clients.
+    fn refused(&self, from: Origin, reason: Reject, retry_after: Option<u64>) -> Reply {
+        let close = reason.closes() && (from.proxied || !self.guard.is_trusted_proxy(from.peer));
+        Reply {
+            response: refusal(reason, retry_after),
+            answer: false,
+            close,
+        }
+    }
+
+    /// A POST: its body, then a plain or an oblivious query.
+    async fn posted<B>(
+        self: &Arc<Self>,
+        from: Origin,
+        client: IpAddr,
+        transport: Transport,
+        body: B,
+        limits: Arc<Limits>,
+        oblivious: bool,
+    ) -> Reply
+    where
+        B: http_body::Body,
+        B::Error: std::error::Error + Send + Sync + 'static,
+    {
+        let linger = transport == Transport::H1;
+        let bytes = match doh::read_body(body, &limits, linger).await {
+            Ok(b) => b,
+            Err(r) => {
+                self.refuse(client, r, transport);
+                return self.refused(from, r, None);
+            }
+        };
+        if !oblivious {
+            return self.plain(from, client, transport, &bytes).await;
+        }
+        let opened = match self.open(&bytes) {
+            Ok(opened) => opened,
+            Err(r) => {
+                self.refuse(client, r, transport);
+                return self.refused(from, r, None);
+            }
+        };
+        match self.answer_message(client, &opened.query()).await {
+            Ok(served) => match self.odoh.as_ref().map(|o| o.seal(&opened, &served.wire)) {
+                Some(Ok(sealed)) => {
+                    self.metrics.odoh(OdohResult::Ok);
+                    Reply {
+                        response: sealed_response(sealed),
+                        answer: true,
+                        close: false,
+                    }
+                }
+                _ => {
+                    self.metrics.odoh(OdohResult::Rejected);
+                    self.refuse(client, Reject::OdohMalformed, transport);
+                    self.refused(from, Reject::OdohMalformed, None)
+                }
+            },
+            Err(r) => {
+                self.metrics.odoh(OdohResult::Rejected);
+                self.refuse(client, r, transport);
+                self.refused(from, r, (r == Reject::UpstreamBudget).then_some(1))
+            }
+        }
+    }
+
+    /// A DNS query in the clear, to its DoH reply.
+    async fn plain(
+        self: &Arc<Self>,
+        from: Origin,
+        client: IpAddr,
+        transport: Transport,
+        bytes: &[u8],
+    ) -> Reply {
+        match self.answer_message(client, bytes).await {
+            Ok(served) => Reply {
+                response: dns_response(served.wire, served.max_age),
+                answer: true,
+                close: false,
+            },
+            Err(r) => {
+                self.refuse(client, r, transport);
+                let retry = (r == Reject::UpstreamBudget).then_some(1);
+                self.refused(from, r, retry)
+            }
+        }
+    }
+}
+
+/// What [`App::front`] decided from a request's head.
+enum Front<B> {
+    Done(Reply),
+    /// A refusal of a body too large, sent once the body was read (and
+    /// thrown away) as far as HTTP/1.1 needs.
+    Linger(Reply, B),
+    Query(IpAddr, Bytes),
+    /// The client, the body to read, the limits it is read under, and
+    /// whether it is a sealed (Oblivious DoH) query.
+    Body(IpAddr, B, Arc<Limits>, bool),
+}
+
+/// The connection a request came on, as much as a refusal needs.
+#[derive(Clone, Copy)]
+struct Origin {
+    peer: IpAddr,
+    /// A PROXY header named the client.
+    proxied: bool,
+}
+
+impl Origin {
+    fn of(peer: &Peer) -> Origin {
+        Origin {
+            peer: peer.conn.peer(),
+            proxied: peer.proxied.is_some(),
+        }
+    }
+}
+
+/// The response to a refused request: the status its reason maps to, no
+/// body (on HTTP/2 a single HEADERS frame), `Allow` for 405 and
+/// `Retry-After` for 429 and 503.
+pub fn refusal(reason: Reject, retry_after: Option<u64>) -> Response<Bytes> {
+    let mut resp = Response::new(Bytes::new());
+    *resp.status_mut() = reason.status();
+    let h = resp.headers_mut();
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    if reason == Reject::Method {
+        h.insert(header::ALLOW, HeaderValue::from_static("GET, POST"));
+    }
+    if let Some(secs) = retry_after {
+        h.insert(header::RETRY_AFTER, HeaderValue::from(secs.max(1)));
+    }
+    resp
+}
+
+/// A sealed Oblivious DoH answer: never cached by anyone on the way.
+fn sealed_response(sealed: Vec<u8>) -> Response<Bytes> {
+    let mut resp = Response::new(Bytes::from(sealed));
+    let h = resp.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static(crate::odoh::MEDIA_TYPE),
+    );
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    resp
+}
+
+fn dns_response(wire: Vec<u8>, max_age: u32) -> Response<Bytes> {
+    let mut resp = Response::new(Bytes::from(wire));
+    *resp.status_mut() = StatusCode::OK;
+    let h = resp.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static(doh::DNS_MESSAGE),
+    );
+    let cc = format!("max-age={max_age}");
+    if let Ok(v) = HeaderValue::from_str(&cc) {
+        h.insert(header::CACHE_CONTROL, v);
+    }
+    resp
+}
