@@ -79,18 +79,34 @@ fn requests(c: &mut Criterion) {
     let key = parsed.key.clone();
     let a = answer(&key);
     let info = dns::check_answer(&a, 7, &key).unwrap();
-    cache.store(key.clone(), Arc::new(Entry::from_answer(a, &info, &policy)));
+    cache.store(
+        key.clone(),
+        Arc::new(Entry::from_answer(
+            a,
+            &info,
+            &policy,
+            tokio::time::Instant::now(),
+        )),
+    );
     for i in 0..10_000 {
         let k = Key::new(&format!("n{i}.example.test"), 1, true).unwrap();
-        cache.store(k.clone(), Arc::new(Entry::failure(&k, &policy)));
+        cache.store(
+            k.clone(),
+            Arc::new(Entry::failure(&k, &policy, tokio::time::Instant::now())),
+        );
     }
 
     c.bench_function("cache hit (lookup + rewrite)", |b| {
         b.iter(|| {
-            let Lookup::Fresh(e) = cache.lookup(black_box(&key)) else {
+            let Lookup::Fresh(e) = cache.lookup(black_box(&key), cache.now()) else {
                 unreachable!()
             };
-            black_box(e.serve(0xBEEF, parsed.question, &policy));
+            black_box(e.serve(
+                0xBEEF,
+                parsed.question,
+                &policy,
+                tokio::time::Instant::now(),
+            ));
         })
     });
 }

@@ -6,7 +6,7 @@
 
 use std::sync::Arc;
 
-use doh_proxy::cache::{Cache, CacheSettings, Entry, TtlPolicy};
+use doh_proxy::cache::{Cache, Entry, TtlPolicy};
 use doh_proxy::dns::{self, Key};
 use hickory_proto::op::{Message, MessageType};
 use hickory_proto::rr::rdata::A;
@@ -48,17 +48,20 @@ fn main() {
         err_ttl: 2,
         stale_secs: 86400,
     };
-    let cache = Cache::new(&CacheSettings {
-        policy,
-        max_entries: n,
-        max_bytes: n.saturating_mul(4096),
-        max_answer: 16 * 1024,
-    });
+    let cache = Cache::with_entries(n, policy);
     let before = rss_bytes();
     for i in 0..n {
         let key = Key::new(&format!("host-{i}.example.test"), 1, true).expect("valid name");
         let (wire, info) = answer(&key);
-        cache.store(key, Arc::new(Entry::from_answer(wire, &info, &policy)));
+        cache.store(
+            key,
+            Arc::new(Entry::from_answer(
+                wire,
+                &info,
+                &policy,
+                tokio::time::Instant::now(),
+            )),
+        );
     }
     cache.sync();
     let after = rss_bytes();

@@ -139,11 +139,11 @@ pub async fn run(
                     save(&s, &id).and_then(|()| store.set(id).map_err(|e| e.to_string()))
                 {
                     tracing::error!("the new ACME certificate cannot be kept: {e}");
-                    metrics.acme(false);
+                    metrics.ops.acme(false);
                 } else {
                     tracing::info!(domains = %s.domains.join(","), "ACME certificate obtained and served");
-                    metrics.acme(true);
-                    metrics.tls_cert_expiry.set(store.expires_in());
+                    metrics.ops.acme(true);
+                    metrics.ops.tls_cert_expiry.set(store.expires_in());
                     have = true;
                     backoff = FIRST_BACKOFF;
                     last_order = Some(tokio::time::Instant::now());
@@ -154,7 +154,7 @@ pub async fn run(
                     retry_in = backoff.as_secs(),
                     "ACME order failed, the certificate in service stays: {e}"
                 );
-                metrics.acme(false);
+                metrics.ops.acme(false);
                 tokio::select! {
                     _ = tokio::time::sleep(backoff) => {}
                     _ = shutdown.cancelled() => return,

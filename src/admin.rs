@@ -302,12 +302,13 @@ fn route<B>(app: &App, token: Option<&str>, req: Request<B>) -> Response<Full<By
         (&Method::GET, "/metrics") => {
             // Scrapes are rare: let moka settle so the count is exact.
             app.cache.sync();
-            app.metrics.cache_entries.set(app.cache.len() as i64);
-            app.metrics.cache_bytes.set(app.cache.bytes() as i64);
+            app.metrics.cache.entries.set(app.cache.len() as i64);
+            app.metrics.cache.bytes.set(app.cache.bytes() as i64);
             let local = app.unique.estimate();
-            app.metrics.unique_clients_local.set(local as i64);
+            app.metrics.requests.unique_clients_local.set(local as i64);
             let fleet = app.fleet.as_ref().and_then(|f| f.unique_clients());
             app.metrics
+                .requests
                 .unique_clients
                 .set(fleet.unwrap_or(local) as i64);
             reply(

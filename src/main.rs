@@ -82,7 +82,7 @@ async fn run(cli: &CommandLine, settings: Settings, inherited: Inherited) -> any
                         let _ = running.reload(settings);
                     }
                     Err(e) => {
-                        running.app.metrics.reload(false);
+                        running.app.metrics.ops.reload(false);
                         tracing::error!("reload refused, the running configuration stays: {e}");
                     }
                 }

@@ -28,10 +28,11 @@ fuzz_target!(|data: &[u8]| {
     let Ok(info) = dns::check_answer(answer, id, &key) else {
         return;
     };
-    let entry = Entry::from_answer(answer.to_vec(), &info, &policy);
+    let now = doh_proxy::clock::Clock::default().now();
+    let entry = Entry::from_answer(answer.to_vec(), &info, &policy, now);
     let mut client_q = key.question.to_vec();
     client_q[1] = b'M';
-    let (out, max_age) = entry.serve(0xBEEF, &client_q, &policy);
+    let (out, max_age) = entry.serve(0xBEEF, &client_q, &policy, now);
     assert_eq!(out.len(), answer.len());
     assert_eq!(&out[..2], &[0xBE, 0xEF]);
     assert_eq!(&out[12..12 + client_q.len()], &client_q[..]);

@@ -24,6 +24,7 @@ use tokio_util::task::TaskTracker;
 use crate::acme::AcmeSettings;
 use crate::admin::{self, AdminSettings};
 use crate::cache::{Cache, CacheSettings, Inflight};
+use crate::clock::Clock;
 use crate::doh::Limits;
 use crate::fleet::{Fleet, FleetSettings};
 use crate::guard::{Guard, GuardSettings};
@@ -74,6 +75,7 @@ pub enum LogFormat {
 /// Fails when an upstream or the fleet's link cannot be set up.
 pub fn build(s: &Settings, metrics: Arc<Metrics>) -> anyhow::Result<App> {
     let tasks = TaskTracker::new();
+    let clock = Clock::default();
     let guard = Arc::new(Guard::new(s.guard.clone(), metrics.clone()));
     let unique = Arc::new(UniqueClients::default());
     let tickets = s.server.ticket_lifetime.map(Tickets::new);
@@ -93,14 +95,18 @@ pub fn build(s: &Settings, metrics: Arc<Metrics>) -> anyhow::Result<App> {
     };
     let budget: Arc<dyn Spend> = match &fleet {
         Some(f) => f.clone(),
-        None => Arc::new(LocalBudget::of(&s.upstream, &metrics)),
+        None => Arc::new(LocalBudget::of(&s.upstream, &metrics, clock.clone())),
     };
     let upstream = Upstream::new(&s.upstream, budget.clone(), metrics.clone(), tasks.clone())
         .map_err(anyhow::Error::msg)?;
     metrics
-        .cache_max_bytes
+        .cache
+        .max_bytes
         .set(i64::try_from(s.cache.max_bytes).unwrap_or(i64::MAX));
-    metrics.connections_max.set(i64::from(s.guard.max_conns));
+    metrics
+        .guard
+        .connections_max
+        .set(i64::from(s.guard.max_conns));
     let odoh = if s.odoh.enabled {
         Some(Odoh::new(s.odoh.rotate).map_err(anyhow::Error::msg)?)
     } else {
@@ -115,7 +121,8 @@ pub fn build(s: &Settings, metrics: Arc<Metrics>) -> anyhow::Result<App> {
         guard,
         fleet,
         budget: ArcSwap::from_pointee(budget),
-        cache: Cache::new(&s.cache),
+        cache: Cache::new(&s.cache, clock.clone()),
+        clock,
         inflight: Inflight::default(),
         upstream: ArcSwap::from_pointee(upstream),
         upstream_settings: ArcSwap::from_pointee(s.upstream.clone()),
@@ -155,7 +162,7 @@ impl Running {
     /// configuration or certificate fails to load.
     pub fn reload(&self, settings: Settings) -> Result<(), String> {
         let result = self.try_reload(&settings);
-        self.app.metrics.reload(result.is_ok());
+        self.app.metrics.ops.reload(result.is_ok());
         match &result {
             Ok(()) => tracing::info!("configuration reloaded"),
             Err(e) => tracing::error!("reload refused, the running configuration stays: {e}"),
@@ -178,6 +185,7 @@ impl Running {
         app.cache.set_policy(s.cache.policy);
         app.guard.reconfigure(s.guard.clone());
         app.metrics
+            .guard
             .connections_max
             .set(i64::from(s.guard.max_conns));
         if let (Some(c), Some(p)) = (&self.certs, prepared) {

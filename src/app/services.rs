@@ -60,7 +60,7 @@ impl Services {
     pub fn start(&self, app: &Arc<App>, certs: Option<&Arc<Certs>>, acme: Option<&AcmeSettings>) {
         let shutdown = &self.shutdown;
         if let Some(c) = certs {
-            app.metrics.tls_cert_expiry.set(c.store.expires_in());
+            app.metrics.ops.tls_cert_expiry.set(c.store.expires_in());
             self.spawn(
                 "certificate watch",
                 certs::watch(c.clone(), app.metrics.clone(), shutdown.clone()),
@@ -146,8 +146,8 @@ async fn summary(app: Arc<App>, shutdown: CancellationToken) {
             _ = tick.tick() => {}
             _ = shutdown.cancelled() => return,
         }
-        let m = &app.metrics;
-        let mut rejects = m.rejects_by_reason();
+        let metrics = &app.metrics;
+        let mut rejects = metrics.requests.rejects_by_reason();
         rejects.sort_by_key(|r| std::cmp::Reverse(r.1));
         let top: Vec<String> = rejects
             .iter()
@@ -155,16 +155,16 @@ async fn summary(app: Arc<App>, shutdown: CancellationToken) {
             .take(3)
             .map(|(l, n)| format!("{l}={n}"))
             .collect();
-        let hits = m.cache_hits.get();
-        let misses = m.cache_misses.get();
-        let sent = m.upstream_sent();
+        let hits = metrics.cache.hits.get();
+        let misses = metrics.cache.misses.get();
+        let sent = metrics.upstream.sent();
         let qps = sent.saturating_sub(last_upstream) as f64 / SUMMARY_EVERY.as_secs_f64();
         last_upstream = sent;
         tracing::info!(
-            requests = Outcome::ALL.iter().map(|o| m.requests_by_outcome(*o)).sum::<u64>(),
-            answered = m.requests_by_outcome(Outcome::Answered),
-            rejected = m.requests_by_outcome(Outcome::Rejected),
-            rate_limited = m.requests_by_outcome(Outcome::RateLimited),
+            requests = Outcome::ALL.iter().map(|o| metrics.requests.by_outcome(*o)).sum::<u64>(),
+            answered = metrics.requests.by_outcome(Outcome::Answered),
+            rejected = metrics.requests.by_outcome(Outcome::Rejected),
+            rate_limited = metrics.requests.by_outcome(Outcome::RateLimited),
             top_rejects = %top.join(","),
             hit_ratio = format!("{:.3}", hits as f64 / (hits + misses).max(1) as f64),
             upstream_qps = format!("{qps:.1}"),

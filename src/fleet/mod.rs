@@ -145,7 +145,7 @@ impl Fleet {
     ) -> Result<Arc<Fleet>, String> {
         let client =
             redis::Client::open(s.url.as_str()).map_err(|e| format!("redis `{}`: {e}", s.url))?;
-        metrics.redis_up.set(0);
+        metrics.ops.redis_up.set(0);
         let (upstream_qps, known_share, dry_run) = (budget.qps, budget.known_share, budget.dry_run);
         Ok(Arc::new(Fleet {
             client,
@@ -255,7 +255,7 @@ impl Fleet {
         let was = self.up.swap(false, Ordering::Relaxed);
         if was {
             self.conn.store(None);
-            self.metrics.redis_up.set(0);
+            self.metrics.ops.redis_up.set(0);
             tracing::warn!("redis is unreachable or slow: going on with local state (logged once until it is back)");
         }
         was
@@ -327,7 +327,7 @@ impl Fleet {
                     self.sync_tickets().await;
                     // Up once the fleet's bans are loaded.
                     if self.is_up() {
-                        self.metrics.redis_up.set(1);
+                        self.metrics.ops.redis_up.set(1);
                     }
                     let mut messages = pubsub.into_on_message();
                     loop {

@@ -32,7 +32,7 @@ impl Guard {
         }
         let host = is_host(&target);
         if s.dry_run {
-            self.metrics.ban(!host, true);
+            self.metrics.guard.ban(!host, true);
             tracing::warn!(target = %target, reason, "dry run: would ban");
             return;
         }
@@ -43,8 +43,8 @@ impl Guard {
         let secs = s.ban_secs.saturating_mul(factor);
         let prefix = host.then(|| prefix_of(target.addr(), s.prefix_v4, s.prefix_v6));
         let added = self.bans.add(target, reason, secs, prefix);
-        self.metrics.bans_active.set(self.bans.len() as i64);
-        self.metrics.ban(!host, false);
+        self.metrics.guard.bans_active.set(self.bans.len() as i64);
+        self.metrics.guard.ban(!host, false);
         self.emit(BanEvent::Ban {
             target,
             reason,
@@ -67,7 +67,7 @@ impl Guard {
     pub fn unban(&self, target: IpNet) -> bool {
         let target = target.trunc();
         let removed = self.bans.remove(&target);
-        self.metrics.bans_active.set(self.bans.len() as i64);
+        self.metrics.guard.bans_active.set(self.bans.len() as i64);
         if removed {
             tracing::info!(target = %target, "ban lifted by the operator");
         }
@@ -123,7 +123,7 @@ impl Guard {
             self.bans
                 .restore_offence(target, offences, std::time::Duration::from_secs(86400));
         }
-        self.metrics.bans_active.set(self.bans.len() as i64);
+        self.metrics.guard.bans_active.set(self.bans.len() as i64);
     }
 
     /// A repeat count another instance holds: ours is raised to it.
@@ -137,7 +137,7 @@ impl Guard {
     /// A ban another instance lifted.
     pub fn apply_remote_unban(&self, target: IpNet) {
         if self.bans.remove(&target.trunc()) {
-            self.metrics.bans_active.set(self.bans.len() as i64);
+            self.metrics.guard.bans_active.set(self.bans.len() as i64);
             tracing::info!(target = %target, "ban lifted on another instance");
         }
     }

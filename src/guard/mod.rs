@@ -351,7 +351,7 @@ impl Guard {
         let limited = !allowed && !any_contains(&s.trusted, ip);
         if limited && self.bans.covers(ip) {
             if s.dry_run {
-                self.metrics.conn_rejected(ConnReject::Banned, true);
+                self.metrics.guard.conn_rejected(ConnReject::Banned, true);
             } else {
                 return Err(ConnReject::Banned);
             }
@@ -361,7 +361,7 @@ impl Guard {
 
     fn admit_as(&self, ip: IpAddr, place: Place) -> Result<ConnTicket, ConnReject> {
         if let Err(reason) = self.precheck(ip) {
-            self.metrics.conn_rejected(reason, false);
+            self.metrics.guard.conn_rejected(reason, false);
             return Err(reason);
         }
         let s = self.settings.load();
@@ -426,7 +426,7 @@ impl Guard {
             None => {
                 // Never the proxy itself, which is never limited: the
                 // shared key, limited like any client.
-                self.metrics.forwarded_missing.inc();
+                self.metrics.requests.forwarded_missing.inc();
                 self.warn_missing_header(peer, s.forwarded_header);
                 crate::net::UNKNOWN_CLIENT
             }
@@ -547,7 +547,7 @@ impl Guard {
         for net in self.bans.expire() {
             tracing::info!(target = %net, "ban expired");
         }
-        self.metrics.bans_active.set(self.bans.len() as i64);
+        self.metrics.guard.bans_active.set(self.bans.len() as i64);
         self.penalty.prune();
         self.ip_budget.prune();
         self.prefix_budget.prune();
@@ -556,9 +556,10 @@ impl Guard {
         let now = unix_now();
         if now % 10 == 0 {
             let n = self.known.sweep(now);
-            self.metrics.known_clients.set(n as i64);
+            self.metrics.guard.known_clients.set(n as i64);
         } else {
             self.metrics
+                .guard
                 .known_clients
                 .set(self.known.known_count() as i64);
         }

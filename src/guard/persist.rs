@@ -144,7 +144,7 @@ impl Guard {
                 for (net, count, remaining) in r.offences {
                     self.bans.restore_offence(net, count, remaining);
                 }
-                self.metrics.bans_active.set(self.bans.len() as i64);
+                self.metrics.guard.bans_active.set(self.bans.len() as i64);
                 tracing::info!(
                     bans = n,
                     repeat_counts = m,

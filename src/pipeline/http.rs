@@ -51,11 +51,11 @@ impl App {
         };
         odoh.open(body).map_err(|e| match e {
             crate::odoh::OpenError::UnknownKey => {
-                self.metrics.odoh(OdohResult::UnknownKey);
+                self.metrics.requests.odoh(OdohResult::UnknownKey);
                 Reject::OdohUnknownKey
             }
             crate::odoh::OpenError::Malformed => {
-                self.metrics.odoh(OdohResult::Malformed);
+                self.metrics.requests.odoh(OdohResult::Malformed);
                 Reject::OdohMalformed
             }
         })
@@ -70,7 +70,7 @@ impl App {
                 close: false,
             };
         };
-        self.metrics.odoh(OdohResult::Configs);
+        self.metrics.requests.odoh(OdohResult::Configs);
         let (configs, max_age) = odoh.configs();
         let mut resp = Response::new(configs);
         let h = resp.headers_mut();
@@ -229,7 +229,7 @@ impl App {
         match self.answer_message(client, &opened.query()).await {
             Ok(served) => match self.odoh.as_ref().map(|o| o.seal(&opened, &served.wire)) {
                 Some(Ok(sealed)) => {
-                    self.metrics.odoh(OdohResult::Ok);
+                    self.metrics.requests.odoh(OdohResult::Ok);
                     Reply {
                         response: sealed_response(sealed),
                         answer: true,
@@ -237,13 +237,13 @@ impl App {
                     }
                 }
                 _ => {
-                    self.metrics.odoh(OdohResult::Rejected);
+                    self.metrics.requests.odoh(OdohResult::Rejected);
                     self.refuse(client, Reject::OdohMalformed, transport);
                     self.refused(from, Reject::OdohMalformed, None)
                 }
             },
             Err(r) => {
-                self.metrics.odoh(OdohResult::Rejected);
+                self.metrics.requests.odoh(OdohResult::Rejected);
                 self.refuse(client, r, transport);
                 self.refused(from, r, (r == Reject::UpstreamBudget).then_some(1))
             }

@@ -22,9 +22,12 @@ use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use tokio::time::Instant;
+
 use arc_swap::ArcSwap;
 
 use crate::cache::{Cache, Entry, Inflight, Lookup, STALE_TTL};
+use crate::clock::Clock;
 use crate::dns::{self, Key};
 use crate::doh::Limits;
 use crate::fleet::Fleet;
@@ -79,6 +82,8 @@ pub struct App {
     /// State shared with other instances, with `--redis`.
     pub fleet: Option<Arc<Fleet>>,
     pub metrics: Arc<Metrics>,
+    /// The clock the cache and the upstream budget age by.
+    pub clock: Clock,
     pub unique: Arc<UniqueClients>,
     /// TLS session ticket keys, for every TLS listener.
     pub tickets: Option<Arc<Tickets>>,
@@ -148,7 +153,8 @@ impl App {
                 self.budget.load_full()
             }
             None if !self.upstream_settings.load().same_budget(s) => {
-                let b: Arc<dyn Spend> = Arc::new(LocalBudget::of(s, &self.metrics));
+                let b: Arc<dyn Spend> =
+                    Arc::new(LocalBudget::of(s, &self.metrics, self.clock.clone()));
                 self.budget.store(Arc::new(b.clone()));
                 Arc::new(b)
             }
@@ -175,8 +181,10 @@ impl App {
 
     /// Counts a refusal, scores it against the client, logs it at `-v`.
     pub fn refuse(&self, client: IpAddr, reason: Reject, transport: Transport) {
-        self.metrics.request(reason.outcome(), transport, false);
-        self.metrics.reject(reason, false);
+        self.metrics
+            .requests
+            .count(reason.outcome(), transport, false);
+        self.metrics.requests.reject(reason, false);
         self.guard.penalize(client, reason);
         if self.verbose() {
             tracing::info!(
@@ -243,8 +251,10 @@ impl App {
                 return Err((Reject::Banned, None));
             }
             Verdict::DryRun => {
-                self.metrics.reject(Reject::Banned, true);
-                self.metrics.request(Outcome::Banned, transport, true);
+                self.metrics.requests.reject(Reject::Banned, true);
+                self.metrics
+                    .requests
+                    .count(Outcome::Banned, transport, true);
             }
         }
         let budget = if relayed {
@@ -259,8 +269,10 @@ impl App {
                 Err((Reject::RateLimited, Some(secs)))
             }
             Budget::DryRun => {
-                self.metrics.reject(Reject::RateLimited, true);
-                self.metrics.request(Outcome::RateLimited, transport, true);
+                self.metrics.requests.reject(Reject::RateLimited, true);
+                self.metrics
+                    .requests
+                    .count(Outcome::RateLimited, transport, true);
                 tracing::debug!(client = %client, "dry run: would rate-limit");
                 Ok(())
             }
@@ -275,9 +287,13 @@ impl App {
         msg: &[u8],
     ) -> Result<Served, Reject> {
         let query = dns::parse_query(msg).map_err(Reject::from)?;
-        let entry = self.answer(&query.key, client).await?;
+        // One clock read for the request: lookup, prefetch and the TTLs
+        // served all age the entry by it.
+        let now = self.cache.now();
+        let entry = self.answer(&query.key, client, now).await?;
         self.guard.answered(client);
-        let (mut wire, max_age) = entry.serve(query.id, query.question, &self.cache.policy());
+        let policy = self.cache.policy();
+        let (mut wire, max_age) = entry.serve(query.id, query.question, &policy, now);
         // After the cache: stored answers are never padded.
         let padded = match **self.padding.load() {
             Padding::Always => true,
@@ -307,11 +323,16 @@ impl App {
     /// without awaiting anything; stale entries and misses go through a
     /// boxed future, so that the request future — moved whole into every
     /// task hyper spawns — stays as small as the hit path needs.
-    async fn answer(self: &Arc<Self>, key: &Key, client: IpAddr) -> Result<Arc<Entry>, Reject> {
-        match self.cache.lookup(key) {
+    async fn answer(
+        self: &Arc<Self>,
+        key: &Key,
+        client: IpAddr,
+        now: Instant,
+    ) -> Result<Arc<Entry>, Reject> {
+        match self.cache.lookup(key, now) {
             Lookup::Fresh(e) => {
-                self.metrics.cache_hits.inc();
-                if e.wants_prefetch() && e.claim_refresh(PREFETCH_EVERY) {
+                self.metrics.cache.hits.inc();
+                if e.wants_prefetch(now) && e.claim_refresh(PREFETCH_EVERY, now) {
                     let app = self.clone();
                     let key = key.clone();
                     self.tasks
@@ -319,9 +340,9 @@ impl App {
                 }
                 Ok(e)
             }
-            Lookup::Stale(e) => Box::pin(self.answer_stale(key, e)).await,
+            Lookup::Stale(e) => Box::pin(self.answer_stale(key, e, now)).await,
             Lookup::Miss => {
-                self.metrics.cache_misses.inc();
+                self.metrics.cache.misses.inc();
                 // Only a miss asks who the client is: hits never pay for it.
                 let who = if self.guard.is_known(client) {
                     Who::Known
@@ -332,7 +353,8 @@ impl App {
                     Resolution::Answer(e) => Ok(e),
                     Resolution::Budget => {
                         self.metrics
-                            .upstream_budget_refused(who == Who::Known, false);
+                            .upstream
+                            .budget_refused(who == Who::Known, false);
                         Err(Reject::UpstreamBudget)
                     }
                 }
@@ -348,8 +370,9 @@ impl App {
         self: &Arc<Self>,
         key: &Key,
         e: Arc<Entry>,
+        now: Instant,
     ) -> Result<Arc<Entry>, Reject> {
-        if e.claim_refresh(Duration::from_secs(STALE_TTL.into())) {
+        if e.claim_refresh(Duration::from_secs(STALE_TTL.into()), now) {
             let app = self.clone();
             let k = key.clone();
             // A refresh with a stale answer to fall back on: it never
@@ -360,12 +383,12 @@ impl App {
             let timer = CLIENT_TIMER.min(self.upstream.load().timeout());
             if let Ok(Ok(Resolution::Answer(new))) = tokio::time::timeout(timer, refresh).await {
                 if !new.is_error() {
-                    self.metrics.cache_misses.inc();
+                    self.metrics.cache.misses.inc();
                     return Ok(new);
                 }
             }
         }
-        self.metrics.cache_stale.inc();
+        self.metrics.cache.stale.inc();
         Ok(e)
     }
 
@@ -387,10 +410,12 @@ impl App {
             .run(key, || async {
                 let policy = self.cache.policy();
                 let upstream = self.upstream.load_full();
-                let entry = match upstream.resolve(key, who).await {
-                    Ok((wire, info)) => Entry::from_answer(wire, &info, &policy),
+                let resolved = upstream.resolve(key, who).await;
+                let now = self.cache.now();
+                let entry = match resolved {
+                    Ok((wire, info)) => Entry::from_answer(wire, &info, &policy, now),
                     Err(UpstreamError::Budget) => return Resolution::Budget,
-                    Err(UpstreamError::Failed) => Entry::failure(key, &policy),
+                    Err(UpstreamError::Failed) => Entry::failure(key, &policy, now),
                 };
                 let entry = Arc::new(entry);
                 self.cache.store(key.clone(), entry.clone());
@@ -398,7 +423,7 @@ impl App {
             })
             .await;
         if !ran {
-            self.metrics.coalesced.inc();
+            self.metrics.cache.coalesced.inc();
         }
         (res, ran)
     }

@@ -134,8 +134,8 @@ pub async fn watch(certs: Arc<Certs>, metrics: Arc<Metrics>, shutdown: Cancellat
             _ = shutdown.cancelled() => return,
         }
         if let Some(ok) = certs.check() {
-            metrics.reload(ok);
+            metrics.ops.reload(ok);
         }
-        metrics.tls_cert_expiry.set(certs.store.expires_in());
+        metrics.ops.tls_cert_expiry.set(certs.store.expires_in());
     }
 }

@@ -98,7 +98,7 @@ impl QuicService for Doq {
 }
 
 fn protocol_error(app: &App, peer: &Peer) {
-    app.metrics.protocol_error(ProtocolError::DoqProtocol);
+    app.metrics.wire.protocol_error(ProtocolError::DoqProtocol);
     app.guard
         .penalize(scored_client(peer), ProtocolError::DoqProtocol);
 }
@@ -184,7 +184,8 @@ async fn stream(
     drop(unread);
     if !delivered {
         app.metrics
-            .request(Outcome::Undelivered, Transport::Doq, false);
+            .requests
+            .count(Outcome::Undelivered, Transport::Doq, false);
     }
     if closes {
         conn.close(DOQ_NO_ERROR.into(), b"refused");

@@ -63,7 +63,7 @@ impl DotListener {
                     Ok(x) => x,
                     Err(e) => {
                         let kind = AcceptError::of(&e);
-                        self.app.metrics.accept_error(kind);
+                        self.app.metrics.wire.accept_error(kind);
                         tracing::warn!(error = %e, kind = kind.label(), "accept failed");
                         tokio::time::sleep(Duration::from_millis(50)).await;
                         continue;
@@ -95,7 +95,7 @@ impl DotListener {
         tokio::select! {
             end = session(app.clone(), peer.clone(), tls) => {
                 if let Some(kind) = end {
-                    app.metrics.protocol_error(kind);
+                    app.metrics.wire.protocol_error(kind);
                     app.guard.penalize(scored_client(&peer), kind);
                 }
             }

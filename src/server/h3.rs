@@ -65,7 +65,7 @@ impl QuicService for H3 {
                     Err(e) => {
                         if let h3::error::ConnectionError::Local { error: h3::error::LocalError::Application { code, .. }, .. } = &e {
                             if *code != h3::error::Code::H3_NO_ERROR {
-                                app.metrics.protocol_error(ProtocolError::H3Protocol);
+                                app.metrics.wire.protocol_error(ProtocolError::H3Protocol);
                                 app.guard.penalize(scored_client(&peer), ProtocolError::H3Protocol);
                             }
                         }
@@ -140,7 +140,7 @@ async fn request(
         } else {
             Outcome::Undelivered
         };
-        app.metrics.request(outcome, Transport::H3, false);
+        app.metrics.requests.count(outcome, Transport::H3, false);
     }
     if reply.close {
         peer.conn.close();

@@ -20,8 +20,8 @@ pub fn refused(app: &App, peer: &Peer, why: ConnReject, scored: bool) {
     } else {
         Handshake::Failed
     };
-    app.metrics.handshake(kind);
-    app.metrics.conn_rejected(why, false);
+    app.metrics.wire.handshake(kind);
+    app.metrics.guard.conn_rejected(why, false);
     if scored {
         app.guard.penalize(scored_client(peer), why);
     }
@@ -50,7 +50,7 @@ where
     };
     match accepted {
         Ok(Ok(tls)) => {
-            app.metrics.handshake(Handshake::of(tls.get_ref().1));
+            app.metrics.wire.handshake(Handshake::of(tls.get_ref().1));
             let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
             Some((tls, h2))
         }

@@ -115,7 +115,7 @@ where
             r = conn.as_mut() => {
                 if let Err(e) = r {
                     if let Some(kind) = classify(e.as_ref(), c.tls) {
-                        c.app.metrics.protocol_error(kind);
+                        c.app.metrics.wire.protocol_error(kind);
                         c.app.guard.penalize(scored_client(&c.peer), kind);
                         tracing::debug!(peer = %c.peer.conn.peer(), kind = kind.label(), error = %e, "protocol error");
                     }
@@ -244,7 +244,7 @@ impl Answer {
     fn delivered(&mut self) {
         self.unread = None;
         if let Some((m, t)) = self.track.take() {
-            m.request(Outcome::Answered, t, false);
+            m.requests.count(Outcome::Answered, t, false);
         }
     }
 }
@@ -269,7 +269,7 @@ impl Buf for Answer {
 impl Drop for Answer {
     fn drop(&mut self) {
         if let Some((m, t)) = self.track.take() {
-            m.request(Outcome::Undelivered, t, false);
+            m.requests.count(Outcome::Undelivered, t, false);
         }
     }
 }

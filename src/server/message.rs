@@ -50,7 +50,9 @@ pub fn admit(app: &App, client: IpAddr, transport: Transport, msg: &[u8]) -> Res
 pub async fn answer(app: &Arc<App>, client: IpAddr, transport: Transport, msg: &[u8]) -> Vec<u8> {
     match app.answer_message(client, msg).await {
         Ok(served) => {
-            app.metrics.request(Outcome::Answered, transport, false);
+            app.metrics
+                .requests
+                .count(Outcome::Answered, transport, false);
             served.wire
         }
         Err(reason) => {

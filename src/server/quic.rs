@@ -163,8 +163,8 @@ impl<S: QuicService> QuicListener<S> {
             let m = &self.app.metrics;
             if let Err(reason) = self.app.guard.precheck(ip) {
                 // Nothing back: there is nothing to amplify.
-                m.quic_refusal(QuicRefusal::Ignored);
-                m.conn_rejected(reason, false);
+                m.wire.quic_refusal(QuicRefusal::Ignored);
+                m.guard.conn_rejected(reason, false);
                 incoming.ignore();
                 continue;
             }
@@ -177,7 +177,7 @@ impl<S: QuicService> QuicListener<S> {
                     None => true,
                 };
                 if over && incoming.may_retry() {
-                    m.quic_refusal(QuicRefusal::Retry);
+                    m.wire.quic_refusal(QuicRefusal::Retry);
                     let _ = incoming.retry();
                     continue;
                 }
@@ -185,7 +185,7 @@ impl<S: QuicService> QuicListener<S> {
             let ticket = match self.app.guard.admit_quic(ip, validated) {
                 Ok(t) => t,
                 Err(_) => {
-                    m.quic_refusal(QuicRefusal::Refused);
+                    m.wire.quic_refusal(QuicRefusal::Refused);
                     incoming.refuse();
                     continue;
                 }
@@ -250,7 +250,7 @@ impl<S: QuicService> QuicListener<S> {
             }
         };
         // Counted as full: QUIC does not report whether it resumed.
-        app.metrics.handshake(Handshake::Full);
+        app.metrics.wire.handshake(Handshake::Full);
         // The handshake proved the address.
         self.socket.validate(addr);
         // Now the address's caps and (unless its Retry token spent it)
@@ -258,7 +258,7 @@ impl<S: QuicService> QuicListener<S> {
         let _places = match app.guard.admit_quic_handshaken(addr.ip(), validated) {
             Ok(t) => t,
             Err(reason) => {
-                app.metrics.quic_refusal(QuicRefusal::Refused);
+                app.metrics.wire.quic_refusal(QuicRefusal::Refused);
                 tracing::debug!(peer = %addr, reason = reason.label(), "QUIC connection refused after its handshake");
                 conn.close(0x100u32.into(), b"refused");
                 return;

@@ -94,7 +94,7 @@ impl Listener {
                         // Out of descriptors or similar: count, back off,
                         // do not spin.
                         let kind = AcceptError::of(&e);
-                        self.app.metrics.accept_error(kind);
+                        self.app.metrics.wire.accept_error(kind);
                         tracing::warn!(error = %e, kind = kind.label(), "accept failed");
                         tokio::time::sleep(Duration::from_millis(50)).await;
                         continue;
@@ -135,7 +135,9 @@ impl Listener {
             match tokio::time::timeout_at(deadline, proxyproto::read_header(&mut stream)).await {
                 Ok(Ok(client)) => proxied = Some(client),
                 _ => {
-                    app.metrics.conn_rejected(ConnReject::ProxyHeader, false);
+                    app.metrics
+                        .guard
+                        .conn_rejected(ConnReject::ProxyHeader, false);
                     return;
                 }
             }

@@ -52,7 +52,7 @@ pub fn account(app: &App, peer: &Peer, why: Expiry) {
         Expiry::Stuck => ConnReject::WriteTimeout,
         Expiry::Idle => return,
     };
-    app.metrics.conn_rejected(reason, false);
+    app.metrics.guard.conn_rejected(reason, false);
     app.guard.penalize(super::http::scored_client(peer), reason);
     if why == Expiry::Stuck {
         tracing::debug!(peer = %peer.conn.peer(), unread = peer.conn.unread(), "answers left unread: closed");

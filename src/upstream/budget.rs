@@ -17,6 +17,8 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
+use crate::clock::Clock;
+
 use crate::metrics::Metrics;
 
 /// Who a resolution is for: a known client (`--known-after-secs`) may
@@ -65,6 +67,8 @@ pub struct LocalBudget {
     metrics: Option<Arc<Metrics>>,
     /// (budget saved up, reserve saved up, as of this instant)
     state: Mutex<(Duration, Duration, Instant)>,
+    /// What the budget refills by.
+    clock: Clock,
     last_log: AtomicU64,
 }
 
@@ -76,8 +80,10 @@ impl LocalBudget {
 
     /// The budget of an instance on its own: `--upstream-qps`, the share
     /// kept for known clients, `--dry-run`.
-    pub fn of(s: &super::UpstreamSettings, metrics: &Arc<Metrics>) -> LocalBudget {
-        LocalBudget::with_share(s.qps, s.known_share, s.dry_run, Some(metrics.clone()))
+    /// It refills by `clock`.
+    pub fn of(s: &super::UpstreamSettings, metrics: &Arc<Metrics>, clock: Clock) -> LocalBudget {
+        let metrics = Some(metrics.clone());
+        LocalBudget::build(s.qps, s.known_share, s.dry_run, metrics, clock)
     }
 
     /// `qps` a second of which `share` percent is kept for known clients.
@@ -86,6 +92,16 @@ impl LocalBudget {
         share: u8,
         dry_run: bool,
         metrics: Option<Arc<Metrics>>,
+    ) -> LocalBudget {
+        LocalBudget::build(qps, share, dry_run, metrics, Clock::default())
+    }
+
+    fn build(
+        qps: u32,
+        share: u8,
+        dry_run: bool,
+        metrics: Option<Arc<Metrics>>,
+        clock: Clock,
     ) -> LocalBudget {
         let qps = u64::from(qps.max(1));
         let period = Duration::from_nanos(1_000_000_000 / qps);
@@ -110,7 +126,8 @@ impl LocalBudget {
             reserve,
             dry_run,
             metrics,
-            state: Mutex::new((cap, reserve.map_or(Duration::ZERO, |r| r.1), Instant::now())),
+            state: Mutex::new((cap, reserve.map_or(Duration::ZERO, |r| r.1), clock.now())),
+            clock,
             last_log: AtomicU64::new(0),
         }
     }
@@ -121,7 +138,7 @@ impl LocalBudget {
         let (saved, reserved, last) = &mut *s;
         // Read under the lock: an instant read before it could be older
         // than `last`, and moving `last` back would count time twice.
-        let now = Instant::now();
+        let now = self.clock.now();
         if now > *last {
             let dt = now - *last;
             *saved = (*saved + dt).min(self.cap);
@@ -155,7 +172,7 @@ impl LocalBudget {
         *saved -= self.period;
         drop(s);
         if let Some(m) = &self.metrics {
-            m.upstream_budget_refused(false, true);
+            m.upstream.budget_refused(false, true);
         }
         let sec = crate::clock::unix_now();
         if self.last_log.swap(sec, Ordering::Relaxed) != sec {

@@ -26,6 +26,7 @@
 
 mod budget;
 mod https;
+mod server;
 pub mod spec;
 mod stream;
 mod tls;
@@ -34,7 +35,8 @@ mod udp;
 pub use budget::{LocalBudget, Spend, Unlimited, Who};
 pub use tls::read_ca;
 
-use std::net::SocketAddr;
+use server::{Link, Rtt, Server};
+
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -129,150 +131,6 @@ pub enum ExchangeError {
     Budget,
 }
 
-/// Reconnection backoff, and a log line when an upstream starts failing
-/// and when it recovers (not one per failure).
-#[derive(Default)]
-struct Backoff {
-    state: Mutex<(Option<Instant>, Duration)>,
-    failing: AtomicBool,
-}
-
-impl Backoff {
-    fn check(&self) -> Result<(), ExchangeError> {
-        let s = self.state.lock().map_err(|_| ExchangeError::Backoff)?;
-        match s.0 {
-            Some(until) if Instant::now() < until => Err(ExchangeError::Backoff),
-            _ => Ok(()),
-        }
-    }
-
-    fn failed(&self, label: &str, e: &std::io::Error) {
-        if let Ok(mut s) = self.state.lock() {
-            let delay = (s.1 * 2).clamp(Duration::from_millis(100), Duration::from_secs(5));
-            *s = (Some(Instant::now() + delay), delay);
-        }
-        if !self.failing.swap(true, Ordering::Relaxed) {
-            tracing::warn!(upstream = label, error = %e, "cannot connect to the upstream (logged once until it recovers)");
-        }
-    }
-
-    fn succeeded(&self, label: &str) {
-        if let Ok(mut s) = self.state.lock() {
-            *s = (None, Duration::ZERO);
-        }
-        if self.failing.swap(false, Ordering::Relaxed) {
-            tracing::info!(upstream = label, "connected to the upstream again");
-        }
-    }
-}
-
-/// Checks an answer and strips what a client must not get.
-fn accept(wire: &[u8], id: u16, key: &Key) -> Result<(Vec<u8>, AnswerInfo), dns::AnswerError> {
-    let info = dns::check_answer(wire, id, key)?;
-    let mut out = match dns::strip_extras(wire, key.flags.dnssec_ok()) {
-        None => wire.to_vec(),
-        Some(stripped) => stripped,
-    };
-    let before = out.len();
-    dns::clear_options(&mut out);
-    if out.len() == wire.len() && before == wire.len() {
-        return Ok((out, info));
-    }
-    // Offsets moved: locate the TTLs again.
-    let info = dns::check_answer(&out, id, key)?;
-    Ok((out, info))
-}
-
-enum Link {
-    /// UDP, and a pool for TCP after truncation.
-    Udp(udp::UdpPool, stream::StreamPool),
-    Stream(stream::StreamPool),
-    Https(https::HttpsLink),
-}
-
-/// Smoothed RTT and its deviation (RFC 6298), in microseconds.
-#[derive(Default)]
-struct Rtt {
-    srtt: AtomicU64,
-    rttvar: AtomicU64,
-}
-
-impl Rtt {
-    fn sample(&self, took: Duration) {
-        let r = took.as_micros().min(u128::from(u64::MAX)) as u64;
-        let srtt = self.srtt.load(Ordering::Relaxed);
-        if srtt == 0 {
-            self.srtt.store(r.max(1), Ordering::Relaxed);
-            self.rttvar.store(r / 2, Ordering::Relaxed);
-            return;
-        }
-        let var = self.rttvar.load(Ordering::Relaxed);
-        let diff = srtt.abs_diff(r);
-        self.rttvar.store((3 * var + diff) / 4, Ordering::Relaxed);
-        self.srtt
-            .store(((7 * srtt + r) / 8).max(1), Ordering::Relaxed);
-    }
-
-    fn srtt(&self) -> Option<Duration> {
-        let s = self.srtt.load(Ordering::Relaxed);
-        (s > 0).then(|| Duration::from_micros(s))
-    }
-
-    fn rto(&self) -> Duration {
-        match self.srtt() {
-            None => INITIAL_RTO,
-            Some(s) => s + Duration::from_micros(4 * self.rttvar.load(Ordering::Relaxed)),
-        }
-    }
-}
-
-struct Server {
-    spec: UpstreamSpec,
-    link: Link,
-    rtt: Rtt,
-    failures: AtomicU32,
-    up: AtomicBool,
-    /// Milliseconds since `Upstream::epoch` of the last answered probe.
-    last_probe_ok_ms: AtomicU64,
-    metrics: UpstreamMetrics,
-}
-
-impl Server {
-    /// One exchange with this upstream. A truncated UDP answer is asked
-    /// again over TCP, which is a second packet: it spends a second token
-    /// of `budget`.
-    async fn exchange(
-        &self,
-        key: &Key,
-        budget: &dyn Spend,
-        who: Who,
-    ) -> Result<(Vec<u8>, AnswerInfo), ExchangeError> {
-        let r = match &self.link {
-            Link::Udp(udp, tcp) => {
-                match udp_exchange(udp, self.spec.addr, key, &self.metrics).await? {
-                    Exchanged::Truncated => {
-                        if !budget.spend(who).await {
-                            return Err(ExchangeError::Budget);
-                        }
-                        tcp.exchange(key).await?
-                    }
-                    answered => answered,
-                }
-            }
-            Link::Stream(pool) => pool.exchange(key).await?,
-            Link::Https(h) => h.exchange(key).await?,
-        };
-        match r {
-            Exchanged::Answer(a) => Ok(a),
-            Exchanged::Truncated => Err(ExchangeError::Closed),
-        }
-    }
-
-    fn is_up(&self) -> bool {
-        self.up.load(Ordering::Relaxed)
-    }
-}
-
 pub struct Upstream {
     servers: Vec<Server>,
     timeout: Duration,
@@ -300,7 +158,7 @@ impl Upstream {
         let mut servers = Vec::new();
         for spec in &s.servers {
             let label = spec.label().to_string();
-            let m = metrics.upstream_handles(&label);
+            let m = metrics.upstream.handles(&label);
             let name = |n: &str| {
                 ServerName::try_from(n.to_string()).map_err(|e| format!("upstream {label}: {e}"))
             };
@@ -464,7 +322,7 @@ impl Upstream {
                     continue;
                 }
                 if !self.budget.spend(who).await {
-                    self.metrics.upstream_budget_exhausted.inc();
+                    self.metrics.upstream.budget_exhausted.inc();
                     out_of_budget = true;
                     next = plan.len();
                     break;
@@ -522,7 +380,7 @@ impl Upstream {
                         }
                         Err(ExchangeError::Budget) => {
                             // Truncated, and no token left for the TCP retry.
-                            self.metrics.upstream_budget_exhausted.inc();
+                            self.metrics.upstream.budget_exhausted.inc();
                             out_of_budget = true;
                             next = plan.len();
                         }
@@ -614,55 +472,5 @@ impl Upstream {
 impl Drop for Upstream {
     fn drop(&mut self) {
         self.shutdown.cancel();
-    }
-}
-
-/// One query over UDP from the pool ([`udp`]) with a random ID. Answers
-/// that do not match are dropped and the wait goes on; a truncated answer,
-/// or one larger than the payload size we advertised, means TCP.
-async fn udp_exchange(
-    pool: &udp::UdpPool,
-    addr: SocketAddr,
-    key: &Key,
-    metrics: &UpstreamMetrics,
-) -> Result<Exchanged, ExchangeError> {
-    let mut taken = pool.take().await?;
-    let r = udp_query(&mut taken, addr, key, metrics).await;
-    if r.is_ok() {
-        // Its answer is taken: nothing more can arrive for this query.
-        taken.keep();
-    }
-    r
-}
-
-async fn udp_query(
-    taken: &mut udp::Taken<'_>,
-    addr: SocketAddr,
-    key: &Key,
-    metrics: &UpstreamMetrics,
-) -> Result<Exchanged, ExchangeError> {
-    let (sock, buf) = taken.parts().ok_or(ExchangeError::Closed)?;
-    let id: u16 = rand::random();
-    sock.send(&dns::upstream_query(id, key)).await?;
-    let limit = if key.flags.edns() {
-        usize::from(dns::EDNS_PAYLOAD)
-    } else {
-        512
-    };
-    loop {
-        let n = sock.recv(buf).await?;
-        if n > limit {
-            metrics.dropped();
-            tracing::debug!(upstream = %addr, "answer larger than advertised: retrying over TCP");
-            return Ok(Exchanged::Truncated);
-        }
-        match accept(&buf[..n], id, key) {
-            Ok((_, info)) if info.truncated => return Ok(Exchanged::Truncated),
-            Ok(a) => return Ok(Exchanged::Answer(a)),
-            Err(e) => {
-                metrics.dropped();
-                tracing::debug!(upstream = %addr, error = %e, "dropped an answer");
-            }
-        }
     }
 }

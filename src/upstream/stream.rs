@@ -20,7 +20,8 @@ use tokio_rustls::TlsConnector;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use super::{accept, Backoff, ExchangeError, Exchanged};
+use super::server::{accept, Backoff};
+use super::{ExchangeError, Exchanged};
 use crate::dns::{self, Key};
 use crate::metrics::UpstreamMetrics;
 

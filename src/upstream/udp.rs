@@ -29,6 +29,11 @@ use std::sync::Mutex;
 
 use tokio::net::UdpSocket;
 
+use super::server::accept;
+use super::{ExchangeError, Exchanged};
+use crate::dns::{self, Key};
+use crate::metrics::UpstreamMetrics;
+
 /// Idle sockets kept per upstream.
 pub const POOL: usize = 64;
 /// Queries a socket sends before it is closed and replaced.
@@ -125,6 +130,56 @@ impl UdpPool {
             sock: Some(p),
             keep: false,
         })
+    }
+}
+
+/// One query over UDP from the pool with a random ID. Answers
+/// that do not match are dropped and the wait goes on; a truncated answer,
+/// or one larger than the payload size we advertised, means TCP.
+pub(super) async fn udp_exchange(
+    pool: &UdpPool,
+    addr: SocketAddr,
+    key: &Key,
+    metrics: &UpstreamMetrics,
+) -> Result<Exchanged, ExchangeError> {
+    let mut taken = pool.take().await?;
+    let r = udp_query(&mut taken, addr, key, metrics).await;
+    if r.is_ok() {
+        // Its answer is taken: nothing more can arrive for this query.
+        taken.keep();
+    }
+    r
+}
+
+async fn udp_query(
+    taken: &mut Taken<'_>,
+    addr: SocketAddr,
+    key: &Key,
+    metrics: &UpstreamMetrics,
+) -> Result<Exchanged, ExchangeError> {
+    let (sock, buf) = taken.parts().ok_or(ExchangeError::Closed)?;
+    let id: u16 = rand::random();
+    sock.send(&dns::upstream_query(id, key)).await?;
+    let limit = if key.flags.edns() {
+        usize::from(dns::EDNS_PAYLOAD)
+    } else {
+        512
+    };
+    loop {
+        let n = sock.recv(buf).await?;
+        if n > limit {
+            metrics.dropped();
+            tracing::debug!(upstream = %addr, "answer larger than advertised: retrying over TCP");
+            return Ok(Exchanged::Truncated);
+        }
+        match accept(&buf[..n], id, key) {
+            Ok((_, info)) if info.truncated => return Ok(Exchanged::Truncated),
+            Ok(a) => return Ok(Exchanged::Answer(a)),
+            Err(e) => {
+                metrics.dropped();
+                tracing::debug!(upstream = %addr, error = %e, "dropped an answer");
+            }
+        }
     }
 }
 

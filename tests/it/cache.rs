@@ -77,7 +77,7 @@ async fn ttl_floor_keeps_answers_cached() {
     .await;
     let long_before = r.dns().answers[0].ttl;
     assert_eq!(long_before, 3600);
-    tokio::time::sleep(Duration::from_secs(6)).await;
+    p.app.clock.advance(Duration::from_secs(6));
     let r = send(
         &p,
         Proto::H1,
@@ -161,7 +161,7 @@ async fn upstream_down_serves_stale_and_servfail_for_the_rest() {
     .await;
     assert_eq!(r.dns().answers[0].ttl, 5);
     up.paused.store(true, std::sync::atomic::Ordering::SeqCst);
-    tokio::time::sleep(Duration::from_millis(5200)).await;
+    p.app.clock.advance(Duration::from_millis(5200));
     let before = up.total.load(std::sync::atomic::Ordering::SeqCst);
     let timeouts = format!(
         "doh_upstream_queries_total{{upstream=\"{}\",result=\"timeout\"}}",
@@ -231,7 +231,10 @@ fn a_million_names_stay_within_cache_size() {
     let cache = Cache::with_entries(10_000, policy);
     for i in 0..1_000_000u32 {
         let key = Key::new(&format!("n{i}.example.test"), 1, true).unwrap();
-        cache.store(key.clone(), Arc::new(Entry::failure(&key, &policy)));
+        cache.store(
+            key.clone(),
+            Arc::new(Entry::failure(&key, &policy, tokio::time::Instant::now())),
+        );
         if i % 100_000 == 0 {
             cache.sync();
             assert!(cache.len() <= 10_000);
@@ -246,7 +249,13 @@ async fn spent_upstream_budget_serves_stale_then_503() {
     let up = MockUpstream::start().await;
     let p = proxy(&[up.addr], |c| c.upstream_qps = 1).await;
     // Let the start-up health probe spend its token and the bucket refill.
-    tokio::time::sleep(Duration::from_millis(1100)).await;
+    wait_for(
+        "the start-up probe answered",
+        async || p.app.upstream.load().since_last_probe().is_some(),
+        Duration::from_secs(5),
+    )
+    .await;
+    p.app.clock.advance(Duration::from_millis(1100));
     let r = send(
         &p,
         Proto::H2,
@@ -254,7 +263,7 @@ async fn spent_upstream_budget_serves_stale_then_503() {
     )
     .await;
     assert_eq!(r.dns().answers[0].ttl, 5);
-    tokio::time::sleep(Duration::from_millis(5100)).await;
+    p.app.clock.advance(Duration::from_millis(5100));
     // Spend the budget on a new name, then ask for the expired one at once.
     let _ = send(
         &p,
@@ -306,21 +315,21 @@ async fn popular_entries_are_prefetched_before_they_expire() {
     let ask = || send(&p, Proto::H2, get(&ok_path("www.example.test")));
     assert_eq!(ask().await.status, 200); // miss
     assert_eq!(ask().await.status, 200); // hit
-    tokio::time::sleep(Duration::from_millis(9200)).await;
+    p.app.clock.advance(Duration::from_millis(9200));
     // A hit in the last tenth of the lifetime refreshes in the background.
     assert_eq!(
         ask().await.dns().answers[0].ttl,
         10,
         "never below the floor"
     );
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    assert_eq!(
-        up.count("www.example.test."),
-        2,
-        "refreshed ahead of expiry"
-    );
+    wait_for(
+        "refreshed ahead of expiry",
+        async || up.count("www.example.test.") == 2,
+        Duration::from_secs(5),
+    )
+    .await;
     // Past the first entry's expiry, the refreshed one answers: no miss.
-    tokio::time::sleep(Duration::from_millis(1200)).await;
+    p.app.clock.advance(Duration::from_millis(1200));
     assert_eq!(ask().await.status, 200);
     assert_eq!(metric(&p, "doh_cache_misses_total").await, 1.0);
     assert_eq!(metric(&p, "doh_cache_stale_total").await, 0.0);

@@ -192,7 +192,7 @@ async fn known_clients_keep_their_answers_through_a_crowd() {
 /// part of the fleet's budget.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn in_a_fleet_known_clients_keep_their_share_of_its_budget() {
-    let redis = crate::fleet::Redis::start().await;
+    let redis = Redis::start().await;
     let got = through_a_crowd(50, Some(redis.url())).await;
     assert!(got >= 0.9, "known clients got {:.0} %", got * 100.0);
 }

@@ -7,6 +7,7 @@ mod common;
 mod admin;
 mod cache;
 mod doors;
+mod doors_wire;
 mod doq;
 mod e2e;
 mod examples_files;

@@ -327,3 +327,52 @@ fn systemd_units_verify() {
         "warnings about our units: {err}"
     );
 }
+
+/// Started under the usual soft limit of 1024 descriptors, the proxy
+/// raises it to the hard limit.
+#[test]
+fn the_descriptor_limit_is_raised_at_start() {
+    use std::process::{Command, Stdio};
+    let hard = std::fs::read_to_string("/proc/self/limits")
+        .unwrap()
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .and_then(|l| l.split_whitespace().nth(4).map(str::to_string))
+        .unwrap();
+    if Command::new("prlimit").arg("--version").output().is_err() {
+        panic!("prlimit (util-linux) is needed");
+    }
+    let mut child = Command::new("prlimit")
+        .arg(format!("--nofile=1024:{hard}"))
+        .arg(env!("CARGO_BIN_EXE_doh-proxy"))
+        .args([
+            "-l",
+            "127.0.0.1:0",
+            "--metrics-listen",
+            "127.0.0.1:0",
+            "-u",
+            "127.0.0.1:9",
+        ])
+        .env("DOH_PROXY_LOG", "info")
+        .current_dir(std::env::temp_dir())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    let mut soft = String::new();
+    for _ in 0..50 {
+        std::thread::sleep(Duration::from_millis(100));
+        if let Ok(limits) = std::fs::read_to_string(format!("/proc/{pid}/limits")) {
+            if let Some(l) = limits.lines().find(|l| l.starts_with("Max open files")) {
+                soft = l.split_whitespace().nth(3).unwrap_or("").to_string();
+                if soft == hard {
+                    break;
+                }
+            }
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    assert_eq!(soft, hard, "soft limit raised to the hard one");
+}

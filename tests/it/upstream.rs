@@ -4,6 +4,8 @@
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
+use std::sync::Arc;
+
 use crate::common::*;
 use hickory_proto::op::ResponseCode;
 
@@ -368,4 +370,52 @@ async fn doh_upstream_through_another_instance() {
     assert_eq!(r.dns().metadata.response_code, ResponseCode::NXDomain);
     assert_eq!(metric(&front, "doh_upstream_connections_total").await, 1.0);
     assert_eq!(up.count("h3.example.test."), 1);
+}
+
+/// Clients asking for names whose servers never answer cannot make the
+/// proxy look unhealthy: health follows the proxy's own probes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_names_do_not_mark_the_upstream_down() {
+    let up = MockUpstream::start().await;
+    let p = Arc::new(
+        proxy(&[up.addr], |c| {
+            c.upstream_timeout = 500;
+            c.per_ip_burst = 1000;
+            c.per_ip_qps = 1000;
+        })
+        .await,
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut tasks = Vec::new();
+    for i in 0..60 {
+        let p = p.clone();
+        tasks.push(tokio::spawn(async move {
+            for round in 0..6 {
+                let r = send_from(
+                    &p,
+                    Proto::H2,
+                    &format!("127.0.69.{}", i + 1),
+                    get(&ok_path(&format!("dead{i}-{round}.example.test"))),
+                )
+                .await
+                .unwrap();
+                assert_eq!(r.status, 200);
+                assert_eq!(
+                    r.dns().metadata.response_code,
+                    hickory_proto::op::ResponseCode::ServFail
+                );
+            }
+        }));
+    }
+    let mut probes = Vec::new();
+    let t = Instant::now();
+    while t.elapsed() < Duration::from_secs(3) {
+        probes.push(admin(&p, "GET", "/healthz", None).await.status);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    probes.push(admin(&p, "GET", "/healthz", None).await.status);
+    assert!(probes.iter().all(|s| *s == 200), "{probes:?}");
 }

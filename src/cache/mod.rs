@@ -17,6 +17,8 @@ use moka::Expiry;
 use tokio::sync::OnceCell;
 use tokio::time::Instant;
 
+use crate::clock::Clock;
+
 use crate::dns::{self, AnswerInfo, Key, RCODE_NOERROR, RCODE_NXDOMAIN};
 
 /// TTL of an answer served stale, as RFC 8767 recommends.
@@ -83,7 +85,12 @@ pub enum Freshness {
 impl Entry {
     /// Builds an entry from an accepted upstream answer, flooring and
     /// capping every TTL.
-    pub fn from_answer(mut wire: Vec<u8>, info: &AnswerInfo, policy: &TtlPolicy) -> Entry {
+    pub fn from_answer(
+        mut wire: Vec<u8>,
+        info: &AnswerInfo,
+        policy: &TtlPolicy,
+        now: Instant,
+    ) -> Entry {
         let is_error = !matches!(info.rcode, RCODE_NOERROR | RCODE_NXDOMAIN);
         let ceiling = if is_error {
             Some(policy.err_ttl)
@@ -110,7 +117,7 @@ impl Entry {
         Entry {
             wire: wire.into(),
             ttl_offsets: info.ttl_offsets.clone().into(),
-            created: Instant::now(),
+            created: now,
             lifetime,
             stale_secs: if is_error { 0 } else { policy.stale_secs },
             is_error,
@@ -140,7 +147,7 @@ impl Entry {
     }
 
     /// A synthesized SERVFAIL for an upstream that did not answer.
-    pub fn failure(key: &Key, policy: &TtlPolicy) -> Entry {
+    pub fn failure(key: &Key, policy: &TtlPolicy, now: Instant) -> Entry {
         let wire = dns::servfail(key);
         let info = AnswerInfo {
             rcode: dns::RCODE_SERVFAIL,
@@ -149,7 +156,7 @@ impl Entry {
             ttl_offsets: Vec::new(),
             negative_ttl: None,
         };
-        Entry::from_answer(wire, &info, policy)
+        Entry::from_answer(wire, &info, policy, now)
     }
 
     pub fn is_error(&self) -> bool {
@@ -182,8 +189,8 @@ impl Entry {
 
     /// Claims the right to refresh this entry now; at most one claim
     /// succeeds per `every`. Returns false if someone else holds it.
-    pub fn claim_refresh(&self, every: Duration) -> bool {
-        let now = self.created.elapsed().as_millis() as u64;
+    pub fn claim_refresh(&self, every: Duration, now: Instant) -> bool {
+        let now = now.saturating_duration_since(self.created).as_millis() as u64;
         let next = self.next_refresh_ms.load(Ordering::Relaxed);
         now >= next
             && self
@@ -200,20 +207,27 @@ impl Entry {
     /// Whether a fresh entry is popular and close enough to expiry to be
     /// refreshed ahead of time: used at least twice and in the last tenth
     /// of a lifetime of 10 s or more.
-    pub fn wants_prefetch(&self) -> bool {
+    pub fn wants_prefetch(&self, now: Instant) -> bool {
         let hits = self.hits.fetch_add(1, Ordering::Relaxed) + 1;
         if self.is_error || self.lifetime < 10 || hits < 2 {
             return false;
         }
-        let age = self.created.elapsed().as_secs();
+        let age = now.saturating_duration_since(self.created).as_secs();
         age * 10 >= u64::from(self.lifetime) * 9
     }
 
     /// The answer for one client: its ID and question bytes, TTLs counted
     /// down by age (never below the floor), or set to [`STALE_TTL`] when
     /// stale. Returns the message and the `Cache-Control: max-age` to send.
-    pub fn serve(&self, id: u16, question: &[u8], policy: &TtlPolicy) -> (Vec<u8>, u32) {
-        let age = self.created.elapsed().as_secs().min(u64::from(u32::MAX)) as u32;
+    pub fn serve(
+        &self,
+        id: u16,
+        question: &[u8],
+        policy: &TtlPolicy,
+        now: Instant,
+    ) -> (Vec<u8>, u32) {
+        let age = now.saturating_duration_since(self.created).as_secs();
+        let age = age.min(u64::from(u32::MAX)) as u32;
         let stale = age >= self.lifetime;
         // Even stale, never above the ceiling (a ceiling of 0 means 0).
         let stale_ttl = STALE_TTL.min(policy.max_ttl);
@@ -279,10 +293,12 @@ pub struct Cache {
     /// (`--cache-size`, `--cache-memory`), fixed at start.
     bounds: (u64, u64),
     bytes: Arc<AtomicI64>,
+    /// What entries age by.
+    clock: Clock,
 }
 
 impl Cache {
-    pub fn new(s: &CacheSettings) -> Cache {
+    pub fn new(s: &CacheSettings, clock: Clock) -> Cache {
         let floor = (s.max_bytes / s.max_entries.max(1)).min(u64::from(u32::MAX)) as u32;
         let bytes = Arc::new(AtomicI64::new(0));
         let gone = bytes.clone();
@@ -299,6 +315,7 @@ impl Cache {
             max_answer: s.max_answer,
             bounds: (s.max_entries, s.max_bytes),
             bytes,
+            clock,
         }
     }
 
@@ -315,12 +332,20 @@ impl Cache {
 
     /// A cache of `entries` entries and a generous byte bound (tests, tools).
     pub fn with_entries(entries: u64, policy: TtlPolicy) -> Cache {
-        Cache::new(&CacheSettings {
-            policy,
-            max_entries: entries,
-            max_bytes: entries.saturating_mul(4096),
-            max_answer: 16 * 1024,
-        })
+        Cache::new(
+            &CacheSettings {
+                policy,
+                max_entries: entries,
+                max_bytes: entries.saturating_mul(4096),
+                max_answer: 16 * 1024,
+            },
+            Clock::default(),
+        )
+    }
+
+    /// Now, as entries age.
+    pub fn now(&self) -> Instant {
+        self.clock.now()
     }
 
     pub fn policy(&self) -> TtlPolicy {
@@ -332,11 +357,13 @@ impl Cache {
         self.bytes.load(Ordering::Relaxed).max(0) as u64
     }
 
-    pub fn lookup(&self, key: &Key) -> Lookup {
+    /// The entry for `key` as it stands at `now` (read from [`Cache::now`]
+    /// once per request).
+    pub fn lookup(&self, key: &Key, now: Instant) -> Lookup {
         let Some(e) = self.map.get(key) else {
             return Lookup::Miss;
         };
-        match e.freshness(Instant::now()) {
+        match e.freshness(now) {
             Some(Freshness::Fresh) => Lookup::Fresh(e),
             Some(Freshness::Stale) if !e.is_error => Lookup::Stale(e),
             _ => Lookup::Miss,
@@ -352,7 +379,7 @@ impl Cache {
         }
         if entry.is_error {
             if let Some(old) = self.map.get(&key) {
-                if !old.is_error && old.freshness(Instant::now()).is_some() {
+                if !old.is_error && old.freshness(self.clock.now()).is_some() {
                     return false;
                 }
             }
@@ -430,165 +457,4 @@ impl<T: Clone> Inflight<T> {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use std::sync::atomic::AtomicUsize;
-
-    fn policy(min: u32) -> TtlPolicy {
-        TtlPolicy {
-            min_ttl: min,
-            max_ttl: 86400,
-            err_ttl: 2,
-            stale_secs: 86400,
-        }
-    }
-
-    /// An answer for `key` with one A record of TTL `ttl`.
-    fn answer(key: &Key, ttl: u32) -> (Vec<u8>, AnswerInfo) {
-        let a = dns::build::a_answer(key, ttl, 0);
-        let info = dns::check_answer(&a, 0, key).unwrap();
-        (a, info)
-    }
-
-    #[test]
-    fn ttl_floor_and_ceiling() {
-        let key = Key::new("short.test", 1, false).unwrap();
-        let (a, info) = answer(&key, 5);
-        let e = Entry::from_answer(a, &info, &policy(1800));
-        assert_eq!(e.lifetime(), 1800);
-        let (wire, max_age) = e.serve(0x4242, &key.question, &policy(1800));
-        assert_eq!(max_age, 1800);
-        assert_eq!(dns::read_ttl(&wire, info.ttl_offsets[0] as usize), 1800);
-        assert_eq!(&wire[..2], &[0x42, 0x42]);
-        let (a, info) = answer(&key, 200_000);
-        let e = Entry::from_answer(a, &info, &policy(0));
-        assert_eq!(e.lifetime(), 86400);
-    }
-
-    #[test]
-    fn errors_are_short_lived_and_never_stale() {
-        let key = Key::new("fail.test", 1, false).unwrap();
-        let e = Entry::failure(&key, &policy(1800));
-        assert!(e.is_error());
-        assert_eq!(e.lifetime(), 2);
-        let (_, max_age) = e.serve(1, &key.question, &policy(1800));
-        assert!(max_age <= 2);
-        let c = Cache::with_entries(10, policy(0));
-        let (a, info) = answer(&key, 60);
-        c.store(
-            key.clone(),
-            Arc::new(Entry::from_answer(a, &info, &policy(0))),
-        );
-        c.store(key.clone(), Arc::new(Entry::failure(&key, &policy(0))));
-        assert!(matches!(c.lookup(&key), Lookup::Fresh(e) if !e.is_error()));
-    }
-
-    #[test]
-    fn a_zero_ceiling_is_never_exceeded_even_stale() {
-        // Found by the `rewrite` fuzz target: max_ttl 0 made every answer
-        // stale at once, served with TTL 30.
-        let p = TtlPolicy {
-            min_ttl: 0,
-            max_ttl: 0,
-            err_ttl: 2,
-            stale_secs: 86400,
-        };
-        let key = Key::new("z.test", 1, false).unwrap();
-        let (a, info) = answer(&key, 5);
-        let e = Entry::from_answer(a, &info, &p);
-        let (wire, max_age) = e.serve(1, &key.question, &p);
-        assert_eq!(dns::read_ttl(&wire, info.ttl_offsets[0] as usize), 0);
-        assert_eq!(max_age, 0);
-    }
-
-    #[test]
-    fn refresh_claim_is_exclusive() {
-        let key = Key::new("x.test", 1, false).unwrap();
-        let e = Entry::failure(&key, &policy(0));
-        assert!(e.claim_refresh(Duration::from_secs(30)));
-        assert!(!e.claim_refresh(Duration::from_secs(30)));
-    }
-
-    #[test]
-    fn capacity_bounds_entries() {
-        let c = Cache::with_entries(1000, policy(0));
-        let p = policy(0);
-        for i in 0..20_000 {
-            let key = Key::new(&format!("n{i}.test"), 1, false).unwrap();
-            c.store(key.clone(), Arc::new(Entry::failure(&key, &p)));
-        }
-        c.sync();
-        assert!(c.len() <= 1000, "{}", c.len());
-    }
-
-    /// An answer of about `len` bytes for `key` (one TXT record).
-    fn big_answer(key: &Key, len: usize) -> (Vec<u8>, AnswerInfo) {
-        let mut a = dns::upstream_query(0, key);
-        a[2] |= 0x80;
-        a[7] = 1;
-        let rdlen = len.saturating_sub(a.len() + 12).min(65000);
-        let mut rr = vec![0xC0, 12, 0, 16, 0, 1, 0, 0, 1, 0];
-        rr.extend_from_slice(&(rdlen as u16).to_be_bytes());
-        let mut rdata = Vec::new();
-        while rdata.len() < rdlen {
-            let n = (rdlen - rdata.len() - 1).min(255);
-            rdata.push(n as u8);
-            rdata.extend(std::iter::repeat_n(b'x', n));
-        }
-        rr.extend_from_slice(&rdata);
-        a.extend_from_slice(&rr);
-        let info = dns::check_answer(&a, 0, key).unwrap();
-        (a, info)
-    }
-
-    #[test]
-    fn bytes_bound_the_cache_and_large_answers_are_not_kept() {
-        let p = policy(1800);
-        let c = Cache::new(&CacheSettings {
-            policy: p,
-            max_entries: 100_000,
-            max_bytes: 1 << 20,
-            max_answer: 16 * 1024,
-        });
-        for i in 0..1000 {
-            let key = Key::new(&format!("big{i}.test"), 16, false).unwrap();
-            let (a, info) = big_answer(&key, 12_000);
-            assert!(c.store(key, Arc::new(Entry::from_answer(a, &info, &p))));
-        }
-        c.sync();
-        assert!(c.bytes() <= 1 << 20, "{} bytes", c.bytes());
-        assert!(c.len() >= 50 && c.len() <= 90, "{} entries", c.len());
-        let key = Key::new("huge.test", 16, false).unwrap();
-        let (a, info) = big_answer(&key, 30_000);
-        let e = Arc::new(Entry::from_answer(a, &info, &p));
-        assert!(e.wire_len() > 16 * 1024);
-        assert!(!c.store(key.clone(), e));
-        assert!(matches!(c.lookup(&key), Lookup::Miss));
-    }
-
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn coalescing_runs_work_once() {
-        let inflight = Arc::new(Inflight::<u32>::default());
-        let runs = Arc::new(AtomicUsize::new(0));
-        let key = Key::new("c.test", 1, false).unwrap();
-        let mut tasks = Vec::new();
-        for _ in 0..200 {
-            let (inflight, runs, key) = (inflight.clone(), runs.clone(), key.clone());
-            tasks.push(tokio::spawn(async move {
-                inflight
-                    .run(&key, || async {
-                        runs.fetch_add(1, Ordering::SeqCst);
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                        7
-                    })
-                    .await
-                    .0
-            }));
-        }
-        for t in tasks {
-            assert_eq!(t.await.unwrap(), 7);
-        }
-        assert_eq!(runs.load(Ordering::SeqCst), 1);
-        assert!(inflight.is_empty());
-    }
-}
+mod tests;

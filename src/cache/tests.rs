@@ -1,0 +1,172 @@
+use super::*;
+use std::sync::atomic::AtomicUsize;
+
+fn policy(min: u32) -> TtlPolicy {
+    TtlPolicy {
+        min_ttl: min,
+        max_ttl: 86400,
+        err_ttl: 2,
+        stale_secs: 86400,
+    }
+}
+
+/// An answer for `key` with one A record of TTL `ttl`.
+fn answer(key: &Key, ttl: u32) -> (Vec<u8>, AnswerInfo) {
+    let a = dns::build::a_answer(key, ttl, 0);
+    let info = dns::check_answer(&a, 0, key).unwrap();
+    (a, info)
+}
+
+#[test]
+fn ttl_floor_and_ceiling() {
+    let key = Key::new("short.test", 1, false).unwrap();
+    let (a, info) = answer(&key, 5);
+    let e = Entry::from_answer(a, &info, &policy(1800), Instant::now());
+    assert_eq!(e.lifetime(), 1800);
+    let (wire, max_age) = e.serve(0x4242, &key.question, &policy(1800), Instant::now());
+    assert_eq!(max_age, 1800);
+    assert_eq!(dns::read_ttl(&wire, info.ttl_offsets[0] as usize), 1800);
+    assert_eq!(&wire[..2], &[0x42, 0x42]);
+    let (a, info) = answer(&key, 200_000);
+    let e = Entry::from_answer(a, &info, &policy(0), Instant::now());
+    assert_eq!(e.lifetime(), 86400);
+}
+
+#[test]
+fn errors_are_short_lived_and_never_stale() {
+    let key = Key::new("fail.test", 1, false).unwrap();
+    let e = Entry::failure(&key, &policy(1800), Instant::now());
+    assert!(e.is_error());
+    assert_eq!(e.lifetime(), 2);
+    let (_, max_age) = e.serve(1, &key.question, &policy(1800), Instant::now());
+    assert!(max_age <= 2);
+    let c = Cache::with_entries(10, policy(0));
+    let (a, info) = answer(&key, 60);
+    c.store(
+        key.clone(),
+        Arc::new(Entry::from_answer(a, &info, &policy(0), Instant::now())),
+    );
+    c.store(
+        key.clone(),
+        Arc::new(Entry::failure(&key, &policy(0), Instant::now())),
+    );
+    assert!(matches!(c.lookup(&key, Instant::now()), Lookup::Fresh(e) if !e.is_error()));
+}
+
+#[test]
+fn a_zero_ceiling_is_never_exceeded_even_stale() {
+    // Found by the `rewrite` fuzz target: max_ttl 0 made every answer
+    // stale at once, served with TTL 30.
+    let p = TtlPolicy {
+        min_ttl: 0,
+        max_ttl: 0,
+        err_ttl: 2,
+        stale_secs: 86400,
+    };
+    let key = Key::new("z.test", 1, false).unwrap();
+    let (a, info) = answer(&key, 5);
+    let e = Entry::from_answer(a, &info, &p, Instant::now());
+    let (wire, max_age) = e.serve(1, &key.question, &p, Instant::now());
+    assert_eq!(dns::read_ttl(&wire, info.ttl_offsets[0] as usize), 0);
+    assert_eq!(max_age, 0);
+}
+
+#[test]
+fn refresh_claim_is_exclusive() {
+    let key = Key::new("x.test", 1, false).unwrap();
+    let e = Entry::failure(&key, &policy(0), Instant::now());
+    assert!(e.claim_refresh(Duration::from_secs(30), Instant::now()));
+    assert!(!e.claim_refresh(Duration::from_secs(30), Instant::now()));
+}
+
+#[test]
+fn capacity_bounds_entries() {
+    let c = Cache::with_entries(1000, policy(0));
+    let p = policy(0);
+    for i in 0..20_000 {
+        let key = Key::new(&format!("n{i}.test"), 1, false).unwrap();
+        c.store(
+            key.clone(),
+            Arc::new(Entry::failure(&key, &p, Instant::now())),
+        );
+    }
+    c.sync();
+    assert!(c.len() <= 1000, "{}", c.len());
+}
+
+/// An answer of about `len` bytes for `key` (one TXT record).
+fn big_answer(key: &Key, len: usize) -> (Vec<u8>, AnswerInfo) {
+    let mut a = dns::upstream_query(0, key);
+    a[2] |= 0x80;
+    a[7] = 1;
+    let rdlen = len.saturating_sub(a.len() + 12).min(65000);
+    let mut rr = vec![0xC0, 12, 0, 16, 0, 1, 0, 0, 1, 0];
+    rr.extend_from_slice(&(rdlen as u16).to_be_bytes());
+    let mut rdata = Vec::new();
+    while rdata.len() < rdlen {
+        let n = (rdlen - rdata.len() - 1).min(255);
+        rdata.push(n as u8);
+        rdata.extend(std::iter::repeat_n(b'x', n));
+    }
+    rr.extend_from_slice(&rdata);
+    a.extend_from_slice(&rr);
+    let info = dns::check_answer(&a, 0, key).unwrap();
+    (a, info)
+}
+
+#[test]
+fn bytes_bound_the_cache_and_large_answers_are_not_kept() {
+    let p = policy(1800);
+    let c = Cache::new(
+        &CacheSettings {
+            policy: p,
+            max_entries: 100_000,
+            max_bytes: 1 << 20,
+            max_answer: 16 * 1024,
+        },
+        Clock::default(),
+    );
+    for i in 0..1000 {
+        let key = Key::new(&format!("big{i}.test"), 16, false).unwrap();
+        let (a, info) = big_answer(&key, 12_000);
+        assert!(c.store(
+            key,
+            Arc::new(Entry::from_answer(a, &info, &p, Instant::now()))
+        ));
+    }
+    c.sync();
+    assert!(c.bytes() <= 1 << 20, "{} bytes", c.bytes());
+    assert!(c.len() >= 50 && c.len() <= 90, "{} entries", c.len());
+    let key = Key::new("huge.test", 16, false).unwrap();
+    let (a, info) = big_answer(&key, 30_000);
+    let e = Arc::new(Entry::from_answer(a, &info, &p, Instant::now()));
+    assert!(e.wire_len() > 16 * 1024);
+    assert!(!c.store(key.clone(), e));
+    assert!(matches!(c.lookup(&key, Instant::now()), Lookup::Miss));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn coalescing_runs_work_once() {
+    let inflight = Arc::new(Inflight::<u32>::default());
+    let runs = Arc::new(AtomicUsize::new(0));
+    let key = Key::new("c.test", 1, false).unwrap();
+    let mut tasks = Vec::new();
+    for _ in 0..200 {
+        let (inflight, runs, key) = (inflight.clone(), runs.clone(), key.clone());
+        tasks.push(tokio::spawn(async move {
+            inflight
+                .run(&key, || async {
+                    runs.fetch_add(1, Ordering::SeqCst);
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    7
+                })
+                .await
+                .0
+        }));
+    }
+    for t in tasks {
+        assert_eq!(t.await.unwrap(), 7);
+    }
+    assert_eq!(runs.load(Ordering::SeqCst), 1);
+    assert!(inflight.is_empty());
+}
