@@ -108,13 +108,21 @@ struct Row {
     outcome: Outcome,
     scored: bool,
     closes: bool,
+    /// `Retry-After` seconds, for refusals a client may try again after
+    /// (the budget's own wait, when it knows one, takes its place).
+    retry_after: Option<u64>,
+    /// `Allow`, for a method refused.
+    allow: Option<&'static str>,
+    /// Over HTTP/1.1, the body is read and thrown away (up to a bound)
+    /// before the response goes out, so that the client sees it.
+    linger: bool,
 }
 
 macro_rules! table {
     (
         $(#[$meta:meta])*
         pub enum $name:ident {
-            $( $(#[doc = $doc:literal])* $variant:ident => ($status:literal, $label:literal, $outcome:ident, scored: $scored:literal, closes: $closes:literal $(, rcode: $rcode:ident)?), )*
+            $( $(#[doc = $doc:literal])* $variant:ident => ($status:literal, $label:literal, $outcome:ident, scored: $scored:literal, closes: $closes:literal $(, rcode: $rcode:ident)? $(, retry_after: $retry:literal)? $(, allow: $allow:literal)? $(, linger: $linger:literal)?), )*
         }
     ) => {
         $(#[$meta])*
@@ -141,6 +149,9 @@ macro_rules! table {
                         outcome: Outcome::$outcome,
                         scored: $scored,
                         closes: $closes,
+                        retry_after: None $(.or(Some($retry)))?,
+                        allow: None $(.or(Some($allow)))?,
+                        linger: false $(|| $linger)?,
                     }, )*
                 }
             }
@@ -158,6 +169,21 @@ macro_rules! table {
             /// Whether the connection this came on is closed.
             pub fn closes(self) -> bool {
                 self.row().closes
+            }
+
+            /// `Retry-After` seconds, when the row names them.
+            pub fn retry_after(self) -> Option<u64> {
+                self.row().retry_after
+            }
+
+            /// The `Allow` header, when the row names one.
+            pub fn allow(self) -> Option<&'static str> {
+                self.row().allow
+            }
+
+            /// Whether HTTP/1.1 reads the body away before answering.
+            pub fn lingers(self) -> bool {
+                self.row().linger
             }
 
             /// The DNS rcode a DNS-message transport answers with: the
@@ -187,13 +213,13 @@ table! {
         /// The path is not the DoH path.
         NotFound => (404, "not_found", Rejected, scored: true, closes: false),
         /// A method other than GET or POST.
-        Method => (405, "method_not_allowed", Rejected, scored: true, closes: false),
+        Method => (405, "method_not_allowed", Rejected, scored: true, closes: false, allow: "GET, POST"),
         /// The request target is longer than `--max-uri`.
         UriTooLong => (414, "uri_too_long", Rejected, scored: true, closes: false),
         /// Request headers over 16 KiB in all.
         HeadersTooLarge => (431, "headers_too_large", Rejected, scored: true, closes: false),
         /// POST body longer than `--max-body` (or a Content-Length saying so).
-        BodyTooLarge => (413, "body_too_large", Rejected, scored: true, closes: false),
+        BodyTooLarge => (413, "body_too_large", Rejected, scored: true, closes: false, linger: true),
         /// The client took too long to send its POST body.
         BodyTimeout => (408, "body_timeout", Rejected, scored: true, closes: false),
         /// POST with a Content-Type other than `application/dns-message`.
@@ -231,12 +257,12 @@ table! {
         /// Anything else that does not decode.
         DnsMalformed => (400, "dns_malformed", Rejected, scored: true, closes: false, rcode: RCODE_FORMERR),
         /// The client is over its budget.
-        RateLimited => (429, "rate_limited", RateLimited, scored: true, closes: false, rcode: RCODE_REFUSED),
+        RateLimited => (429, "rate_limited", RateLimited, scored: true, closes: false, rcode: RCODE_REFUSED, retry_after: 1),
         /// The client is banned (seen behind a trusted proxy, or banned while
         /// its connection was open).
         Banned => (403, "banned", Banned, scored: false, closes: true, rcode: RCODE_REFUSED),
         /// The upstream budget is spent and nothing, not even stale, is cached.
-        UpstreamBudget => (503, "upstream_budget", Overloaded, scored: false, closes: false, rcode: RCODE_SERVFAIL),
+        UpstreamBudget => (503, "upstream_budget", Overloaded, scored: false, closes: false, rcode: RCODE_SERVFAIL, retry_after: 1),
         /// An Oblivious DoH query under a key that is not (or no longer)
         /// ours: the client is to fetch the configs again. Scored like any
         /// refusal: an honest client meets it once after a rotation (the
@@ -421,6 +447,18 @@ mod tests {
         for r in Reject::ALL {
             assert!(r.status().as_u16() >= 400, "{r:?}");
         }
+    }
+
+    #[test]
+    fn headers_come_from_the_rows() {
+        for r in Reject::ALL {
+            // Retry-After for 429 and 503, Allow for 405, nothing else.
+            let retry = matches!(r.status().as_u16(), 429 | 503);
+            assert_eq!(r.retry_after().is_some(), retry, "{r:?}");
+            assert_eq!(r.allow().is_some(), r.status() == 405, "{r:?}");
+            assert_eq!(r.lingers(), *r == Reject::BodyTooLarge, "{r:?}");
+        }
+        assert_eq!(Reject::Method.allow(), Some("GET, POST"));
     }
 
     #[test]

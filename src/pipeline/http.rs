@@ -172,7 +172,7 @@ impl App {
             Err(r) => {
                 self.refuse(client, r, transport);
                 let reply = self.refused(from, r, None);
-                if r == Reject::BodyTooLarge && transport == Transport::H1 {
+                if r.lingers() && transport == Transport::H1 {
                     // See doh::read_body: the body is read and thrown
                     // away before the 413 goes out.
                     return Front::Linger(reply, body);
@@ -245,7 +245,7 @@ impl App {
             Err(r) => {
                 self.metrics.requests.odoh(OdohResult::Rejected);
                 self.refuse(client, r, transport);
-                self.refused(from, r, (r == Reject::UpstreamBudget).then_some(1))
+                self.refused(from, r, None)
             }
         }
     }
@@ -266,8 +266,7 @@ impl App {
             },
             Err(r) => {
                 self.refuse(client, r, transport);
-                let retry = (r == Reject::UpstreamBudget).then_some(1);
-                self.refused(from, r, retry)
+                self.refused(from, r, None)
             }
         }
     }
@@ -302,18 +301,19 @@ impl Origin {
     }
 }
 
-/// The response to a refused request: the status its reason maps to, no
-/// body (on HTTP/2 a single HEADERS frame), `Allow` for 405 and
-/// `Retry-After` for 429 and 503.
+/// The response to a refused request, from its reason's row: the status,
+/// no body (on HTTP/2 a single HEADERS frame), `Allow` and `Retry-After`
+/// where the row names them (`retry_after`, the budget's own wait, in
+/// place of the row's).
 pub fn refusal(reason: Reject, retry_after: Option<u64>) -> Response<Bytes> {
     let mut resp = Response::new(Bytes::new());
     *resp.status_mut() = reason.status();
     let h = resp.headers_mut();
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-    if reason == Reject::Method {
-        h.insert(header::ALLOW, HeaderValue::from_static("GET, POST"));
+    if let Some(allow) = reason.allow() {
+        h.insert(header::ALLOW, HeaderValue::from_static(allow));
     }
-    if let Some(secs) = retry_after {
+    if let Some(secs) = retry_after.or(reason.retry_after()) {
         h.insert(header::RETRY_AFTER, HeaderValue::from(secs.max(1)));
     }
     resp

@@ -140,33 +140,31 @@ async fn metrics_after_a_known_sequence() {
 async fn healthz_follows_the_upstream() {
     let up = MockUpstream::start().await;
     let p = proxy(&[up.addr], |c| c.upstream_timeout = 300).await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    assert_eq!(admin(&p, "GET", "/healthz", None).await.status, 200);
+    let health = async || admin(&p, "GET", "/healthz", None).await;
+    wait_for(
+        "healthy once probed",
+        async || health().await.status == 200,
+        Duration::from_secs(5),
+    )
+    .await;
     up.paused.store(true, std::sync::atomic::Ordering::SeqCst);
     // Three unanswered probes, one every 2 s, mark it down.
-    let mut status = 0;
-    let mut body = String::new();
-    for _ in 0..100 {
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        let r = admin(&p, "GET", "/healthz", None).await;
-        status = r.status;
-        body = String::from_utf8_lossy(&r.body).to_string();
-        if status == 503 {
-            break;
-        }
-    }
-    assert_eq!(status, 503);
+    wait_for(
+        "marked down",
+        async || health().await.status == 503,
+        Duration::from_secs(10),
+    )
+    .await;
+    let body = String::from_utf8_lossy(&health().await.body).to_string();
     assert!(body.contains("down"), "{body}");
     up.paused.store(false, std::sync::atomic::Ordering::SeqCst);
     // The next probe finds it again.
-    for _ in 0..50 {
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        status = admin(&p, "GET", "/healthz", None).await.status;
-        if status == 200 {
-            break;
-        }
-    }
-    assert_eq!(status, 200);
+    wait_for(
+        "up again",
+        async || health().await.status == 200,
+        Duration::from_secs(5),
+    )
+    .await;
 }
 
 #[tokio::test]

@@ -94,16 +94,20 @@ async fn dot_clients_that_never_read_are_closed_at_the_write_deadline() {
     }
     // Every attacker is closed, at the write deadline (watched from the
     // proxy's side: reading the attackers' sockets would unblock them).
-    let mut closed = 0.0;
-    while t.elapsed() < Duration::from_secs(60) && closed < 100.0 {
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        peak = peak.max(rss_bytes());
-        closed = metric(
-            &p,
-            "doh_connections_rejected_total{reason=\"write_timeout\"}",
-        )
-        .await;
-    }
+    let closed = async || {
+        let series = "doh_connections_rejected_total{reason=\"write_timeout\"}";
+        metric(&p, series).await
+    };
+    wait_for(
+        "every attacker closed",
+        async || {
+            peak = peak.max(rss_bytes());
+            closed().await >= 100.0
+        },
+        Duration::from_secs(60),
+    )
+    .await;
+    let closed = closed().await;
     let took = t.elapsed();
     assert!(closed >= 100.0, "{closed} closed for their unread answers");
     assert!(p.app.guard.open_connections() <= 1);

@@ -369,49 +369,34 @@ async fn slow_relay(to: u16, delay: Duration) -> u16 {
     port
 }
 
-/// Latencies of 100 queries to each of `proxies`, taken in turns so that
-/// both see the same machine; half hits, half misses (which spend the
-/// upstream budget).
-async fn latencies(
-    proxies: [&doh_proxy::app::Running; 2],
-    src: &str,
-    tag: &str,
-) -> [Vec<Duration>; 2] {
-    let mut clients = Vec::new();
-    for p in proxies {
-        clients.push(
-            Client::connect(p, Proto::H2, Some(src.parse().unwrap()))
-                .await
-                .unwrap(),
-        );
-    }
-    let mut lat = [Vec::new(), Vec::new()];
+/// 100 queries to `p` from `src`, half hits, half misses (which spend the
+/// upstream budget, leased from Redis): how many were answered.
+async fn answered(p: &doh_proxy::app::Running, src: &str, tag: &str) -> usize {
+    let mut c = Client::connect(p, Proto::H2, Some(src.parse().unwrap()))
+        .await
+        .unwrap();
+    let mut ok = 0;
     for i in 0..100 {
-        for (k, c) in clients.iter_mut().enumerate() {
-            let name = if i % 2 == 0 {
-                "www.example.test".to_string()
-            } else {
-                format!("{tag}{k}-{i}.example.test")
-            };
-            let t = Instant::now();
-            let r = c.send(get(&ok_path(&name))).await.unwrap();
-            assert_eq!(r.status, 200);
-            lat[k].push(t.elapsed());
-        }
+        let name = if i % 2 == 0 {
+            "www.example.test".to_string()
+        } else {
+            format!("{tag}-{i}.example.test")
+        };
+        let r = c.send(get(&ok_path(&name))).await.unwrap();
+        ok += usize::from(r.status == 200);
     }
-    for l in &mut lat {
-        l.sort();
-    }
-    lat
+    ok
 }
 
+/// Redis slow (30 ms a reply: leases are late) or slower than the command
+/// timeout (500 ms: Redis counts as down): every client is answered, and
+/// the link's state is what it is. What a slow Redis costs a request in
+/// latency is measured by `benches/slow_redis.sh`, side by side with an
+/// instance on its own.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_slow_redis_does_not_slow_clients() {
+async fn a_slow_redis_does_not_stop_clients() {
     let redis = Redis::start().await;
     let up = MockUpstream::start().await;
-    let alone = proxy(&[up.addr], |_| {}).await;
-    // 30 ms: slow but up (leases are late); 500 ms: past the command
-    // timeout, so Redis counts as down.
     for (delay, up_after) in [(30, 1.0), (500, 0.0)] {
         let relay = slow_relay(redis.port, Duration::from_millis(delay)).await;
         let slow = instance(up.addr, &format!("redis://127.0.0.1:{relay}/0"), |_| {}).await;
@@ -421,23 +406,10 @@ async fn a_slow_redis_does_not_slow_clients() {
             Duration::from_secs(10),
         )
         .await;
-        let [base, with] = latencies(
-            [&alone, &slow],
-            &format!("127.0.100.{}", delay % 250),
-            &format!("d{delay}-"),
-        )
-        .await;
+        let src = format!("127.0.100.{}", delay % 250);
+        let ok = answered(&slow, &src, &format!("d{delay}")).await;
+        assert_eq!(ok, 100, "{delay} ms");
         assert_eq!(metric(&slow, "doh_redis_up").await, up_after, "{delay} ms");
-        // No request waits for Redis: the typical request does not carry
-        // the delay. (The median, not a tail: a busy machine moves tails
-        // by more than the delay; latency targets are benchmarks' work.)
-        let median = |v: &[Duration]| v[v.len() / 2];
-        assert!(
-            median(&with) < median(&base) + Duration::from_millis(delay / 2),
-            "{delay} ms: median {:?} with a slow Redis, {:?} without",
-            median(&with),
-            median(&base)
-        );
     }
 }
 

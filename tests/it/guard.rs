@@ -149,7 +149,12 @@ async fn garbage_gets_a_client_banned_and_the_ban_lifts_by_itself() {
     .await
     .unwrap();
     assert_eq!(r.status, 200);
-    tokio::time::sleep(Duration::from_millis(3200)).await;
+    wait_for(
+        "the ban expired",
+        async || metric(&p, "doh_bans_active").await == 0.0,
+        Duration::from_secs(10),
+    )
+    .await;
     let mut c = Client::connect(&p, Proto::H2, src)
         .await
         .expect("ban lifted");
@@ -175,7 +180,12 @@ async fn connections_from_one_address_are_capped_and_idle_ones_closed() {
                 .unwrap(),
         );
     }
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    wait_for(
+        "28 refused at accept",
+        async || metric(&p, "doh_connections_rejected_total{reason=\"per_ip\"}").await == 28.0,
+        Duration::from_secs(5),
+    )
+    .await;
     let mut closed = 0;
     for c in conns.iter_mut() {
         let mut b = [0u8; 1];
@@ -200,7 +210,12 @@ async fn connections_from_one_address_are_capped_and_idle_ones_closed() {
     .unwrap();
     assert_eq!(r.status, 200, "another address is served");
     // The 32 that said nothing are closed after the handshake timeout.
-    tokio::time::sleep(Duration::from_millis(2500)).await;
+    wait_for(
+        "the silent connections closed",
+        async || p.app.guard.open_connections() == 0,
+        Duration::from_secs(10),
+    )
+    .await;
     let mut still_open = 0;
     for c in conns.iter_mut() {
         let mut b = [0u8; 1];
@@ -341,7 +356,12 @@ async fn upstream_budget_holds_whatever_the_number_of_clients() {
         })
         .await,
     );
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    wait_for(
+        "the start-up probe answered",
+        async || p.app.upstream.load().since_last_probe().is_some(),
+        Duration::from_secs(5),
+    )
+    .await;
     let before = up.total.load(Ordering::SeqCst);
     let start = Instant::now();
     let mut tasks = Vec::new();
@@ -495,7 +515,10 @@ async fn incident_1_replay() {
                 .await
                 .unwrap();
             let mut ok = 0;
+            // A request every 20 ms.
+            let mut every = tokio::time::interval(Duration::from_millis(20));
             for i in 0..50 {
+                every.tick().await;
                 let r = c
                     .send(get_xff(
                         &ok_path(&format!("legit{}.example.test", i % 5)),
@@ -504,7 +527,6 @@ async fn incident_1_replay() {
                     .await
                     .unwrap();
                 ok += (r.status == 200) as u32;
-                tokio::time::sleep(Duration::from_millis(20)).await;
             }
             ok
         })
@@ -584,7 +606,15 @@ async fn ban_file_is_an_nftables_script() {
         admin(&p, "DELETE", "/bans/127.0.17.1", None).await.status,
         200
     );
-    tokio::time::sleep(Duration::from_millis(1500)).await;
-    let text = std::fs::read_to_string(&file).unwrap();
-    assert!(!text.contains("127.0.17.1"), "{text}");
+    let gone = async || {
+        !std::fs::read_to_string(&file)
+            .unwrap()
+            .contains("127.0.17.1")
+    };
+    wait_for(
+        "the lifted ban gone from the ban file",
+        gone,
+        Duration::from_secs(5),
+    )
+    .await;
 }

@@ -179,12 +179,15 @@ async fn ping_only_connections_do_not_hold_the_table() {
     let pinger = tokio::spawn(async move {
         let mut closed_at = Vec::new();
         let start = Instant::now();
+        // A PING from each every half second, for ten seconds.
+        let mut every = tokio::time::interval(Duration::from_millis(500));
         for _ in 0..20 {
+            every.tick().await;
             for s in attackers.iter_mut() {
                 let _ = s.write_all(&ping()).await;
             }
-            tokio::time::sleep(Duration::from_millis(500)).await;
         }
+        every.tick().await;
         for s in attackers.iter_mut() {
             if closed(s, Duration::from_millis(10)).await {
                 closed_at.push(start.elapsed());
@@ -397,11 +400,12 @@ async fn protocol_errors_score() {
             .unwrap();
         assert!(closed(&mut s, Duration::from_secs(3)).await);
     }
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    assert_eq!(
-        metric(&p, "doh_protocol_errors_total{kind=\"h2_protocol\"}").await,
-        3.0
-    );
+    wait_for(
+        "the protocol errors counted",
+        async || metric(&p, "doh_protocol_errors_total{kind=\"h2_protocol\"}").await == 3.0,
+        Duration::from_secs(5),
+    )
+    .await;
     assert_eq!(
         metric(&p, "doh_protocol_errors_total{kind=\"h1_parse\"}").await,
         2.0

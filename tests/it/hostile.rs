@@ -163,7 +163,12 @@ async fn idle_keepalive_connections_are_closed() {
                 .status,
             200
         );
-        tokio::time::sleep(Duration::from_millis(2500)).await;
+        wait_for(
+            "the idle connection closed",
+            async || p.app.guard.open_connections() == 0,
+            Duration::from_secs(10),
+        )
+        .await;
         assert!(
             c.send(get(&get_path(&query("www.example.test", 1, 2))))
                 .await
@@ -183,7 +188,12 @@ async fn graceful_stop_finishes_in_flight_requests() {
         c.send(get(&get_path(&query("slow.example.test", 1, 1))))
             .await
     });
-    tokio::time::sleep(Duration::from_millis(50)).await;
+    wait_for(
+        "the request in flight upstream",
+        async || up.count("slow.example.test.") == 1,
+        Duration::from_secs(5),
+    )
+    .await;
     let addr = p.addrs(Kind::Https)[0];
     p.stop().await;
     let r = pending.await.unwrap().expect("in-flight request completed");

@@ -310,7 +310,9 @@ async fn http1_client_sending_a_large_body_reads_its_413() {
         );
         s.write_all(head.as_bytes()).await.unwrap();
         // The body in slices, slower than the proxy decides.
+        let mut every = tokio::time::interval(std::time::Duration::from_millis(10));
         for _ in 0..20 {
+            every.tick().await;
             let slice = [0u8; 7000];
             let bytes = if declared {
                 slice.to_vec()
@@ -318,8 +320,8 @@ async fn http1_client_sending_a_large_body_reads_its_413() {
                 chunked(&slice)
             };
             s.write_all(&bytes).await.unwrap();
-            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
         }
+        every.tick().await;
         if !declared {
             s.write_all(b"0\r\n\r\n").await.unwrap();
         }

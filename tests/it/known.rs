@@ -107,14 +107,16 @@ async fn through_a_crowd(share: u8, redis: Option<String>) -> f64 {
             };
             let (mut ok, mut asked) = (0, 0);
             let mut i = 0;
+            // A query every 150 ms from each address.
+            let mut every = tokio::time::interval(Duration::from_millis(150));
             while start.elapsed() < crowd_for {
+                every.tick().await;
                 let name = format!("c{a}-{i}.crowd.test");
                 i += 1;
                 if let Ok(r) = c.send(get(&ok_path(&name))).await {
                     asked += 1;
                     ok += usize::from(r.status == 200);
                 }
-                tokio::time::sleep(Duration::from_millis(150)).await;
             }
             (ok, asked)
         }));
@@ -132,14 +134,15 @@ async fn through_a_crowd(share: u8, redis: Option<String>) -> f64 {
         let p = p.clone();
         regulars.push(tokio::spawn(async move {
             let mut ok = 0;
+            // A name every 1.25 s from each regular client.
+            let mut every = tokio::time::interval(Duration::from_millis(1250));
             for n in 0..5 {
-                let tick = Instant::now();
+                every.tick().await;
                 ok += usize::from(
                     ask(&p, &regular(i), &format!("r{i}-{n}.regular.test")).await == 200,
                 );
-                tokio::time::sleep(Duration::from_millis(1250).saturating_sub(tick.elapsed()))
-                    .await;
             }
+            every.tick().await;
             ok
         }));
     }

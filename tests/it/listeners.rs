@@ -146,6 +146,8 @@ async fn spoofed_initial_floods_are_not_amplified() {
     let sources: Vec<IpAddr> = (0..300u32)
         .map(|i| IpAddr::from([127, 90 + (i / 250) as u8, (i % 250) as u8, 7]))
         .collect();
+    let flooding = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flag = flooding.clone();
     let flood = tokio::task::spawn_blocking(move || {
         let crypto =
             Arc::new(quinn_proto::crypto::rustls::QuicClientConfig::try_from(quic_tls()).unwrap());
@@ -173,6 +175,7 @@ async fn spoofed_initial_floods_are_not_amplified() {
             sent.push(bytes);
             sockets.push(sock);
         }
+        flag.store(true, Ordering::SeqCst);
         // Collect whatever comes back for 3 s (handshake retransmissions
         // included).
         let mut got = vec![0usize; sockets.len()];
@@ -189,12 +192,17 @@ async fn spoofed_initial_floods_are_not_amplified() {
                     }
                 }
             }
-            std::thread::sleep(Duration::from_millis(20));
+            std::thread::sleep(POLL);
         }
         (sent, got, retries)
     });
-    // A real client, meanwhile.
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // A real client, once every Initial is out.
+    wait_for(
+        "the flood sent",
+        async || flooding.load(Ordering::SeqCst),
+        Duration::from_secs(10),
+    )
+    .await;
     let t = Instant::now();
     let r = send_from(
         &p,
@@ -346,7 +354,12 @@ async fn a_thousand_idle_dot_connections_delay_nobody() {
     }
     lat.sort();
     assert!(lat[9] < Duration::from_millis(500), "{lat:?}");
-    tokio::time::sleep(Duration::from_secs(5)).await;
+    wait_for(
+        "the held connections closed at the deadline",
+        async || p.app.guard.open_connections() < 10,
+        Duration::from_secs(15),
+    )
+    .await;
     let mut closed = 0;
     for s in held.iter_mut() {
         let mut b = [0u8; 1];

@@ -261,7 +261,14 @@ async fn the_previous_key_is_accepted_for_one_more_period() {
     })
     .await;
     let (first, _) = fetch_configs(&p).await;
-    tokio::time::sleep(Duration::from_millis(2300)).await;
+    let key = |c: &odoh_rs::ObliviousDoHConfigs| odoh_rs::compose(c).unwrap();
+    let current = async || key(&fetch_configs(&p).await.0);
+    wait_for(
+        "rotated",
+        async || current().await != key(&first),
+        Duration::from_secs(5),
+    )
+    .await;
     let (second, _) = fetch_configs(&p).await;
     assert_ne!(
         odoh_rs::compose(&first).unwrap(),
@@ -276,7 +283,12 @@ async fn the_previous_key_is_accepted_for_one_more_period() {
         ResponseCode::NoError,
         "the previous key still answers"
     );
-    tokio::time::sleep(Duration::from_millis(2000)).await;
+    wait_for(
+        "rotated again",
+        async || current().await != key(&second),
+        Duration::from_secs(5),
+    )
+    .await;
     assert_eq!(
         oblivious(&p, &first, query("www.example.test", 1, 6))
             .await

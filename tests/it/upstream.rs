@@ -226,14 +226,13 @@ async fn a_silent_first_upstream_costs_one_hedge_interval() {
     assert_eq!(metric(&p, &hedges).await, 1.0);
     // Three unanswered probes, one every 2 s.
     let down = format!("doh_upstream_up{{upstream=\"{}\"}}", silent.addr);
-    let mut up_value = 1.0;
-    for _ in 0..90 {
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        up_value = metric(&p, &down).await;
-        if up_value == 0.0 {
-            break;
-        }
-    }
+    wait_for(
+        "the silent upstream marked down",
+        async || metric(&p, &down).await == 0.0,
+        Duration::from_secs(9),
+    )
+    .await;
+    let up_value = metric(&p, &down).await;
     assert_eq!(up_value, 0.0, "the probes mark it down");
     let t = Instant::now();
     let r = send(&p, Proto::H2, get(&ok_path("later.example.test"))).await;
@@ -385,7 +384,12 @@ async fn dead_names_do_not_mark_the_upstream_down() {
         })
         .await,
     );
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    wait_for(
+        "the start-up probe answered",
+        async || p.app.upstream.load().since_last_probe().is_some(),
+        Duration::from_secs(5),
+    )
+    .await;
     let mut tasks = Vec::new();
     for i in 0..60 {
         let p = p.clone();
@@ -408,10 +412,11 @@ async fn dead_names_do_not_mark_the_upstream_down() {
         }));
     }
     let mut probes = Vec::new();
-    let t = Instant::now();
-    while t.elapsed() < Duration::from_secs(3) {
+    // /healthz every 200 ms for 3 s, while the dead names time out.
+    let mut every = tokio::time::interval(Duration::from_millis(200));
+    for _ in 0..15 {
+        every.tick().await;
         probes.push(admin(&p, "GET", "/healthz", None).await.status);
-        tokio::time::sleep(Duration::from_millis(200)).await;
     }
     for t in tasks {
         t.await.unwrap();

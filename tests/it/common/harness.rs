@@ -154,7 +154,10 @@ pub async fn heavy() -> tokio::sync::MutexGuard<'static, ()> {
     HEAVY.lock().await
 }
 
-/// Polls `cond` every 50 ms until it holds; panics with `what` after
+/// How often a waiting test looks at the condition it waits for.
+pub const POLL: Duration = Duration::from_millis(50);
+
+/// Polls `cond` every [`POLL`] until it holds; panics with `what` after
 /// `within` (a bound for a busy machine, never a measurement).
 pub async fn wait_for(what: &str, mut cond: impl AsyncFnMut() -> bool, within: Duration) {
     let t = std::time::Instant::now();
@@ -162,7 +165,19 @@ pub async fn wait_for(what: &str, mut cond: impl AsyncFnMut() -> bool, within: D
         if cond().await {
             return;
         }
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        tokio::time::sleep(POLL).await;
+    }
+    panic!("{what}: not within {within:?}");
+}
+
+/// [`wait_for`] on a thread without a runtime.
+pub fn wait_until(what: &str, mut cond: impl FnMut() -> bool, within: Duration) {
+    let t = std::time::Instant::now();
+    while t.elapsed() < within {
+        if cond() {
+            return;
+        }
+        std::thread::sleep(POLL);
     }
     panic!("{what}: not within {within:?}");
 }
@@ -219,7 +234,7 @@ impl Proc {
             if TcpStream::connect(p.admin).await.is_ok() {
                 return p;
             }
-            tokio::time::sleep(Duration::from_millis(50)).await;
+            tokio::time::sleep(POLL).await;
         }
         panic!("doh-proxy did not start:\n{}", p.log());
     }
@@ -244,7 +259,7 @@ impl Proc {
             if let Ok(Some(s)) = self.child.try_wait() {
                 return Some(s);
             }
-            std::thread::sleep(Duration::from_millis(50));
+            std::thread::sleep(POLL);
         }
         None
     }

@@ -31,7 +31,7 @@ impl Redis {
             if TcpStream::connect(("127.0.0.1", self.port)).await.is_ok() {
                 return;
             }
-            tokio::time::sleep(Duration::from_millis(50)).await;
+            tokio::time::sleep(POLL).await;
         }
         panic!("redis-server did not start");
     }

@@ -174,10 +174,12 @@ async fn answers(q: &[u8], name: &str, tcp: bool) -> Vec<Vec<u8>> {
         "tc" if !tcp => r.metadata.truncation = true,
         "fail" => r.metadata.response_code = ResponseCode::ServFail,
         "slow" => {
+            // The mock's behaviour, not a wait: a slow authoritative server.
             tokio::time::sleep(Duration::from_millis(300)).await;
             r.add_answer(a(300, [192, 0, 2, 7]));
         }
         n if n.starts_with("slow15") => {
+            // Likewise: slower than a short --upstream-timeout.
             tokio::time::sleep(Duration::from_millis(1500)).await;
             r.add_answer(a(300, [192, 0, 2, 15]));
         }
