@@ -22,24 +22,24 @@
 
 #![forbid(unsafe_code)]
 
-pub mod acme;
-pub mod admin;
+pub(crate) mod acme;
+pub(crate) mod admin;
 pub mod app;
 pub mod cache;
 pub mod clock;
 pub mod config;
 pub mod dns;
 pub mod doh;
-pub mod fleet;
+pub(crate) mod fleet;
 pub mod guard;
-pub mod hll;
+pub(crate) mod hll;
 pub mod metrics;
-pub mod net;
-pub mod odoh;
-pub mod pipeline;
-pub mod proxyproto;
+pub(crate) mod net;
+pub(crate) mod odoh;
+pub(crate) mod pipeline;
+pub(crate) mod proxyproto;
 pub mod reject;
 pub mod server;
-pub mod tickets;
-pub mod tls;
-pub mod upstream;
+pub(crate) mod tickets;
+pub(crate) mod tls;
+pub(crate) mod upstream;

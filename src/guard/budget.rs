@@ -81,10 +81,6 @@ impl<K: Hash + Eq + Clone> KeyedRate<K> {
     pub fn len(&self) -> usize {
         self.limiter.read().map(|l| l.1.len()).unwrap_or(0)
     }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
 }
 
 #[cfg(test)]

@@ -18,14 +18,14 @@
 //! never limited as clients. In `--dry-run`, every mitigation is counted
 //! and logged, none enforced (static `--deny` ranges excepted).
 
-pub mod admission;
+pub(crate) mod admission;
 mod banning;
 pub mod bans;
-pub mod budget;
-pub mod forwarded;
+pub(crate) mod budget;
+pub(crate) mod forwarded;
 pub mod known;
-pub mod nft;
-pub mod penalty;
+pub(crate) mod nft;
+pub(crate) mod penalty;
 mod persist;
 pub mod state;
 

@@ -69,10 +69,7 @@ impl Penalty {
         self.scores.shrink_to_fit();
     }
 
-    pub fn len(&self) -> usize {
-        self.scores.len()
-    }
-
+    #[cfg(test)]
     pub fn is_empty(&self) -> bool {
         self.scores.is_empty()
     }

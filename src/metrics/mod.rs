@@ -12,12 +12,12 @@
 //! of [`crate::reject`] make cover every reason. What `--dry-run` only
 //! counted carries the extra label `dry_run="true"` under the same names.
 
-pub mod cache;
-pub mod guard;
-pub mod ops;
-pub mod requests;
-pub mod upstream;
-pub mod wire;
+mod cache;
+mod guard;
+mod ops;
+mod requests;
+mod upstream;
+mod wire;
 
 pub use cache::CacheMetrics;
 pub use guard::GuardMetrics;

@@ -15,8 +15,6 @@
 
 mod http;
 
-pub use http::{refusal, Reply};
-
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;

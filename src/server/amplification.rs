@@ -39,8 +39,6 @@ struct Books {
 pub struct Guarded {
     inner: Arc<dyn AsyncUdpSocket>,
     books: Mutex<Books>,
-    /// Datagrams dropped for the limit.
-    dropped: std::sync::atomic::AtomicU64,
 }
 
 impl fmt::Debug for Guarded {
@@ -54,7 +52,6 @@ impl Guarded {
         Arc::new(Guarded {
             inner,
             books: Mutex::default(),
-            dropped: Default::default(),
         })
     }
 
@@ -72,11 +69,6 @@ impl Guarded {
             b.validated.remove(&addr);
             b.unvalidated.remove(&addr);
         }
-    }
-
-    /// Datagrams dropped so far for the limit.
-    pub fn dropped(&self) -> u64 {
-        self.dropped.load(std::sync::atomic::Ordering::Relaxed)
     }
 }
 
@@ -105,8 +97,6 @@ impl AsyncUdpSocket for Guarded {
             Err(_) => false,
         };
         if !allowed {
-            self.dropped
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             // As if the network had lost it.
             return Ok(());
         }

@@ -19,24 +19,24 @@
 //! - [`certs`]: the certificate in service, reloaded when its files change.
 
 #[cfg(feature = "h3")]
-pub mod amplification;
-pub mod certs;
+pub(crate) mod amplification;
+pub(crate) mod certs;
 #[cfg(feature = "h3")]
-pub mod doq;
-pub mod dot;
+pub(crate) mod doq;
+pub(crate) mod dot;
 #[cfg(feature = "h3")]
-pub mod h3;
-pub mod handshake;
-pub mod http;
-pub mod io;
+pub(crate) mod h3;
+pub(crate) mod handshake;
+pub(crate) mod http;
+pub(crate) mod io;
 pub mod listener;
-pub mod message;
+pub(crate) mod message;
 #[cfg(feature = "h3")]
-pub mod quic;
+pub(crate) mod quic;
 pub mod systemd;
-pub mod tcp;
-pub mod watchdog;
-pub mod workers;
+pub(crate) mod tcp;
+pub(crate) mod watchdog;
+pub(crate) mod workers;
 
 use std::path::PathBuf;
 use std::time::Duration;

@@ -74,6 +74,7 @@ pub struct LocalBudget {
 
 impl LocalBudget {
     /// The whole budget, no share kept.
+    #[cfg(test)]
     pub fn new(qps: u32) -> LocalBudget {
         LocalBudget::with_share(qps, 0, false, None)
     }

@@ -400,3 +400,72 @@ fn the_descriptor_limit_is_raised_at_start() {
     let _ = child.kill();
     let _ = child.wait();
 }
+
+/// The ban file is an nftables script (checked by `nft -c` where it can
+/// run), naming the bound TCP and UDP ports, rewritten when a ban is lifted.
+#[tokio::test]
+async fn ban_file_is_an_nftables_script() {
+    let up = MockUpstream::start().await;
+    let file = std::env::temp_dir().join(format!("doh-bans-{}.nft", std::process::id()));
+    let f2 = file.clone();
+    let p = proxy(&[up.addr], move |c| {
+        c.ban_after = 1;
+        c.ban_file = Some(f2);
+    })
+    .await;
+    let _ = send_from(&p, Proto::H1, "127.0.17.1", get("/dns-query?ct=x")).await;
+    wait_for(
+        "the ban in the file",
+        async || std::fs::read_to_string(&file).is_ok_and(|t| t.contains("127.0.17.1/32 timeout")),
+        Duration::from_secs(10),
+    )
+    .await;
+    let text = std::fs::read_to_string(&file).unwrap();
+    let mut tcp = [
+        p.addrs(Kind::Https)[0].port(),
+        p.addrs(Kind::Http)[0].port(),
+        p.addrs(Kind::Dot)[0].port(),
+    ];
+    tcp.sort_unstable();
+    let tcp: Vec<String> = tcp.iter().map(|p| p.to_string()).collect();
+    assert!(
+        text.contains(&format!("tcp dport {{ {} }} drop", tcp.join(", "))),
+        "{text}"
+    );
+    // HTTP/3 and DNS over QUIC.
+    let mut udp = [p.addrs(Kind::H3)[0].port(), p.addrs(Kind::Doq)[0].port()];
+    udp.sort_unstable();
+    let udp: Vec<String> = udp.iter().map(|p| p.to_string()).collect();
+    assert!(
+        text.contains(&format!("udp dport {{ {} }} drop", udp.join(", "))),
+        "{text}"
+    );
+    if let Ok(out) = std::process::Command::new("nft")
+        .arg("-c")
+        .arg("-f")
+        .arg(&file)
+        .output()
+    {
+        let err = String::from_utf8_lossy(&out.stderr);
+        let no_netlink = err.contains("Operation not permitted") || err.contains("netlink");
+        assert!(
+            out.status.success() || no_netlink,
+            "nft -c refused the ban file: {err}\n{text}"
+        );
+    }
+    assert_eq!(
+        admin(&p, "DELETE", "/bans/127.0.17.1", None).await.status,
+        200
+    );
+    let gone = async || {
+        !std::fs::read_to_string(&file)
+            .unwrap()
+            .contains("127.0.17.1")
+    };
+    wait_for(
+        "the lifted ban gone from the ban file",
+        gone,
+        Duration::from_secs(5),
+    )
+    .await;
+}
