@@ -249,12 +249,7 @@ async fn spent_upstream_budget_serves_stale_then_503() {
     let up = MockUpstream::start().await;
     let p = proxy(&[up.addr], |c| c.upstream_qps = 1).await;
     // Let the start-up health probe spend its token and the bucket refill.
-    wait_for(
-        "the start-up probe answered",
-        async || p.app.upstream.load().since_last_probe().is_some(),
-        Duration::from_secs(5),
-    )
-    .await;
+    probed(&p).await;
     p.app.clock.advance(Duration::from_millis(1100));
     let r = send(
         &p,

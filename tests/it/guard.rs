@@ -356,12 +356,7 @@ async fn upstream_budget_holds_whatever_the_number_of_clients() {
         })
         .await,
     );
-    wait_for(
-        "the start-up probe answered",
-        async || p.app.upstream.load().since_last_probe().is_some(),
-        Duration::from_secs(5),
-    )
-    .await;
+    probed(&p).await;
     let before = up.total.load(Ordering::SeqCst);
     let start = Instant::now();
     let mut tasks = Vec::new();

@@ -208,7 +208,8 @@ async fn bans_survive_a_restart() {
         .send("127.0.91.1", get(&ok_path("www.example.test")))
         .await
         .is_err());
-    let bans = String::from_utf8_lossy(&admin_at(p.admin, "GET", "/bans").await.body).to_string();
+    let bans =
+        String::from_utf8_lossy(&admin_at(p.admin, "GET", "/bans", None).await.body).to_string();
     assert!(bans.contains("127.0.91.1/32"), "{bans}");
     assert_eq!(
         p.send("127.0.91.2", get(&ok_path("www.example.test")))

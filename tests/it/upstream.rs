@@ -384,12 +384,7 @@ async fn dead_names_do_not_mark_the_upstream_down() {
         })
         .await,
     );
-    wait_for(
-        "the start-up probe answered",
-        async || p.app.upstream.load().since_last_probe().is_some(),
-        Duration::from_secs(5),
-    )
-    .await;
+    probed(&p).await;
     let mut tasks = Vec::new();
     for i in 0..60 {
         let p = p.clone();

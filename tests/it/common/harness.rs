@@ -62,30 +62,7 @@ pub async fn send_from(
 /// `Some("")`: no `Authorization` header at all).
 pub async fn admin(running: &Running, method: &str, path: &str, token: Option<&str>) -> Reply {
     let token = Some(token.unwrap_or(ADMIN_TOKEN)).filter(|t| !t.is_empty());
-    let tcp = TcpStream::connect(running.admin_addr).await.unwrap();
-    let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
-        .await
-        .unwrap();
-    tokio::spawn(conn);
-    let mut b = Request::builder()
-        .method(method)
-        .uri(path)
-        .header("host", "localhost");
-    if let Some(t) = token {
-        b = b.header("authorization", format!("Bearer {t}"));
-    }
-    let resp = send
-        .send_request(b.body(Full::new(Bytes::new())).unwrap())
-        .await
-        .unwrap();
-    let status = resp.status().as_u16();
-    let headers = resp.headers().clone();
-    let body = resp.into_body().collect().await.unwrap().to_bytes();
-    Reply {
-        status,
-        headers,
-        body,
-    }
+    admin_at(running.admin_addr, method, path, token).await
 }
 
 /// The sum of the series of a metric family whose labels include those of
@@ -272,7 +249,7 @@ impl Proc {
     }
 
     pub async fn metric(&self, series: &str) -> f64 {
-        let body = admin_at(self.admin, "GET", "/metrics").await.body;
+        let body = admin_at(self.admin, "GET", "/metrics", None).await.body;
         sum_series(&String::from_utf8_lossy(&body), series)
     }
 }
@@ -284,20 +261,24 @@ impl Drop for Proc {
     }
 }
 
-/// A request to an admin listener.
-pub async fn admin_at(addr: SocketAddr, method: &str, path: &str) -> Reply {
+/// A request to an admin listener, with a bearer `token` if any.
+pub async fn admin_at(addr: SocketAddr, method: &str, path: &str, token: Option<&str>) -> Reply {
     let tcp = TcpStream::connect(addr).await.unwrap();
     let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
         .await
         .unwrap();
     tokio::spawn(conn);
-    let req = Request::builder()
+    let mut b = Request::builder()
         .method(method)
         .uri(path)
-        .header("host", "localhost")
-        .body(Full::new(Bytes::new()))
+        .header("host", "localhost");
+    if let Some(t) = token {
+        b = b.header("authorization", format!("Bearer {t}"));
+    }
+    let resp = send
+        .send_request(b.body(Full::new(Bytes::new())).unwrap())
+        .await
         .unwrap();
-    let resp = send.send_request(req).await.unwrap();
     let status = resp.status().as_u16();
     let headers = resp.headers().clone();
     let body = resp.into_body().collect().await.unwrap().to_bytes();
@@ -306,6 +287,17 @@ pub async fn admin_at(addr: SocketAddr, method: &str, path: &str) -> Reply {
         headers,
         body,
     }
+}
+
+/// Waits for the proxy's start-up probe of its upstreams to be answered
+/// (it spends a token of the upstream budget).
+pub async fn probed(p: &Running) {
+    wait_for(
+        "the start-up probe answered",
+        async || p.app.upstream.load().since_last_probe().is_some(),
+        Duration::from_secs(5),
+    )
+    .await;
 }
 
 /// Makes sure `program` is on the PATH, installing Debian's `package` once
