@@ -12,7 +12,8 @@ use std::time::Duration;
 
 use bytes::{Buf, Bytes};
 use http_body::{Frame, SizeHint};
-use hyper::service::service_fn;
+use hyper::body::Incoming;
+use hyper::service::{service_fn, Service};
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use hyper_util::server::conn::auto;
 use tokio_util::sync::CancellationToken;
@@ -60,26 +61,6 @@ pub fn serve<I>(
 where
     I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
 {
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(c.first_request)
-        .max_buf_size(H1_MAX_BUF)
-        .keep_alive(true);
-    builder
-        .http2()
-        .timer(TokioTimer::new())
-        .max_concurrent_streams(H2_MAX_STREAMS)
-        .max_header_list_size(H2_MAX_HEADER_LIST)
-        .max_pending_accept_reset_streams(Some(32))
-        .max_local_error_reset_streams(Some(64))
-        .max_send_buf_size(64 * 1024);
-    let builder = match c.h2 {
-        Some(true) => builder.http2_only(),
-        Some(false) => builder.http1_only(),
-        None => builder,
-    };
     let (app, peer) = (c.app.clone(), c.peer.clone());
     let extra = c.extra_headers.clone();
     let svc = service_fn(move |req: http::Request<hyper::body::Incoming>| {
@@ -106,15 +87,31 @@ where
         }
     });
     // Boxed: pinning it inside the future would move it into a second
-    // place there, and an idle connection would keep both.
-    let mut conn = Box::pin(builder.serve_connection(io, svc).into_owned());
+    // place there, and an idle connection would keep both. When ALPN
+    // already chose HTTP/2, hyper's HTTP/2 connection alone: the automatic
+    // one is an enum as large as its HTTP/1.1 side, which an idle HTTP/2
+    // connection would carry for nothing.
+    let mut conn: Pin<Box<dyn Served>> = match c.h2 {
+        Some(true) => Box::pin(h2_builder().serve_connection(io, svc)),
+        Some(false) => Box::pin(
+            auto_builder(c.first_request)
+                .http1_only()
+                .serve_connection(io, svc)
+                .into_owned(),
+        ),
+        None => Box::pin(
+            auto_builder(c.first_request)
+                .serve_connection(io, svc)
+                .into_owned(),
+        ),
+    };
     async move {
         let watch = watchdog::expired(&c.peer.conn, c.first_request, c.idle, c.write);
         tokio::pin!(watch);
         tokio::select! {
             r = conn.as_mut() => {
                 if let Err(e) = r {
-                    if let Some(kind) = classify(e.as_ref(), c.tls) {
+                    if let Some(kind) = classify(&*e, c.tls) {
                         c.app.metrics.wire.protocol_error(kind);
                         c.app.guard.penalize(scored_client(&c.peer), kind);
                         tracing::debug!(peer = %c.peer.conn.peer(), kind = kind.label(), error = %e, "protocol error");
@@ -136,6 +133,94 @@ where
             }
         }
     }
+}
+
+/// An HTTP connection being served: runs to its end, or is asked to
+/// finish what is in flight and stop.
+trait Served: Send {
+    fn poll_serve(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>>;
+    fn graceful_shutdown(self: Pin<&mut Self>);
+}
+
+type BoxError = Box<dyn StdError + Send + Sync>;
+
+impl std::future::Future for dyn Served {
+    type Output = Result<(), BoxError>;
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        self.poll_serve(cx)
+    }
+}
+
+impl<I, S, B> Served for hyper::server::conn::http2::Connection<I, S, TokioExecutor>
+where
+    S: Service<http::Request<Incoming>, Response = http::Response<B>> + Send,
+    S::Error: Into<BoxError>,
+    S::Future: Send + 'static,
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+    B: http_body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<BoxError>,
+    TokioExecutor: hyper::rt::bounds::Http2ServerConnExec<S::Future, B>,
+{
+    fn poll_serve(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        std::future::Future::poll(self, cx).map_err(|e| Box::new(e) as BoxError)
+    }
+    fn graceful_shutdown(self: Pin<&mut Self>) {
+        hyper::server::conn::http2::Connection::graceful_shutdown(self);
+    }
+}
+
+impl<I, S, B> Served for auto::Connection<'static, I, S, TokioExecutor>
+where
+    S: Service<http::Request<Incoming>, Response = http::Response<B>> + Send,
+    S::Error: Into<BoxError>,
+    S::Future: Send + 'static,
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+    B: http_body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<BoxError>,
+    TokioExecutor: auto::HttpServerConnExec<S::Future, B>,
+{
+    fn poll_serve(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        std::future::Future::poll(self, cx)
+    }
+    fn graceful_shutdown(self: Pin<&mut Self>) {
+        auto::Connection::graceful_shutdown(self);
+    }
+}
+
+/// The HTTP/2 settings of every listener, for hyper's HTTP/2 builder and
+/// the automatic one's HTTP/2 side alike (two types, the same methods).
+macro_rules! http2_settings {
+    ($b:expr) => {
+        $b.timer(TokioTimer::new())
+            .max_concurrent_streams(H2_MAX_STREAMS)
+            .max_header_list_size(H2_MAX_HEADER_LIST)
+            .max_pending_accept_reset_streams(Some(32))
+            .max_local_error_reset_streams(Some(64))
+            .max_send_buf_size(64 * 1024)
+    };
+}
+
+/// HTTP/2 alone, once ALPN chose it.
+fn h2_builder() -> hyper::server::conn::http2::Builder<TokioExecutor> {
+    let mut b = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+    http2_settings!(b);
+    b
+}
+
+/// HTTP/1.1, and HTTP/2 where the first bytes say so (h2c, or TLS without
+/// ALPN), with the same settings.
+fn auto_builder(first_request: Duration) -> auto::Builder<TokioExecutor> {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(first_request)
+        .max_buf_size(H1_MAX_BUF)
+        .keep_alive(true);
+    http2_settings!(builder.http2());
+    builder
 }
 
 /// Who a connection-level offence is scored against: the client a PROXY

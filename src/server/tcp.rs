@@ -168,11 +168,13 @@ impl Listener {
         };
         match &self.tls {
             Some(acceptor) => {
-                // The handshake in a future of its own: the TLS stream it
-                // returns is moved on, never held twice by this one.
-                let Some((tls, h2)) =
-                    super::handshake::tls(app, acceptor, io, deadline, &c.peer).await
-                else {
+                // The handshake in a future of its own, boxed: the TLS
+                // stream it returns is moved on, never held twice by this
+                // one, and the task an idle connection keeps is not sized
+                // for a handshake in progress (its state, the TLS stream
+                // inline, is freed once the handshake is done).
+                let handshake = super::handshake::tls(app, acceptor, io, deadline, &c.peer);
+                let Some((tls, h2)) = Box::pin(handshake).await else {
                     return;
                 };
                 c.h2 = Some(h2);
