@@ -135,8 +135,8 @@ pub fn build(s: &Settings, metrics: Arc<Metrics>) -> anyhow::Result<App> {
 
 /// A running proxy: its bound addresses and the means to stop it.
 pub struct Running {
-    /// The bound addresses of each kind of listener.
-    pub addrs: Addrs,
+    /// The bound addresses of each kind of listener ([`Running::addrs`]).
+    addrs: Addrs,
     pub admin_addr: std::net::SocketAddr,
     pub app: Arc<App>,
     /// The certificate in service, when a TLS or QUIC listener runs.
@@ -145,8 +145,9 @@ pub struct Running {
     listen: Addrs,
     shutdown: CancellationToken,
     tasks: TaskTracker,
-    /// Ended (their threads stop) when the proxy is dropped.
-    _workers: workers::Workers,
+    /// The threads TCP connections are served on; ended (their threads
+    /// stop) when the proxy is dropped.
+    workers: workers::Workers,
 }
 
 impl Running {
@@ -272,7 +273,7 @@ pub async fn start_with(settings: Settings, inherited: Inherited) -> anyhow::Res
         app: app.clone(),
         shutdown: shutdown.clone(),
         tasks: tasks.clone(),
-        _workers: workers::Workers::per_core()?,
+        workers: workers::Workers::per_core()?,
     };
     bound.serve(&Serving {
         app: &app,
@@ -280,7 +281,7 @@ pub async fn start_with(settings: Settings, inherited: Inherited) -> anyhow::Res
         tickets: app.tickets.clone(),
         acme: s.tls == TlsSource::Acme,
         retry_threshold: s.h3_retry_threshold,
-        workers: &running._workers,
+        workers: &running.workers,
         tasks: &tasks,
         shutdown: &shutdown,
     })?;
