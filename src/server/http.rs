@@ -14,10 +14,11 @@ use bytes::{Buf, Bytes};
 use http_body::{Frame, SizeHint};
 use hyper::body::Incoming;
 use hyper::service::{service_fn, Service};
-use hyper_util::rt::{TokioExecutor, TokioTimer};
+use hyper_util::rt::TokioTimer;
 use hyper_util::server::conn::auto;
 use tokio_util::sync::CancellationToken;
 
+use super::streams::{StreamExec, WithStreams};
 use super::watchdog;
 use crate::metrics::Metrics;
 use crate::pipeline::{App, Peer};
@@ -91,25 +92,28 @@ where
     // already chose HTTP/2, hyper's HTTP/2 connection alone: the automatic
     // one is an enum as large as its HTTP/1.1 side, which an idle HTTP/2
     // connection would carry for nothing.
-    let mut conn: Pin<Box<dyn Served>> = match c.h2 {
-        Some(true) => Box::pin(h2_builder().serve_connection(io, svc)),
+    // HTTP/2 streams run in this task ([`super::streams`]).
+    let exec = StreamExec::default();
+    let conn: Pin<Box<dyn Served>> = match c.h2 {
+        Some(true) => Box::pin(h2_builder(exec.clone()).serve_connection(io, svc)),
         Some(false) => Box::pin(
-            auto_builder(c.first_request)
+            auto_builder(c.first_request, exec.clone())
                 .http1_only()
                 .serve_connection(io, svc)
                 .into_owned(),
         ),
         None => Box::pin(
-            auto_builder(c.first_request)
+            auto_builder(c.first_request, exec.clone())
                 .serve_connection(io, svc)
                 .into_owned(),
         ),
     };
+    let mut conn = WithStreams::new(conn, exec);
     async move {
         let watch = watchdog::expired(&c.peer.conn, c.first_request, c.idle, c.write);
         tokio::pin!(watch);
         tokio::select! {
-            r = conn.as_mut() => {
+            r = &mut conn => {
                 if let Err(e) = r {
                     if let Some(kind) = classify(&*e, c.tls) {
                         c.app.metrics.wire.protocol_error(kind);
@@ -119,12 +123,12 @@ where
                 }
             }
             _ = shutdown.cancelled() => {
-                conn.as_mut().graceful_shutdown();
-                let _ = tokio::time::timeout(DRAIN, conn.as_mut()).await;
+                conn.conn().as_mut().graceful_shutdown();
+                let _ = tokio::time::timeout(DRAIN, &mut conn).await;
             }
             _ = c.peer.conn.closing() => {
-                conn.as_mut().graceful_shutdown();
-                let _ = tokio::time::timeout(DRAIN, conn.as_mut()).await;
+                conn.conn().as_mut().graceful_shutdown();
+                let _ = tokio::time::timeout(DRAIN, &mut conn).await;
             }
             why = &mut watch => {
                 // Nothing in flight, or answers nobody reads: close at once,
@@ -151,7 +155,7 @@ impl std::future::Future for dyn Served {
     }
 }
 
-impl<I, S, B> Served for hyper::server::conn::http2::Connection<I, S, TokioExecutor>
+impl<I, S, B> Served for hyper::server::conn::http2::Connection<I, S, StreamExec>
 where
     S: Service<http::Request<Incoming>, Response = http::Response<B>> + Send,
     S::Error: Into<BoxError>,
@@ -160,7 +164,7 @@ where
     B: http_body::Body + Send + 'static,
     B::Data: Send,
     B::Error: Into<BoxError>,
-    TokioExecutor: hyper::rt::bounds::Http2ServerConnExec<S::Future, B>,
+    StreamExec: hyper::rt::bounds::Http2ServerConnExec<S::Future, B>,
 {
     fn poll_serve(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
         std::future::Future::poll(self, cx).map_err(|e| Box::new(e) as BoxError)
@@ -170,7 +174,7 @@ where
     }
 }
 
-impl<I, S, B> Served for auto::Connection<'static, I, S, TokioExecutor>
+impl<I, S, B> Served for auto::Connection<'static, I, S, StreamExec>
 where
     S: Service<http::Request<Incoming>, Response = http::Response<B>> + Send,
     S::Error: Into<BoxError>,
@@ -179,7 +183,7 @@ where
     B: http_body::Body + Send + 'static,
     B::Data: Send,
     B::Error: Into<BoxError>,
-    TokioExecutor: auto::HttpServerConnExec<S::Future, B>,
+    StreamExec: auto::HttpServerConnExec<S::Future, B>,
 {
     fn poll_serve(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
         std::future::Future::poll(self, cx)
@@ -203,16 +207,16 @@ macro_rules! http2_settings {
 }
 
 /// HTTP/2 alone, once ALPN chose it.
-fn h2_builder() -> hyper::server::conn::http2::Builder<TokioExecutor> {
-    let mut b = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+fn h2_builder(exec: StreamExec) -> hyper::server::conn::http2::Builder<StreamExec> {
+    let mut b = hyper::server::conn::http2::Builder::new(exec);
     http2_settings!(b);
     b
 }
 
 /// HTTP/1.1, and HTTP/2 where the first bytes say so (h2c, or TLS without
 /// ALPN), with the same settings.
-fn auto_builder(first_request: Duration) -> auto::Builder<TokioExecutor> {
-    let mut builder = auto::Builder::new(TokioExecutor::new());
+fn auto_builder(first_request: Duration, exec: StreamExec) -> auto::Builder<StreamExec> {
+    let mut builder = auto::Builder::new(exec);
     builder
         .http1()
         .timer(TokioTimer::new())

@@ -9,7 +9,8 @@
 //! - `quic`: the QUIC listeners' accept loop, admission and handshake;
 //!   `h3`: DoH over HTTP/3 and `doq`: DNS over QUIC on its connections
 //!   (with the `h3` feature).
-//! - [`http`]: HTTP/1.1 and HTTP/2 with hyper.
+//! - [`http`]: HTTP/1.1 and HTTP/2 with hyper; [`streams`]: an HTTP/2
+//!   connection's streams run in its own task.
 //! - [`io`]: write batching on the client's TCP stream.
 //! - [`message`]: one DNS message (DNS over TLS and over QUIC): admit,
 //!   parse, answer or refuse.
@@ -33,6 +34,7 @@ pub mod listener;
 pub(crate) mod message;
 #[cfg(feature = "h3")]
 pub(crate) mod quic;
+pub(crate) mod streams;
 pub mod systemd;
 pub(crate) mod tcp;
 pub(crate) mod watchdog;
