@@ -297,13 +297,22 @@ pub struct Cache {
     clock: Clock,
 }
 
+/// The most entries the cache's table is sized for at start (about 2 MiB
+/// of bucket pointers); a larger `--cache-size` grows it as it fills.
+const PRESIZE: u64 = 128 * 1024;
+
 impl Cache {
     pub fn new(s: &CacheSettings, clock: Clock) -> Cache {
         let floor = (s.max_bytes / s.max_entries.max(1)).min(u64::from(u32::MAX)) as u32;
         let bytes = Arc::new(AtomicI64::new(0));
         let gone = bytes.clone();
         Cache {
+            // The table sized for `--cache-size` from the start (up to
+            // PRESIZE entries): filling a cold cache, when every query is
+            // a miss and the proxy is busiest, then never rehashes every
+            // key already in it at each doubling.
             map: Moka::builder()
+                .initial_capacity(s.max_entries.min(PRESIZE) as usize)
                 .max_capacity(s.max_bytes)
                 .weigher(move |_: &Key, e: &Arc<Entry>| e.size.max(floor))
                 .eviction_listener(move |_, e: Arc<Entry>, _| {

@@ -174,6 +174,14 @@ impl Fleet {
 }
 
 impl Spend for Fleet {
+    fn spend_now(&self, who: Who) -> Option<bool> {
+        if !self.is_up() {
+            return Some(self.local_share(who));
+        }
+        // A token in the lease: no wait. Else `spend` asks the fleet.
+        self.take(who).then_some(true)
+    }
+
     fn spend(&self, who: Who) -> futures_util::future::BoxFuture<'_, bool> {
         Box::pin(async move {
             if !self.is_up() {

@@ -33,6 +33,20 @@ pub enum Who {
 /// spent (for `who`). Local ([`LocalBudget`]) or leased from the fleet's.
 pub trait Spend: Send + Sync {
     fn spend(&self, who: Who) -> futures_util::future::BoxFuture<'_, bool>;
+
+    /// The answer of [`Spend::spend`] when it needs no waiting (a local
+    /// budget): spares a boxed future on every query sent.
+    fn spend_now(&self, _who: Who) -> Option<bool> {
+        None
+    }
+}
+
+/// Takes one token: at once when the budget can say, else by waiting.
+pub async fn spend(budget: &dyn Spend, who: Who) -> bool {
+    match budget.spend_now(who) {
+        Some(got) => got,
+        None => budget.spend(who).await,
+    }
 }
 
 /// `--upstream-qps` for one instance (a burst of one second's worth),
@@ -187,6 +201,10 @@ impl Spend for LocalBudget {
     fn spend(&self, who: Who) -> futures_util::future::BoxFuture<'_, bool> {
         Box::pin(std::future::ready(self.take(who)))
     }
+
+    fn spend_now(&self, who: Who) -> Option<bool> {
+        Some(self.take(who))
+    }
 }
 
 /// No budget at all: the proxy's own probes, which must find out whether
@@ -196,6 +214,10 @@ pub struct Unlimited;
 impl Spend for Unlimited {
     fn spend(&self, _: Who) -> futures_util::future::BoxFuture<'_, bool> {
         Box::pin(std::future::ready(true))
+    }
+
+    fn spend_now(&self, _: Who) -> Option<bool> {
+        Some(true)
     }
 }
 

@@ -44,6 +44,7 @@ use std::time::Duration;
 use futures_util::stream::{FuturesUnordered, StreamExt};
 use rustls::pki_types::{CertificateDer, ServerName};
 use serde::{Deserialize, Serialize};
+use smallvec::{smallvec, SmallVec};
 use tokio::time::Instant;
 use tokio_rustls::TlsConnector;
 use tokio_util::sync::CancellationToken;
@@ -254,8 +255,8 @@ impl Upstream {
     }
 
     /// The order in which upstreams are tried now.
-    fn order(&self) -> Vec<usize> {
-        let mut idx: Vec<usize> = (0..self.servers.len()).collect();
+    fn order(&self) -> SmallVec<[usize; 4]> {
+        let mut idx: SmallVec<[usize; 4]> = (0..self.servers.len()).collect();
         match self.strategy {
             Strategy::Ordered => idx.sort_by_key(|&i| !self.servers[i].is_up()),
             Strategy::Fastest => idx.sort_by_key(|&i| {
@@ -289,24 +290,23 @@ impl Upstream {
         let order = self.order();
         // Each upstream once, then each once more: a retransmission over
         // UDP, a new attempt over a stream only if the first one failed.
-        let plan: Vec<(usize, bool)> = order
-            .iter()
-            .map(|&i| (i, false))
-            .chain(order.iter().map(|&i| (i, true)))
-            .collect();
+        // (upstream, whether it is the second round): the plan's k-th step.
+        let plan = |k: usize| (order[k % n], k >= n);
+        let plan_len = 2 * n;
         let mut next = 0;
         let mut next_at = Instant::now();
         let mut sent = 0u32;
-        let mut pending = vec![0u32; n];
-        let mut failed = vec![false; n];
-        let mut answered = vec![false; n];
+        // Inline for up to four upstreams: a miss allocates none of these.
+        let mut pending: SmallVec<[u32; 4]> = smallvec![0; n];
+        let mut failed: SmallVec<[bool; 4]> = smallvec![false; n];
+        let mut answered: SmallVec<[bool; 4]> = smallvec![false; n];
         let mut fallback = None;
         let mut out_of_budget = false;
         let mut attempts = FuturesUnordered::new();
         loop {
             // Send the next attempt if it is due.
-            while next < plan.len() && Instant::now() >= next_at {
-                let (i, second) = plan[next];
+            while next < plan_len && Instant::now() >= next_at {
+                let (i, second) = plan(next);
                 next += 1;
                 if second && answered[i] {
                     continue; // it said SERVFAIL or REFUSED: no point asking again
@@ -321,10 +321,10 @@ impl Upstream {
                     }
                     continue;
                 }
-                if !self.budget.spend(who).await {
+                if !budget::spend(&*self.budget, who).await {
                     self.metrics.upstream.budget_exhausted.inc();
                     out_of_budget = true;
-                    next = plan.len();
+                    next = plan_len;
                     break;
                 }
                 let s = &self.servers[i];
@@ -344,10 +344,10 @@ impl Upstream {
             if sent == 0 {
                 return Err(UpstreamError::Budget);
             }
-            if attempts.is_empty() && next >= plan.len() {
+            if attempts.is_empty() && next >= plan_len {
                 break;
             }
-            let wake = if next < plan.len() {
+            let wake = if next < plan_len {
                 next_at.min(deadline)
             } else {
                 deadline
@@ -382,7 +382,7 @@ impl Upstream {
                             // Truncated, and no token left for the TCP retry.
                             self.metrics.upstream.budget_exhausted.inc();
                             out_of_budget = true;
-                            next = plan.len();
+                            next = plan_len;
                         }
                         Err(e) => {
                             tracing::debug!(upstream = s.spec.label(), error = %e, "upstream attempt failed");

@@ -2,6 +2,7 @@
 //! connection), its measured round-trip time, its reconnection backoff, and
 //! one exchange with it.
 
+use super::budget::spend;
 use super::udp::udp_exchange;
 use super::*;
 
@@ -127,20 +128,24 @@ impl Server {
         budget: &dyn Spend,
         who: Who,
     ) -> Result<(Vec<u8>, AnswerInfo), ExchangeError> {
+        // UDP inline, the rest boxed: this future is moved into the
+        // resolution's set of attempts on every miss, and the stream and
+        // HTTPS exchanges (a TLS connection being set up, an HTTP/2
+        // request) would make it several times larger than the UDP one.
         let r = match &self.link {
             Link::Udp(udp, tcp) => {
                 match udp_exchange(udp, self.spec.addr, key, &self.metrics).await? {
                     Exchanged::Truncated => {
-                        if !budget.spend(who).await {
+                        if !spend(budget, who).await {
                             return Err(ExchangeError::Budget);
                         }
-                        tcp.exchange(key).await?
+                        Box::pin(tcp.exchange(key)).await?
                     }
                     answered => answered,
                 }
             }
-            Link::Stream(pool) => pool.exchange(key).await?,
-            Link::Https(h) => h.exchange(key).await?,
+            Link::Stream(pool) => Box::pin(pool.exchange(key)).await?,
+            Link::Https(h) => Box::pin(h.exchange(key)).await?,
         };
         match r {
             Exchanged::Answer(a) => Ok(a),
