@@ -277,6 +277,10 @@ pub fn parse_query(b: &[u8]) -> Result<Query<'_>, QueryError> {
     }
     let mut pos = q_end;
     let (mut payload, mut padded) = (0u16, false);
+    // Whether the walk below has seen all there is to check: the header,
+    // the question and an OPT record without options or with padding
+    // alone. Any other EDNS option is parsed by hickory-proto too.
+    let mut walked = true;
     for _ in 0..u16_at(b, 10) {
         let r = walk_record(b, pos).ok_or(QueryError::Malformed)?;
         if r.rtype != TYPE_OPT || b[pos] != 0 {
@@ -290,15 +294,19 @@ pub fn parse_query(b: &[u8]) -> Result<Query<'_>, QueryError> {
             kf |= QueryFlags::DO;
         }
         payload = u16_at(b, r.ttl_at - 2).max(512);
-        padded = has_option(&b[r.rdata_at..r.end], OPTION_PADDING);
+        let options = &b[r.rdata_at..r.end];
+        padded = has_option(options, OPTION_PADDING);
+        walked = only_padding(options);
         pos = r.end;
     }
     if pos != b.len() {
         return Err(QueryError::TrailingBytes);
     }
-    let mut decoder = BinDecoder::new(b);
-    if Message::read(&mut decoder).is_err() || !decoder.is_empty() {
-        return Err(QueryError::Malformed);
+    if !walked {
+        let mut decoder = BinDecoder::new(b);
+        if Message::read(&mut decoder).is_err() || !decoder.is_empty() {
+            return Err(QueryError::Malformed);
+        }
     }
     let question = &b[HEADER_LEN..q_end];
     let mut lower: Box<[u8]> = question.into();
@@ -316,6 +324,22 @@ pub fn parse_query(b: &[u8]) -> Result<Query<'_>, QueryError> {
 }
 
 /// Whether the options of an OPT record's RDATA hold `code`.
+/// Whether an OPT record's data is nothing but whole padding options
+/// (or nothing at all).
+fn only_padding(mut rdata: &[u8]) -> bool {
+    while !rdata.is_empty() {
+        if rdata.len() < 4 || u16::from_be_bytes([rdata[0], rdata[1]]) != OPTION_PADDING {
+            return false;
+        }
+        let len = usize::from(u16::from_be_bytes([rdata[2], rdata[3]]));
+        match rdata.get(4 + len..) {
+            Some(rest) => rdata = rest,
+            None => return false,
+        }
+    }
+    true
+}
+
 fn has_option(mut rdata: &[u8], code: u16) -> bool {
     while rdata.len() >= 4 {
         let c = u16::from_be_bytes([rdata[0], rdata[1]]);
@@ -423,6 +447,70 @@ mod tests {
         let mut v = good.clone();
         v.truncate(v.len() - 1);
         assert_eq!(parse_query(&v).unwrap_err(), QueryError::Malformed);
+    }
+
+    /// What the query walk accepts on its own, hickory-proto accepts
+    /// too: valid queries (with and without EDNS, padding, other options)
+    /// and thousands of mutations of them, each byte flipped, truncated
+    /// or extended.
+    #[test]
+    fn the_walk_accepts_nothing_hickory_rejects() {
+        let mut seeds = vec![
+            sample_query(1),
+            query_message("a.example.", 28, 3, false).unwrap(),
+        ];
+        let key = parse_query(&sample_query(2)).unwrap().key;
+        let padding = &[0, 12, 0, 3, 0, 0, 0][..];
+        let cookie = &[0, 10, 0, 8, 1, 2, 3, 4, 5, 6, 7, 8][..];
+        let subnet = &[0, 8, 0, 7, 0, 1, 24, 0, 192, 0, 2][..];
+        for extra in [
+            &[][..],
+            padding,
+            cookie,
+            subnet,
+            &[padding, padding].concat(),
+        ] {
+            let mut q = upstream_query(9, &key);
+            let rdlen = q.len() - 2;
+            q.extend_from_slice(&extra);
+            let n = u16_at(&q, rdlen) + extra.len() as u16;
+            q[rdlen..rdlen + 2].copy_from_slice(&n.to_be_bytes());
+            assert!(parse_query(&q).is_ok(), "{q:?}");
+            seeds.push(q);
+        }
+        let mut state = 0x9e37_79b9_7f4a_7c15u64;
+        let mut rnd = move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        let mut accepted = 0;
+        for seed in &seeds {
+            for _ in 0..20_000 {
+                let mut m = seed.clone();
+                for _ in 0..1 + rnd() % 3 {
+                    let at = (rnd() as usize) % m.len();
+                    match rnd() % 4 {
+                        0 => m[at] ^= 1 << (rnd() % 8),
+                        1 => m[at] = rnd() as u8,
+                        2 => m.truncate(at.max(1)),
+                        _ => m.insert(at, rnd() as u8),
+                    }
+                }
+                if parse_query(&m).is_ok() {
+                    accepted += 1;
+                    assert!(
+                        Message::from_vec(&m).is_ok(),
+                        "accepted, hickory rejects: {m:?}"
+                    );
+                }
+            }
+        }
+        assert!(
+            accepted > 1000,
+            "the mutations must reach the walk's paths ({accepted})"
+        );
     }
 
     #[test]
