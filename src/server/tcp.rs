@@ -117,18 +117,45 @@ impl Listener {
         }
     }
 
-    async fn serve(
+    /// One connection, from its PROXY header to its end.
+    ///
+    /// Not an `async fn`, and what comes before HTTP (the PROXY header,
+    /// the TLS handshake) in a boxed future of its own, freed when it is
+    /// done: this future is what an idle connection's task holds, and it
+    /// keeps only what HTTP needs (an `async fn` would also keep its
+    /// arguments twice, and the handshake's state for the connection's
+    /// whole life).
+    fn serve(
         self,
         ticket: ConnTicket,
+        stream: TcpStream,
+        peer: SocketAddr,
+        shutdown: CancellationToken,
+    ) -> impl std::future::Future<Output = ()> + Send {
+        let prelude = Box::pin(self.prelude(ticket.conn().clone(), stream, peer, shutdown));
+        async move {
+            if let Some((serving, _client_ticket)) = prelude.await {
+                serving.await;
+            }
+            drop(ticket);
+        }
+    }
+
+    /// The PROXY header (from a trusted proxy, with `--proxy-protocol`),
+    /// the admission of the client it names, and the TLS handshake: the
+    /// connection's HTTP, boxed (its streams moved in, nothing of them
+    /// left in the task's future), or `None` when it must close.
+    async fn prelude(
+        self,
+        conn: Arc<crate::guard::Conn>,
         mut stream: TcpStream,
         peer: SocketAddr,
         shutdown: CancellationToken,
-    ) {
+    ) -> Option<(Serving, Option<ConnTicket>)> {
         let _ = stream.set_nodelay(true);
         bound_send_buffer(&stream);
         let app = &self.app;
         let settings = app.conn.load_full();
-        let conn = ticket.conn().clone();
         let deadline = Instant::now() + settings.handshake_timeout;
         let mut proxied = None;
         if settings.proxy_protocol && app.guard.is_trusted_proxy(peer.ip()) {
@@ -138,27 +165,20 @@ impl Listener {
                     app.metrics
                         .guard
                         .conn_rejected(ConnReject::ProxyHeader, false);
-                    return;
+                    return None;
                 }
             }
         }
         // The client a PROXY header names meets its own bans, rates and caps.
-        let _client_ticket = match proxied {
-            Some(Some(client)) => match app.guard.admit_proxied(client) {
-                Ok(t) => Some(t),
-                Err(_) => return,
-            },
-            Some(None) => match app.guard.admit_proxied(crate::net::UNKNOWN_CLIENT) {
-                Ok(t) => Some(t),
-                Err(_) => return,
-            },
+        let client_ticket = match proxied {
+            Some(Some(client)) => Some(app.guard.admit_proxied(client).ok()?),
+            Some(None) => Some(app.guard.admit_proxied(crate::net::UNKNOWN_CLIENT).ok()?),
             None => None,
         };
-        let peer = Peer::new(conn, proxied);
         let io = ConnIo::new(stream);
         let mut c = HttpConn {
             app: app.clone(),
-            peer,
+            peer: Peer::new(conn, proxied),
             h2: None,
             tls: self.tls.is_some(),
             first_request: settings.handshake_timeout,
@@ -166,22 +186,38 @@ impl Listener {
             write: settings.write_timeout,
             extra_headers: self.extra_headers.clone(),
         };
-        match &self.tls {
+        let io = match &self.tls {
             Some(acceptor) => {
-                // The handshake in a future of its own, boxed: the TLS
-                // stream it returns is moved on, never held twice by this
-                // one, and the task an idle connection keeps is not sized
-                // for a handshake in progress (its state, the TLS stream
-                // inline, is freed once the handshake is done).
-                let handshake = super::handshake::tls(app, acceptor, io, deadline, &c.peer);
-                let Some((tls, h2)) = Box::pin(handshake).await else {
-                    return;
-                };
+                let (tls, h2) = super::handshake::tls(app, acceptor, io, deadline, &c.peer).await?;
                 c.h2 = Some(h2);
-                http::serve(c, TokioIo::new(tls), shutdown).await;
+                Accepted::Tls(tls)
             }
-            None => http::serve(c, TokioIo::new(io), shutdown).await,
+            None => Accepted::Plain(io),
+        };
+        Some((Box::pin(io.serve(c, shutdown)), client_ticket))
+    }
+}
+
+/// A connection's HTTP, being served.
+type Serving = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
+
+/// A connection ready for HTTP.
+enum Accepted {
+    Tls(tokio_rustls::server::TlsStream<ConnIo>),
+    Plain(ConnIo),
+}
+
+impl Accepted {
+    /// The stream moves into the HTTP connection here.
+    fn serve(
+        self,
+        c: HttpConn,
+        shutdown: CancellationToken,
+    ) -> impl std::future::Future<Output = ()> + Send {
+        use futures_util::future::Either;
+        match self {
+            Accepted::Tls(tls) => Either::Left(http::serve(c, TokioIo::new(tls), shutdown)),
+            Accepted::Plain(io) => Either::Right(http::serve(c, TokioIo::new(io), shutdown)),
         }
-        drop(ticket);
     }
 }

@@ -21,15 +21,27 @@ use crate::reject::ConnReject;
 /// least `write` away; so sleeping until the earlier of the deadline and
 /// `now + min(idle, write)` and looking again never misses one by more
 /// than `write`.
-pub async fn expired(conn: &Conn, first: Duration, idle: Duration, write: Duration) -> Expiry {
-    let nap = idle.min(write);
-    loop {
-        let now = Instant::now();
-        match conn.deadline(first, idle, write) {
-            Some((at, why)) if at <= now => return why,
-            Some((at, _)) => tokio::time::sleep_until(at.min(now + nap)).await,
-            // A request is in flight: look again once it may have ended.
-            None => tokio::time::sleep(nap.min(Duration::from_secs(1))).await,
+///
+/// Not an `async fn`, and one sleep in one place: every idle connection
+/// holds this future, which an `async fn` would make keep its arguments
+/// twice and each of its two sleeps in a slot of its own.
+pub fn expired(
+    conn: &Conn,
+    first: Duration,
+    idle: Duration,
+    write: Duration,
+) -> impl std::future::Future<Output = Expiry> + Send + '_ {
+    async move {
+        let nap = idle.min(write);
+        loop {
+            let now = Instant::now();
+            let wake = match conn.deadline(first, idle, write) {
+                Some((at, why)) if at <= now => return why,
+                Some((at, _)) => at.min(now + nap),
+                // A request is in flight: look again once it may have ended.
+                None => now + nap.min(Duration::from_secs(1)),
+            };
+            tokio::time::sleep_until(wake).await;
         }
     }
 }
