@@ -472,7 +472,7 @@ mod tests {
         ] {
             let mut q = upstream_query(9, &key);
             let rdlen = q.len() - 2;
-            q.extend_from_slice(&extra);
+            q.extend_from_slice(extra);
             let n = u16_at(&q, rdlen) + extra.len() as u16;
             q[rdlen..rdlen + 2].copy_from_slice(&n.to_be_bytes());
             assert!(parse_query(&q).is_ok(), "{q:?}");

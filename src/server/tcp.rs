@@ -186,38 +186,17 @@ impl Listener {
             write: settings.write_timeout,
             extra_headers: self.extra_headers.clone(),
         };
-        let io = match &self.tls {
+        let serving: Serving = match &self.tls {
             Some(acceptor) => {
                 let (tls, h2) = super::handshake::tls(app, acceptor, io, deadline, &c.peer).await?;
                 c.h2 = Some(h2);
-                Accepted::Tls(tls)
+                Box::pin(http::serve(c, TokioIo::new(tls), shutdown))
             }
-            None => Accepted::Plain(io),
+            None => Box::pin(http::serve(c, TokioIo::new(io), shutdown)),
         };
-        Some((Box::pin(io.serve(c, shutdown)), client_ticket))
+        Some((serving, client_ticket))
     }
 }
 
 /// A connection's HTTP, being served.
 type Serving = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
-
-/// A connection ready for HTTP.
-enum Accepted {
-    Tls(tokio_rustls::server::TlsStream<ConnIo>),
-    Plain(ConnIo),
-}
-
-impl Accepted {
-    /// The stream moves into the HTTP connection here.
-    fn serve(
-        self,
-        c: HttpConn,
-        shutdown: CancellationToken,
-    ) -> impl std::future::Future<Output = ()> + Send {
-        use futures_util::future::Either;
-        match self {
-            Accepted::Tls(tls) => Either::Left(http::serve(c, TokioIo::new(tls), shutdown)),
-            Accepted::Plain(io) => Either::Right(http::serve(c, TokioIo::new(io), shutdown)),
-        }
-    }
-}

@@ -25,6 +25,7 @@ use crate::reject::ConnReject;
 /// Not an `async fn`, and one sleep in one place: every idle connection
 /// holds this future, which an `async fn` would make keep its arguments
 /// twice and each of its two sleeps in a slot of its own.
+#[allow(clippy::manual_async_fn)] // on purpose: see above
 pub fn expired(
     conn: &Conn,
     first: Duration,
