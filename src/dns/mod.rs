@@ -294,9 +294,7 @@ pub fn parse_query(b: &[u8]) -> Result<Query<'_>, QueryError> {
             kf |= QueryFlags::DO;
         }
         payload = u16_at(b, r.ttl_at - 2).max(512);
-        let options = &b[r.rdata_at..r.end];
-        padded = has_option(options, OPTION_PADDING);
-        walked = only_padding(options);
+        (padded, walked) = padding(&b[r.rdata_at..r.end]);
         pos = r.end;
     }
     if pos != b.len() {
@@ -323,33 +321,24 @@ pub fn parse_query(b: &[u8]) -> Result<Query<'_>, QueryError> {
     })
 }
 
-/// Whether the options of an OPT record's RDATA hold `code`.
-/// Whether an OPT record's data is nothing but whole padding options
-/// (or nothing at all).
-fn only_padding(mut rdata: &[u8]) -> bool {
-    while !rdata.is_empty() {
-        if rdata.len() < 4 || u16::from_be_bytes([rdata[0], rdata[1]]) != OPTION_PADDING {
-            return false;
+/// What the options of an OPT record's RDATA say of padding, in one walk:
+/// whether a padding option is among them, and whether they are nothing
+/// but whole padding options (or none at all).
+fn padding(mut rdata: &[u8]) -> (bool, bool) {
+    let (mut padded, mut only) = (false, true);
+    while rdata.len() >= 4 {
+        if u16::from_be_bytes([rdata[0], rdata[1]]) == OPTION_PADDING {
+            padded = true;
+        } else {
+            only = false;
         }
         let len = usize::from(u16::from_be_bytes([rdata[2], rdata[3]]));
         match rdata.get(4 + len..) {
             Some(rest) => rdata = rest,
-            None => return false,
+            None => return (padded, false),
         }
     }
-    true
-}
-
-fn has_option(mut rdata: &[u8], code: u16) -> bool {
-    while rdata.len() >= 4 {
-        let c = u16::from_be_bytes([rdata[0], rdata[1]]);
-        let len = usize::from(u16::from_be_bytes([rdata[2], rdata[3]]));
-        if c == code {
-            return true;
-        }
-        rdata = rdata.get(4 + len..).unwrap_or_default();
-    }
-    false
+    (padded, only && rdata.is_empty())
 }
 
 /// Builds the query sent upstream for `key`, with a fresh `id`.
