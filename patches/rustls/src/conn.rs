@@ -796,8 +796,17 @@ impl<Data> ConnectionCommon<Data> {
         let res = self
             .deframer_buffer
             .read(rd, self.core.hs_deframer.is_active());
-        if let Ok(0) = res {
-            self.has_seen_eof = true;
+        match &res {
+            Ok(0) => self.has_seen_eof = true,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                // The peer is quiet: what is empty gives its memory back
+                // while waiting (as the read buffer does).
+                self.core.hs_deframer.release_if_idle();
+                let common = &mut self.core.common_state;
+                common.received_plaintext.release_if_empty();
+                common.sendable_tls.release_if_empty();
+            }
+            _ => {}
         }
         res
     }

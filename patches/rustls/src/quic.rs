@@ -485,6 +485,46 @@ pub(crate) struct Quic {
     pub(crate) version: Version,
 }
 
+impl Quic {
+    const EMPTY: Self = Self {
+        params: None,
+        alert: None,
+        hs_queue: VecDeque::new(),
+        early_secret: None,
+        hs_secrets: None,
+        traffic_secrets: None,
+        #[cfg(feature = "std")]
+        returned_traffic_keys: false,
+        version: Version::V1,
+    };
+}
+
+/// What `Quic::default()` reads as, for a connection that never used it.
+static EMPTY_QUIC: Quic = Quic::EMPTY;
+
+/// The QUIC-only state of a connection, allocated the first time it is
+/// written: a connection over TCP never writes it and carries one pointer
+/// instead of the whole state (about 500 bytes).
+#[derive(Default)]
+pub(crate) struct LazyQuic(Option<Box<Quic>>);
+
+impl core::ops::Deref for LazyQuic {
+    type Target = Quic;
+
+    fn deref(&self) -> &Quic {
+        match &self.0 {
+            Some(quic) => quic,
+            None => &EMPTY_QUIC,
+        }
+    }
+}
+
+impl core::ops::DerefMut for LazyQuic {
+    fn deref_mut(&mut self) -> &mut Quic {
+        self.0.get_or_insert_with(Box::default)
+    }
+}
+
 #[cfg(feature = "std")]
 impl Quic {
     pub(crate) fn write_hs(&mut self, buf: &mut Vec<u8>) -> Option<KeyChange> {

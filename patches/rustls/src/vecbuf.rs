@@ -47,6 +47,15 @@ impl ChunkVecBuffer {
     }
 
     /// If we're empty
+    /// Gives back the queue's memory when nothing is queued (an idle
+    /// connection should hold nothing it does not need).
+    #[cfg(feature = "std")]
+    pub(crate) fn release_if_empty(&mut self) {
+        if self.chunks.is_empty() {
+            self.chunks = VecDeque::new();
+        }
+    }
+
     pub(crate) fn is_empty(&self) -> bool {
         self.chunks.is_empty()
     }

@@ -41,7 +41,9 @@ struct FrameDecoder {
 
     max_continuation_frames: usize,
 
-    partial: Option<Partial>,
+    // Boxed: a header block split over CONTINUATION frames is rare, and
+    // every connection would otherwise carry its 336 bytes while idle.
+    partial: Option<Box<Partial>>,
 }
 
 /// Partially loaded headers frame
@@ -220,11 +222,11 @@ fn decode_frame(decoder: &mut FrameDecoder, mut bytes: BytesMut) -> Result<Optio
             } else {
                 tracing::trace!("loaded partial header block");
                 // Defer returning the frame
-                decoder.partial = Some(Partial {
+                decoder.partial = Some(Box::new(Partial {
                     frame: Continuable::$frame(frame),
                     buf: payload,
                     continuation_frames_count: 0,
-                });
+                }));
 
                 return Ok(None);
             }

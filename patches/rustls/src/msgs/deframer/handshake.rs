@@ -91,6 +91,15 @@ impl HandshakeDeframer {
         !self.spans.is_empty()
     }
 
+    /// Gives back the memory of the span list while no handshake message
+    /// is pending: an established connection rarely gets another one, and
+    /// an idle connection should hold nothing it does not need.
+    pub(crate) fn release_if_idle(&mut self) {
+        if self.spans.is_empty() {
+            self.spans = Vec::new();
+        }
+    }
+
     /// We are "aligned" if there are no pending handshake messages, complete or partial.
     pub(crate) fn is_aligned(&self) -> bool {
         // If we have any handshake spans, either:
