@@ -71,7 +71,9 @@ async fn first_status<S: tokio::io::AsyncRead + Unpin>(s: &mut S, stream: u32) -
             if buf[3] == 1 && id == stream {
                 let first = *buf.get(9)?;
                 let status = [200, 204, 206, 304, 400, 404, 500];
-                return status.get(usize::from(first ^ 0x80).wrapping_sub(8)).copied();
+                return status
+                    .get(usize::from(first ^ 0x80).wrapping_sub(8))
+                    .copied();
             }
             buf.drain(..9 + len);
         }
