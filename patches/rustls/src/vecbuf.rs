@@ -46,7 +46,6 @@ impl ChunkVecBuffer {
         self.limit = new_limit;
     }
 
-    /// If we're empty
     /// Gives back the queue's memory when nothing is queued (an idle
     /// connection should hold nothing it does not need).
     #[cfg(feature = "std")]
@@ -56,6 +55,7 @@ impl ChunkVecBuffer {
         }
     }
 
+    /// If we're empty
     pub(crate) fn is_empty(&self) -> bool {
         self.chunks.is_empty()
     }
