@@ -3,110 +3,12 @@
 //! legitimate client keeps being served, and the defence fires (a metric
 //! moves, the attacker is refused or banned).
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use rustls::pki_types::ServerName;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
+use tokio::io::AsyncWriteExt;
 
 use crate::common::*;
-
-const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
-
-/// One HTTP/2 frame.
-fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
-    let len = payload.len() as u32;
-    let mut f = vec![(len >> 16) as u8, (len >> 8) as u8, len as u8, kind, flags];
-    f.extend_from_slice(&stream.to_be_bytes());
-    f.extend_from_slice(payload);
-    f
-}
-
-fn settings(pairs: &[(u16, u32)]) -> Vec<u8> {
-    let mut p = Vec::new();
-    for (id, v) in pairs {
-        p.extend_from_slice(&id.to_be_bytes());
-        p.extend_from_slice(&v.to_be_bytes());
-    }
-    frame(4, 0, 0, &p)
-}
-
-fn ping() -> Vec<u8> {
-    frame(6, 0, 0, &[1, 2, 3, 4, 5, 6, 7, 8])
-}
-
-/// The header block of `GET path`, HPACK without Huffman or the dynamic
-/// table.
-fn get_block(path: &str) -> Vec<u8> {
-    let mut h = vec![0x82, 0x87]; // :method GET, :scheme https
-    for (index, value) in [(4u8, path), (1, "localhost")] {
-        h.push(index); // literal without indexing, indexed name
-        assert!(value.len() < 127, "one-byte HPACK length");
-        h.push(value.len() as u8);
-        h.extend_from_slice(value.as_bytes());
-    }
-    h
-}
-
-/// A HEADERS frame for `GET path` on `stream`.
-fn get_headers(stream: u32, path: &str) -> Vec<u8> {
-    frame(1, 0x05, stream, &get_block(path)) // END_STREAM | END_HEADERS
-}
-
-/// The status of the first response on `stream`, if it is one HPACK's
-/// static table holds (200, 204, 206, 304, 400, 404, 500); `None` when the
-/// connection ends first.
-async fn first_status<S: tokio::io::AsyncRead + Unpin>(s: &mut S, stream: u32) -> Option<u16> {
-    let mut buf = Vec::new();
-    let mut chunk = [0u8; 4096];
-    loop {
-        while buf.len() >= 9 {
-            let len = usize::from(buf[0]) << 16 | usize::from(buf[1]) << 8 | usize::from(buf[2]);
-            if buf.len() < 9 + len {
-                break;
-            }
-            let id = u32::from_be_bytes([buf[5], buf[6], buf[7], buf[8]]) & 0x7fff_ffff;
-            if buf[3] == 1 && id == stream {
-                let first = *buf.get(9)?;
-                let status = [200, 204, 206, 304, 400, 404, 500];
-                return status
-                    .get(usize::from(first ^ 0x80).wrapping_sub(8))
-                    .copied();
-            }
-            buf.drain(..9 + len);
-        }
-        match tokio::time::timeout(Duration::from_secs(10), s.read(&mut chunk)).await {
-            Ok(Ok(n)) if n > 0 => buf.extend_from_slice(&chunk[..n]),
-            _ => return None,
-        }
-    }
-}
-
-/// A TLS connection with ALPN h2 from `source`, nothing sent yet.
-async fn h2_tls(
-    addr: SocketAddr,
-    source: &str,
-) -> std::io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
-    let tcp = tcp_from(Some(source.parse().unwrap()), addr).await?;
-    tls_connector(b"h2")
-        .connect(ServerName::try_from("localhost").unwrap(), tcp)
-        .await
-}
-
-/// Whether the server closed `s` within `wait`.
-async fn closed<S: tokio::io::AsyncRead + Unpin>(s: &mut S, wait: Duration) -> bool {
-    let mut buf = [0u8; 4096];
-    let until = tokio::time::Instant::now() + wait;
-    loop {
-        match tokio::time::timeout_at(until, s.read(&mut buf)).await {
-            Ok(Ok(0)) | Ok(Err(_)) => return true,
-            Ok(Ok(_)) => continue,
-            Err(_) => return false,
-        }
-    }
-}
 
 /// A legitimate request from `source` on a fresh connection: its status
 /// and how long it took.
@@ -276,39 +178,6 @@ async fn pings_after_a_request_do_not_keep_a_connection() {
         "{:?}",
         t.elapsed()
     );
-}
-
-/// A header block split over CONTINUATION frames is put back together and
-/// answered; one that never ends costs the client its connection.
-#[tokio::test]
-async fn header_blocks_split_over_continuation_frames() {
-    let up = MockUpstream::start().await;
-    let p = proxy(&[up.addr], |_| {}).await;
-    let addr = p.addrs(Kind::Https)[0];
-    let mut s = h2_tls(addr, "127.0.63.1").await.unwrap();
-    s.write_all(PREFACE).await.unwrap();
-    s.write_all(&settings(&[])).await.unwrap();
-    let block = get_block(&ok_path("www.example.test"));
-    let (a, rest) = block.split_at(3);
-    let (b, c) = rest.split_at(rest.len() / 2);
-    let mut w = frame(1, 0x01, 1, a); // END_STREAM, the block goes on
-    w.extend(frame(9, 0, 1, b));
-    w.extend(frame(9, 0x04, 1, c)); // END_HEADERS
-    s.write_all(&w).await.unwrap();
-    assert_eq!(first_status(&mut s, 1).await, Some(200));
-    // Then the same connection: a block that keeps going.
-    let _ = s.write_all(&frame(1, 0x01, 3, a)).await;
-    for _ in 0..2000 {
-        if s.write_all(&frame(9, 0, 3, &[0; 16])).await.is_err() {
-            break;
-        }
-    }
-    assert!(
-        closed(&mut s, Duration::from_secs(10)).await,
-        "an endless header block kept its connection"
-    );
-    // Others are served.
-    assert_eq!(legit(&p, "127.0.63.2", "www.example.test").await.0, 200);
 }
 
 /// One byte at a time: the h2 preface after TLS, the plain listener's

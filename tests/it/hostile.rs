@@ -1,6 +1,7 @@
 //! Hostile input never crashes or stalls the server: junk on the TLS port,
-//! plain HTTP on the TLS port, huge header blocks, huge bodies, huge URIs,
-//! and clients that connect and say nothing.
+//! plain HTTP on the TLS port, huge header blocks, header blocks split over
+//! CONTINUATION frames, huge bodies, huge URIs, and clients that connect
+//! and say nothing.
 
 use std::time::{Duration, Instant};
 
@@ -202,4 +203,45 @@ async fn graceful_stop_finishes_in_flight_requests() {
         TcpStream::connect(addr).await.is_err(),
         "no longer accepting"
     );
+}
+
+/// A header block split over CONTINUATION frames is put back together and
+/// answered; one that never ends costs the client its connection.
+#[tokio::test]
+async fn header_blocks_split_over_continuation_frames() {
+    let up = MockUpstream::start().await;
+    let p = proxy(&[up.addr], |_| {}).await;
+    let addr = p.addrs(Kind::Https)[0];
+    let mut s = h2_tls(addr, "127.0.63.1").await.unwrap();
+    s.write_all(PREFACE).await.unwrap();
+    s.write_all(&settings(&[])).await.unwrap();
+    let block = get_block(&ok_path("www.example.test"));
+    let (a, rest) = block.split_at(3);
+    let (b, c) = rest.split_at(rest.len() / 2);
+    let mut w = frame(1, 0x01, 1, a); // END_STREAM, the block goes on
+    w.extend(frame(9, 0, 1, b));
+    w.extend(frame(9, 0x04, 1, c)); // END_HEADERS
+    s.write_all(&w).await.unwrap();
+    assert_eq!(first_status(&mut s, 1).await, Some(200));
+    // Then the same connection: a block that keeps going.
+    let _ = s.write_all(&frame(1, 0x01, 3, a)).await;
+    for _ in 0..2000 {
+        if s.write_all(&frame(9, 0, 3, &[0; 16])).await.is_err() {
+            break;
+        }
+    }
+    assert!(
+        closed(&mut s, Duration::from_secs(10)).await,
+        "an endless header block kept its connection"
+    );
+    // Others are served.
+    let r = send_from(
+        &p,
+        Proto::H2,
+        "127.0.63.2",
+        get(&ok_path("www.example.test")),
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status, 200);
 }

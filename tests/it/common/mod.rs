@@ -10,14 +10,17 @@
 //!   source address.
 //! - [`harness`]: the proxy in process and as a service, the admin
 //!   listener, metrics, waiting for a condition.
+//! - [`frames`]: raw HTTP/2 frames over TLS, for clients that misbehave.
 
 mod clients;
+mod frames;
 mod harness;
 mod pki;
 mod redis;
 mod upstreams;
 
 pub use clients::*;
+pub use frames::*;
 pub use harness::*;
 pub use pki::*;
 pub use redis::*;

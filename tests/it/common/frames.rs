@@ -1,0 +1,106 @@
+//! Raw HTTP/2 for clients that misbehave on purpose: frames written by
+//! hand over a real TLS connection, and what the server answered.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use rustls::pki_types::ServerName;
+use tokio::io::AsyncReadExt;
+use tokio::net::TcpStream;
+
+use super::{tcp_from, tls_connector};
+
+pub const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// One HTTP/2 frame.
+pub fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+    let len = payload.len() as u32;
+    let mut f = vec![(len >> 16) as u8, (len >> 8) as u8, len as u8, kind, flags];
+    f.extend_from_slice(&stream.to_be_bytes());
+    f.extend_from_slice(payload);
+    f
+}
+
+pub fn settings(pairs: &[(u16, u32)]) -> Vec<u8> {
+    let mut p = Vec::new();
+    for (id, v) in pairs {
+        p.extend_from_slice(&id.to_be_bytes());
+        p.extend_from_slice(&v.to_be_bytes());
+    }
+    frame(4, 0, 0, &p)
+}
+
+pub fn ping() -> Vec<u8> {
+    frame(6, 0, 0, &[1, 2, 3, 4, 5, 6, 7, 8])
+}
+
+/// The header block of `GET path`, HPACK without Huffman or the dynamic
+/// table.
+pub fn get_block(path: &str) -> Vec<u8> {
+    let mut h = vec![0x82, 0x87]; // :method GET, :scheme https
+    for (index, value) in [(4u8, path), (1, "localhost")] {
+        h.push(index); // literal without indexing, indexed name
+        assert!(value.len() < 127, "one-byte HPACK length");
+        h.push(value.len() as u8);
+        h.extend_from_slice(value.as_bytes());
+    }
+    h
+}
+
+/// A HEADERS frame for `GET path` on `stream`.
+pub fn get_headers(stream: u32, path: &str) -> Vec<u8> {
+    frame(1, 0x05, stream, &get_block(path)) // END_STREAM | END_HEADERS
+}
+
+/// The status of the first response on `stream`, if it is one HPACK's
+/// static table holds (200, 204, 206, 304, 400, 404, 500); `None` when the
+/// connection ends first.
+pub async fn first_status<S: tokio::io::AsyncRead + Unpin>(s: &mut S, stream: u32) -> Option<u16> {
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        while buf.len() >= 9 {
+            let len = usize::from(buf[0]) << 16 | usize::from(buf[1]) << 8 | usize::from(buf[2]);
+            if buf.len() < 9 + len {
+                break;
+            }
+            let id = u32::from_be_bytes([buf[5], buf[6], buf[7], buf[8]]) & 0x7fff_ffff;
+            if buf[3] == 1 && id == stream {
+                let first = *buf.get(9)?;
+                let status = [200, 204, 206, 304, 400, 404, 500];
+                return status
+                    .get(usize::from(first ^ 0x80).wrapping_sub(8))
+                    .copied();
+            }
+            buf.drain(..9 + len);
+        }
+        match tokio::time::timeout(Duration::from_secs(10), s.read(&mut chunk)).await {
+            Ok(Ok(n)) if n > 0 => buf.extend_from_slice(&chunk[..n]),
+            _ => return None,
+        }
+    }
+}
+
+/// A TLS connection with ALPN h2 from `source`, nothing sent yet.
+pub async fn h2_tls(
+    addr: SocketAddr,
+    source: &str,
+) -> std::io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
+    let tcp = tcp_from(Some(source.parse().unwrap()), addr).await?;
+    tls_connector(b"h2")
+        .connect(ServerName::try_from("localhost").unwrap(), tcp)
+        .await
+}
+
+/// Whether the server closed `s` within `wait`.
+pub async fn closed<S: tokio::io::AsyncRead + Unpin>(s: &mut S, wait: Duration) -> bool {
+    let mut buf = [0u8; 4096];
+    let until = tokio::time::Instant::now() + wait;
+    loop {
+        match tokio::time::timeout_at(until, s.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => return true,
+            Ok(Ok(_)) => continue,
+            Err(_) => return false,
+        }
+    }
+}
