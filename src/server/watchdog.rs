@@ -13,6 +13,14 @@ use crate::guard::{Conn, Expiry};
 use crate::pipeline::{App, Peer};
 use crate::reject::ConnReject;
 
+/// How long after a connection went quiet the watchdog looks at it (and
+/// so polls it) once more. HTTP/2 and TLS keep their read and write
+/// buffers and stream slots from one burst of requests to the next, and
+/// give them back at the first poll after 250 ms of quiet
+/// (`patches/README.md`): this wake is that poll for a connection whose
+/// client has gone quiet.
+const RELEASE_TICK: Duration = Duration::from_millis(400);
+
 /// Resolves when `conn` must be closed, and says why.
 ///
 /// One timer per connection, woken rarely: a request only ever moves the
@@ -34,14 +42,30 @@ pub fn expired(
 ) -> impl std::future::Future<Output = Expiry> + Send + '_ {
     async move {
         let nap = idle.min(write);
+        // The request count at the last wake that found the connection
+        // quiet for RELEASE_TICK (its buffers given back then); none yet.
+        let mut settled = None;
         loop {
             let now = Instant::now();
-            let wake = match conn.deadline(first, idle, write) {
+            let mut wake = match conn.deadline(first, idle, write) {
                 Some((at, why)) if at <= now => return why,
                 Some((at, _)) => at.min(now + nap),
                 // A request is in flight: look again once it may have ended.
                 None => now + nap.min(Duration::from_secs(1)),
             };
+            // Until a wake finds the connection quiet for RELEASE_TICK since
+            // its last request, look again soon: this task's connection is
+            // polled at each wake, and gives its buffers back at the first
+            // one after it went quiet.
+            let requests = conn.requests();
+            match conn.quiet_since() {
+                Some(t) if now >= t + RELEASE_TICK => settled = Some(requests),
+                Some(t) => wake = wake.min(t + RELEASE_TICK),
+                None => {}
+            }
+            if settled != Some(requests) {
+                wake = wake.min(now + RELEASE_TICK);
+            }
             tokio::time::sleep_until(wake).await;
         }
     }
@@ -75,6 +99,7 @@ pub fn account(app: &App, peer: &Peer, why: Expiry) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::future::Future;
 
     #[tokio::test(start_paused = true)]
     async fn first_request_then_idle() {
@@ -147,5 +172,43 @@ mod tests {
         assert_eq!(why, Expiry::Stuck);
         assert_eq!(t.elapsed(), Duration::from_secs(10));
         drop(unread);
+    }
+
+    /// Counts the wakes of the task it is the waker of.
+    #[derive(Default)]
+    struct Wakes(std::sync::atomic::AtomicUsize);
+
+    impl std::task::Wake for Wakes {
+        fn wake(self: std::sync::Arc<Self>) {
+            self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_connection_gone_quiet_is_looked_at_once_soon_after() {
+        let c = Conn::detached("192.0.2.1".parse().unwrap());
+        drop(c.begin());
+        let wakes = std::sync::Arc::new(Wakes::default());
+        let waker = std::task::Waker::from(wakes.clone());
+        let mut cx = std::task::Context::from_waker(&waker);
+        let watch = expired(
+            &c,
+            Duration::from_secs(5),
+            Duration::from_secs(30),
+            Duration::from_secs(10),
+        );
+        tokio::pin!(watch);
+        let woken = || wakes.0.load(std::sync::atomic::Ordering::SeqCst);
+        assert!(watch.as_mut().poll(&mut cx).is_pending());
+        // The connection's task is woken (and the connection polled) once
+        // it has been quiet for RELEASE_TICK, well before the idle timeout...
+        tokio::time::advance(RELEASE_TICK).await;
+        assert_eq!(woken(), 1, "woken once quiet for RELEASE_TICK");
+        assert!(watch.as_mut().poll(&mut cx).is_pending());
+        // ...and then left alone: the next wake is the usual one.
+        tokio::time::advance(Duration::from_secs(9)).await;
+        assert_eq!(woken(), 1, "no more wakes once released");
+        tokio::time::advance(Duration::from_secs(1)).await;
+        assert_eq!(woken(), 2, "the usual look after min(idle, write)");
     }
 }

@@ -798,9 +798,11 @@ impl<Data> ConnectionCommon<Data> {
             .read(rd, self.core.hs_deframer.is_active());
         match &res {
             Ok(0) => self.has_seen_eof = true,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                // The peer is quiet: what is empty gives its memory back
-                // while waiting (as the read buffer does).
+            Err(e)
+                if e.kind() == io::ErrorKind::WouldBlock && self.deframer_buffer.is_released() =>
+            {
+                // The peer has gone quiet and the read buffer was given
+                // back: what is empty gives its memory back too.
                 self.core.hs_deframer.release_if_idle();
                 let common = &mut self.core.common_state;
                 common.received_plaintext.release_if_empty();

@@ -156,6 +156,16 @@ impl Conn {
         self.born + Duration::from_millis(self.progress_ms.load(Ordering::Relaxed))
     }
 
+    /// Since when nothing has happened on the connection: no request in
+    /// flight, no answer unread, none taken or started since; `None` while
+    /// something is. Before its first request, since it was accepted.
+    pub fn quiet_since(&self) -> Option<Instant> {
+        if self.unread() > 0 || self.inflight() > 0 {
+            return None;
+        }
+        Some(self.born + Duration::from_millis(self.last_ms.load(Ordering::Relaxed)))
+    }
+
     /// Since when the connection has been idle, or `None` while a request
     /// is in flight and the client takes its answers. A client that leaves
     /// answers unread is idle since it last took one.

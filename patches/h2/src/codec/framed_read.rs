@@ -22,7 +22,7 @@ use tokio_util::codec::{LengthDelimitedCodec, LengthDelimitedCodecError};
 const DEFAULT_SETTINGS_MAX_HEADER_LIST_SIZE: usize = 16 << 20;
 
 /// Read buffer reserved when there is something to read, and released
-/// while the connection waits for its peer with nothing buffered.
+/// once the connection has gone quiet with nothing buffered.
 const READ_BUFFER_CAPACITY: usize = 8 * 1024;
 
 #[derive(Debug)]
@@ -44,6 +44,9 @@ struct FrameDecoder {
     // Boxed: a header block split over CONTINUATION frames is rare, and
     // every connection would otherwise carry its 336 bytes while idle.
     partial: Option<Box<Partial>>,
+
+    /// Whether a frame was read since `take_activity` last looked.
+    active: bool,
 }
 
 /// Partially loaded headers frame
@@ -76,6 +79,19 @@ impl<T> FramedRead<T> {
 
     pub fn get_mut(&mut self) -> &mut T {
         self.inner.get_mut()
+    }
+
+    /// Whether a frame was read since the last call.
+    pub fn take_activity(&mut self) -> bool {
+        std::mem::take(&mut self.decoder.active)
+    }
+
+    /// Gives the read buffer back to the allocator if nothing is buffered
+    /// (a connection that has gone quiet); the next read reserves it again.
+    pub fn release_if_empty(&mut self) {
+        if self.inner.read_buffer().is_empty() && self.inner.read_buffer().capacity() > 0 {
+            *self.inner.read_buffer_mut() = BytesMut::new();
+        }
     }
 
     /// Returns the current max frame size setting
@@ -129,6 +145,7 @@ impl FrameDecoder {
                 max_frame_size,
             ),
             partial: None,
+            active: false,
         }
     }
 
@@ -432,17 +449,13 @@ where
             }
             let next = match Pin::new(&mut self.inner).poll_next(cx) {
                 Poll::Ready(next) => next,
-                Poll::Pending => {
-                    // Nothing buffered while waiting for the peer: give the
-                    // read buffer back, so that an idle connection holds none.
-                    if self.inner.read_buffer().is_empty() {
-                        *self.inner.read_buffer_mut() = BytesMut::new();
-                    }
-                    return Poll::Pending;
-                }
+                Poll::Pending => return Poll::Pending,
             };
             let bytes = match next {
-                Some(Ok(bytes)) => bytes,
+                Some(Ok(bytes)) => {
+                    self.decoder.active = true;
+                    bytes
+                }
                 Some(Err(e)) => return Poll::Ready(Some(Err(map_err(e)))),
                 None => return Poll::Ready(None),
             };

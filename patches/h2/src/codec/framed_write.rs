@@ -63,9 +63,9 @@ enum Next<B> {
 /// Reserve this amount of write buffer when there is something to write.
 ///
 /// The minimum MAX_FRAME_SIZE is 16kb, so always be able to send a HEADERS
-/// frame that big. The buffer is only held while frames wait to be
-/// written: it is released once flushed, so that an idle connection holds
-/// no write buffer.
+/// frame that big. The buffer is released when the connection has gone
+/// quiet with nothing in it (`release_if_empty`), so that an idle
+/// connection holds no write buffer.
 const DEFAULT_BUFFER_CAPACITY: usize = 16 * 1_024;
 
 /// Chain payloads bigger than this when vectored I/O is enabled. The remote
@@ -170,8 +170,6 @@ where
                 ControlFlow::Break => break,
             }
         }
-        // Everything buffered is written.
-        self.encoder.release();
 
         tracing::trace!("flushing buffer");
         // Flush the upstream
@@ -221,14 +219,6 @@ where
                 ControlFlow::Continue
             }
             None => ControlFlow::Break,
-        }
-    }
-
-    /// Gives the (empty) write buffer back to the allocator: the next
-    /// frame reserves it again.
-    fn release(&mut self) {
-        if self.buf.get_ref().capacity() > 0 {
-            *self.buf.get_mut() = BytesMut::new();
         }
     }
 
@@ -338,6 +328,18 @@ where
 }
 
 impl<B> Encoder<B> {
+    /// Gives the write buffer back to the allocator if nothing waits in
+    /// it: the next frame reserves it again.
+    fn release_if_empty(&mut self) {
+        if self.next.is_none()
+            && self.buf.get_ref().is_empty()
+            && self.buf.get_ref().capacity() > 0
+        {
+            *self.buf.get_mut() = BytesMut::new();
+            self.buf.set_position(0);
+        }
+    }
+
     fn max_frame_size(&self) -> usize {
         self.max_frame_size as usize
     }
@@ -367,6 +369,12 @@ impl<T, B> FramedWrite<T, B> {
 
     pub fn get_mut(&mut self) -> &mut T {
         &mut self.inner
+    }
+
+    /// Gives the write buffer back to the allocator if nothing waits in it
+    /// (a connection that has gone quiet).
+    pub fn release_if_empty(&mut self) {
+        self.encoder.release_if_empty();
     }
 }
 

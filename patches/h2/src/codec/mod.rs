@@ -124,6 +124,18 @@ impl<T, B> Codec<T, B> {
     fn framed_write(&mut self) -> &mut FramedWrite<T, B> {
         self.inner.get_mut()
     }
+
+    /// Whether a frame was read since the last call.
+    pub fn take_activity(&mut self) -> bool {
+        self.inner.take_activity()
+    }
+
+    /// Gives the read and write buffers back to the allocator if nothing
+    /// is buffered in them (a connection that has gone quiet).
+    pub fn release_if_empty(&mut self) {
+        self.inner.release_if_empty();
+        self.framed_write().release_if_empty();
+    }
 }
 
 impl<T, B> Codec<T, B>

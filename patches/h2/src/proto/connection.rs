@@ -11,8 +11,19 @@ use std::io;
 use std::marker::PhantomData;
 use std::pin::Pin;
 use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::io::AsyncRead;
+
+/// How long a busy connection stays quiet (no frame read, no stream open,
+/// nothing buffered) before its buffers and stream slots are given back to
+/// the allocator. Releasing them each time the last stream ends would make
+/// it allocate them again for every burst of requests.
+const RELEASE_AFTER: Duration = Duration::from_millis(250);
+
+/// Stream ID from which a connection counts as busy (its peer has opened
+/// eight streams or so): until then, what it holds is given back each time
+/// it waits with nothing in flight.
+const BUSY_AFTER: u32 = 16;
 
 /// An H2 connection
 #[derive(Debug)]
@@ -24,6 +35,18 @@ where
     codec: Codec<T, Prioritized<B>>,
 
     inner: ConnectionInner<P, B>,
+
+    /// Since when the connection has been quiet, and whether what it holds
+    /// was given back since.
+    quiet: Quiet,
+}
+
+#[derive(Debug, Default)]
+struct Quiet {
+    since: Option<Instant>,
+    released: bool,
+    /// Whether the connection has carried [`BUSY_AFTER`] streams.
+    busy: bool,
 }
 
 // Extracted part of `Connection` which does not depend on `T`. Reduces the amount of duplicated
@@ -159,6 +182,7 @@ where
         span.follows_from(tracing::Span::current());
         Connection {
             codec,
+            quiet: Quiet::default(),
             inner: ConnectionInner {
                 state: State::Open,
                 error: None,
@@ -299,6 +323,49 @@ where
     }
 
     /// Advances the internal state of the connection.
+    /// Gives the read and write buffers, the stream slots and the frame
+    /// queues back to the allocator when the connection waits for its peer
+    /// with nothing in flight: at once while it has carried few streams (a
+    /// client that asks once, a crowd arriving), and once it has been quiet
+    /// for [`RELEASE_AFTER`] after that, so that a busy connection keeps
+    /// them from one burst of requests to the next. The quiet time is only
+    /// looked at here: something must poll the connection once more after
+    /// it (a server's idle timer does).
+    fn release_if_quiet(&mut self) {
+        if self.codec.take_activity() {
+            self.quiet.since = None;
+            self.quiet.released = false;
+        }
+        if self.quiet.released {
+            // A read reserved the read buffer again and found nothing.
+            self.codec.release_if_empty();
+            return;
+        }
+        if self.inner.streams.has_streams() {
+            self.quiet.since = None;
+            return;
+        }
+        if !self.quiet.busy {
+            if u32::from(self.inner.as_dyn().streams.last_processed_id()) < BUSY_AFTER {
+                self.release();
+                return;
+            }
+            self.quiet.busy = true;
+        }
+        let now = Instant::now();
+        match self.quiet.since {
+            None => self.quiet.since = Some(now),
+            Some(t) if now.saturating_duration_since(t) >= RELEASE_AFTER => self.release(),
+            Some(_) => {}
+        }
+    }
+
+    fn release(&mut self) {
+        self.codec.release_if_empty();
+        self.inner.streams.release_if_idle();
+        self.quiet.released = true;
+    }
+
     pub fn poll(&mut self, cx: &mut Context) -> Poll<Result<(), Error>> {
         // XXX(eliza): cloning the span is unfortunately necessary here in
         // order to placate the borrow checker — `self` is mutably borrowed by
@@ -332,6 +399,7 @@ where
                                 continue;
                             }
 
+                            self.release_if_quiet();
                             return Poll::Pending;
                         }
                     };

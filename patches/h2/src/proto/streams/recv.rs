@@ -113,6 +113,11 @@ impl Recv {
         }
     }
 
+    /// Gives the slots of the (empty) receive queue back to the allocator.
+    pub fn release_if_empty(&mut self) {
+        self.buffer.release_if_empty();
+    }
+
     /// Returns the initial receive window size
     pub fn init_window_sz(&self) -> WindowSize {
         self.init_window_sz

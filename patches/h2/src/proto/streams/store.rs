@@ -86,6 +86,18 @@ impl Store {
         }
     }
 
+    /// Gives the stream slots and the stream-ID map back to the allocator
+    /// when no stream is left, so that a connection that has gone quiet
+    /// holds none.
+    pub fn release_if_empty(&mut self) {
+        if self.slab.is_empty() && self.slab.capacity() > 0 {
+            self.slab = slab::Slab::new();
+        }
+        if self.ids.is_empty() && self.ids.capacity() > 0 {
+            self.ids = IndexMap::new();
+        }
+    }
+
     pub fn find_mut(&mut self, id: &StreamId) -> Option<Ptr<'_>> {
         let index = {
             let key = self.ids.get(id)?;
@@ -406,10 +418,6 @@ impl<'a> Ptr<'a> {
         // Remove the stream state
         let stream = self.store.slab.remove(self.key.index.0 as usize);
         assert_eq!(stream.id, self.key.stream_id);
-        if self.store.slab.is_empty() {
-            // No stream left: an idle connection holds no stream slots.
-            self.store.slab = slab::Slab::new();
-        }
         stream.id
     }
 
@@ -420,9 +428,6 @@ impl<'a> Ptr<'a> {
     pub fn unlink(&mut self) {
         let id = self.key.stream_id;
         self.store.ids.swap_remove(&id);
-        if self.store.ids.is_empty() {
-            self.store.ids = IndexMap::new();
-        }
     }
 }
 

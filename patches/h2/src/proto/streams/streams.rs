@@ -1144,6 +1144,21 @@ where
         me.counts.has_streams()
     }
 
+    /// Gives the stream slots and the frame queues back to the allocator if
+    /// no stream is left: called once the connection has gone quiet, not
+    /// each time the last stream ends, so that a busy connection keeps
+    /// them from one burst of requests to the next.
+    pub fn release_if_idle(&self) {
+        let mut me = self.inner.lock().unwrap();
+        let me = &mut *me;
+        if me.counts.has_streams() {
+            return;
+        }
+        me.store.release_if_empty();
+        me.actions.recv.release_if_empty();
+        self.send_buffer.inner.lock().unwrap().release_if_empty();
+    }
+
     pub fn has_streams_or_other_references(&self) -> bool {
         let me = self.inner.lock().unwrap();
         me.counts.has_streams() || me.refs > 1

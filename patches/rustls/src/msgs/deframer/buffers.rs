@@ -156,7 +156,28 @@ pub(crate) struct DeframerVecBuffer {
 
     /// What size prefix of `buf` is used.
     used: usize,
+
+    /// Since when reads have found the peer quiet with nothing buffered.
+    #[cfg(feature = "std")]
+    quiet_since: Option<std::time::Instant>,
+
+    /// Reads that brought something, counted up to [`BUSY_AFTER`].
+    #[cfg(feature = "std")]
+    reads: u8,
 }
+
+/// How long the peer of a busy connection stays quiet, with nothing
+/// buffered, before the read buffer is given back to the allocator.
+/// Releasing it at every read that would block would make it allocate (and
+/// zero) the buffer again for every burst of records.
+#[cfg(feature = "std")]
+const RELEASE_AFTER: core::time::Duration = core::time::Duration::from_millis(250);
+
+/// Reads after which a connection counts as busy: until then (a handshake
+/// and a request or two), the read buffer is given back at every read that
+/// would block with nothing buffered.
+#[cfg(feature = "std")]
+const BUSY_AFTER: u8 = 8;
 
 impl DeframerVecBuffer {
     /// Discard `taken` bytes from the start of our buffer.
@@ -195,6 +216,36 @@ impl DeframerVecBuffer {
 
 #[cfg(feature = "std")]
 impl DeframerVecBuffer {
+    /// A read would block: with nothing buffered, the read buffer is given
+    /// back (the next read reserves it again), so that an idle connection
+    /// holds none; at once until the connection is busy, and once its peer
+    /// has been quiet for [`RELEASE_AFTER`] after that.
+    fn quiet(&mut self) {
+        if self.used > 0 {
+            self.quiet_since = None;
+            return;
+        }
+        if self.reads >= BUSY_AFTER {
+            let now = std::time::Instant::now();
+            match self.quiet_since {
+                None => {
+                    self.quiet_since = Some(now);
+                    return;
+                }
+                Some(t) if now.saturating_duration_since(t) < RELEASE_AFTER => return,
+                Some(_) => {}
+            }
+        }
+        if self.buf.capacity() > 0 {
+            self.buf = Vec::new();
+        }
+    }
+
+    /// Whether the read buffer was given back (the peer has gone quiet).
+    pub(crate) fn is_released(&self) -> bool {
+        self.buf.capacity() == 0
+    }
+
     /// Read some bytes from `rd`, and add them to the buffer.
     pub(crate) fn read(&mut self, rd: &mut dyn io::Read, in_handshake: bool) -> io::Result<usize> {
         if let Err(err) = self.prepare_read(in_handshake) {
@@ -206,13 +257,14 @@ impl DeframerVecBuffer {
         // we do a zero length read.  That looks like an EOF to
         // the next layer up, which is fine.
         let new_bytes = match rd.read(&mut self.buf[self.used..]) {
-            Ok(n) => n,
+            Ok(n) => {
+                self.quiet_since = None;
+                self.reads = self.reads.saturating_add(1).min(BUSY_AFTER);
+                n
+            }
             Err(err) => {
-                if self.used == 0 && err.kind() == io::ErrorKind::WouldBlock {
-                    // Nothing buffered and the peer is quiet: give the read
-                    // buffer back while waiting (the next read reserves it
-                    // again), so that an idle connection holds none.
-                    self.buf = Vec::new();
+                if err.kind() == io::ErrorKind::WouldBlock {
+                    self.quiet();
                 }
                 return Err(err);
             }
