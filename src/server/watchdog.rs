@@ -101,27 +101,27 @@ mod tests {
     use super::*;
     use std::future::Future;
 
-    #[tokio::test(start_paused = true)]
-    async fn first_request_then_idle() {
-        let c = Conn::detached("192.0.2.1".parse().unwrap());
-        let t = Instant::now();
-        let why = expired(
-            &c,
+    /// The watchdog with a 5 s first-request deadline, a 30 s idle timeout
+    /// and a 10 s write timeout.
+    fn usual(c: &Conn) -> impl Future<Output = Expiry> + Send + '_ {
+        expired(
+            c,
             Duration::from_secs(5),
             Duration::from_secs(30),
             Duration::from_secs(10),
         )
-        .await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn first_request_then_idle() {
+        let c = Conn::detached("192.0.2.1".parse().unwrap());
+        let t = Instant::now();
+        let why = usual(&c).await;
         assert_eq!(why, Expiry::FirstRequest);
         assert_eq!(t.elapsed(), Duration::from_secs(5));
         let c = Conn::detached("192.0.2.1".parse().unwrap());
         let (_, req) = c.begin();
-        let watch = expired(
-            &c,
-            Duration::from_secs(5),
-            Duration::from_secs(30),
-            Duration::from_secs(10),
-        );
+        let watch = usual(&c);
         tokio::pin!(watch);
         assert!(
             tokio::time::timeout(Duration::from_secs(60), &mut watch)
@@ -162,13 +162,7 @@ mod tests {
         let unread = c.queued();
         drop(req);
         let t = Instant::now();
-        let why = expired(
-            &c,
-            Duration::from_secs(5),
-            Duration::from_secs(30),
-            Duration::from_secs(10),
-        )
-        .await;
+        let why = usual(&c).await;
         assert_eq!(why, Expiry::Stuck);
         assert_eq!(t.elapsed(), Duration::from_secs(10));
         drop(unread);
@@ -191,12 +185,7 @@ mod tests {
         let wakes = std::sync::Arc::new(Wakes::default());
         let waker = std::task::Waker::from(wakes.clone());
         let mut cx = std::task::Context::from_waker(&waker);
-        let watch = expired(
-            &c,
-            Duration::from_secs(5),
-            Duration::from_secs(30),
-            Duration::from_secs(10),
-        );
+        let watch = usual(&c);
         tokio::pin!(watch);
         let woken = || wakes.0.load(std::sync::atomic::Ordering::SeqCst);
         assert!(watch.as_mut().poll(&mut cx).is_pending());
