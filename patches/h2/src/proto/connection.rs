@@ -14,15 +14,15 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 use tokio::io::AsyncRead;
 
-/// How long a busy connection stays quiet (no frame read, no stream open,
-/// nothing buffered) before its buffers and stream slots are given back to
+/// How long a busy connection stays quiet (no frame read, nothing
+/// buffered) before its buffers and stream slots are given back to
 /// the allocator. Releasing them each time the last stream ends would make
 /// it allocate them again for every burst of requests.
 const RELEASE_AFTER: Duration = Duration::from_millis(250);
 
 /// Stream ID from which a connection counts as busy (its peer has opened
 /// eight streams or so): until then, what it holds is given back each time
-/// it waits with nothing in flight.
+/// it waits with nothing buffered.
 const BUSY_AFTER: u32 = 16;
 
 /// An H2 connection
@@ -325,7 +325,7 @@ where
     /// Advances the internal state of the connection.
     /// Gives the read and write buffers, the stream slots and the frame
     /// queues back to the allocator when the connection waits for its peer
-    /// with nothing in flight: at once while it has carried few streams (a
+    /// with nothing buffered: at once while it has carried few streams (a
     /// client that asks once, a crowd arriving), and once it has been quiet
     /// for [`RELEASE_AFTER`] after that, so that a busy connection keeps
     /// them from one burst of requests to the next. The quiet time is only
@@ -337,12 +337,9 @@ where
             self.quiet.released = false;
         }
         if self.quiet.released {
-            // A read reserved the read buffer again and found nothing.
-            self.codec.release_if_empty();
-            return;
-        }
-        if self.inner.streams.has_streams() {
-            self.quiet.since = None;
+            // A read reserved the read buffer again and found nothing, or
+            // the last stream has ended since.
+            self.release();
             return;
         }
         if !self.quiet.busy {
@@ -360,6 +357,9 @@ where
         }
     }
 
+    /// The buffers are released whenever nothing waits in them, also while
+    /// streams wait for their answers (a slow upstream); the stream slots
+    /// and frame queues only once no stream is left.
     fn release(&mut self) {
         self.codec.release_if_empty();
         self.inner.streams.release_if_idle();
