@@ -1145,9 +1145,10 @@ where
     }
 
     /// Gives the stream slots and the frame queues back to the allocator if
-    /// no stream is left: called once the connection has gone quiet, not
-    /// each time the last stream ends, so that a busy connection keeps
-    /// them from one burst of requests to the next.
+    /// no stream is left. Called by the connection's `release_if_quiet`:
+    /// each time a lightly used connection waits for its peer, and only
+    /// once a busy one has been quiet a while, so that it keeps them from
+    /// one burst of requests to the next.
     pub fn release_if_idle(&self) {
         let mut me = self.inner.lock().unwrap();
         let me = &mut *me;
