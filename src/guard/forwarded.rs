@@ -10,9 +10,13 @@
 
 use std::net::{IpAddr, Ipv4Addr};
 
-use http::HeaderMap;
+use http::{HeaderMap, HeaderName};
 
 use crate::net::{canonical, UNKNOWN_CLIENT};
+
+/// `X-Forwarded-For`, a name `http` has no constant for: looked up as a
+/// string, it would be parsed again on every request.
+static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 
 /// Which header a trusted proxy's client address is read from
 /// (`--forwarded-header`).
@@ -40,7 +44,7 @@ pub fn client(
     let mut hops: Vec<Option<IpAddr>> = Vec::new();
     match which {
         ForwardedHeader::Xff => {
-            for v in headers.get_all("x-forwarded-for") {
+            for v in headers.get_all(&X_FORWARDED_FOR) {
                 match v.to_str() {
                     Ok(s) => hops.extend(s.split(',').map(parse_hop)),
                     Err(_) => hops.push(None),
@@ -83,7 +87,7 @@ pub fn client(
 
 /// Whether `headers` carry any forwarding header at all.
 pub fn has_forwarding(headers: &HeaderMap) -> bool {
-    headers.contains_key("x-forwarded-for") || headers.contains_key(http::header::FORWARDED)
+    headers.contains_key(&X_FORWARDED_FOR) || headers.contains_key(http::header::FORWARDED)
 }
 
 /// Parses one hop: `1.2.3.4`, `1.2.3.4:5678`, `[::1]:80`, `"[2001:db8::1]"`
