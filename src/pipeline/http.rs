@@ -339,9 +339,36 @@ fn dns_response(wire: Vec<u8>, max_age: u32) -> Response<Bytes> {
         header::CONTENT_TYPE,
         HeaderValue::from_static(doh::DNS_MESSAGE),
     );
-    let cc = format!("max-age={max_age}");
-    if let Ok(v) = HeaderValue::from_str(&cc) {
-        h.insert(header::CACHE_CONTROL, v);
-    }
+    h.insert(header::CACHE_CONTROL, max_age_value(max_age));
     resp
+}
+
+/// `max-age=N`, written on the stack and copied once into the value
+/// (`format!` would allocate a string first).
+fn max_age_value(max_age: u32) -> HeaderValue {
+    use std::io::Write;
+    let mut buf = [0u8; 18];
+    let mut rest = &mut buf[..];
+    let len = match write!(rest, "max-age={max_age}") {
+        Ok(()) => 18 - rest.len(),
+        Err(_) => return HeaderValue::from_static("max-age=0"),
+    };
+    HeaderValue::from_bytes(&buf[..len]).unwrap_or(HeaderValue::from_static("max-age=0"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::max_age_value;
+
+    #[test]
+    fn max_age_is_written_whole_at_every_width() {
+        for (n, want) in [
+            (0, "max-age=0"),
+            (9, "max-age=9"),
+            (1800, "max-age=1800"),
+            (u32::MAX, "max-age=4294967295"),
+        ] {
+            assert_eq!(max_age_value(n), want);
+        }
+    }
 }
