@@ -344,15 +344,15 @@ fn dns_response(wire: Vec<u8>, max_age: u32) -> Response<Bytes> {
 }
 
 /// `max-age=N`, written on the stack and copied once into the value
-/// (`format!` would allocate a string first).
+/// (`format!` would allocate a string first and go through `fmt`).
 fn max_age_value(max_age: u32) -> HeaderValue {
-    use std::io::Write;
-    let mut buf = [0u8; 18];
-    let mut rest = &mut buf[..];
-    let len = match write!(rest, "max-age={max_age}") {
-        Ok(()) => 18 - rest.len(),
-        Err(_) => return HeaderValue::from_static("max-age=0"),
-    };
+    const PREFIX: &[u8] = b"max-age=";
+    let mut digits = itoa::Buffer::new();
+    let digits = digits.format(max_age).as_bytes();
+    let mut buf = [0u8; PREFIX.len() + 10];
+    let len = PREFIX.len() + digits.len();
+    buf[..PREFIX.len()].copy_from_slice(PREFIX);
+    buf[PREFIX.len()..len].copy_from_slice(digits);
     HeaderValue::from_bytes(&buf[..len]).unwrap_or(HeaderValue::from_static("max-age=0"))
 }
 
