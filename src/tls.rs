@@ -243,7 +243,15 @@ pub fn server_config(
     alpn: Alpn,
     tickets: Option<Arc<crate::tickets::Tickets>>,
 ) -> Result<Arc<ServerConfig>, TlsError> {
-    let builder = ServerConfig::builder_with_provider(Arc::new(server_provider()));
+    let provider = Arc::new(server_provider());
+    // The provider's generator seeds itself on first use; aws-lc's gathers
+    // CPU-jitter entropy for ~70 ms of CPU. Paid here, before the listener
+    // opens, instead of by the first client's handshake.
+    provider
+        .secure_random
+        .fill(&mut [0u8; 16])
+        .map_err(|_| TlsError::Setup("the random generator failed".into()))?;
+    let builder = ServerConfig::builder_with_provider(provider);
     let builder = if matches!(alpn, Alpn::H3 | Alpn::Doq) {
         builder.with_protocol_versions(&[&rustls::version::TLS13])
     } else {
