@@ -11,6 +11,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::{Buf, Bytes};
+use futures_util::FutureExt;
 use http_body::{Frame, SizeHint};
 use hyper::body::Incoming;
 use hyper::service::{service_fn, Service};
@@ -74,8 +75,10 @@ where
         // only what the answer still needs, never the request's head.
         let reply = app.doh(&peer, transport, req);
         let (metrics, conn, extra) = (app.metrics.clone(), peer.conn.clone(), extra.clone());
-        async move {
-            let reply = reply.await;
+        // A map, not an `async` block awaiting `reply`: that block would
+        // keep the captured future and the one it awaits in two slots,
+        // twice the bytes to write and move for every request.
+        reply.map(move |reply| {
             if reply.close {
                 conn.close();
             }
@@ -85,7 +88,7 @@ where
                 resp.headers_mut().insert(k.clone(), v.clone());
             }
             Ok::<_, Infallible>(resp)
-        }
+        })
     });
     // Boxed: pinning it inside the future would move it into a second
     // place there, and an idle connection would keep both. When ALPN
