@@ -13,7 +13,7 @@
 # long-lived TLS HTTP/2 connections (10 streams each), then 10 x PER unique
 # names (misses forwarded to NSD) over ten more connections; counters are
 # zeroed after a warm-up, so the hit figure holds no handshake. The miss
-# figure holds the ten connections' handshakes (about 3 % of it with the
+# figure holds the ten connections' handshakes (about 6 % of it with the
 # defaults), the same for every build. Needs valgrind, h2load and the peers
 # (NSD on 127.0.0.1:5300, the certificate in /tmp/doh-peers/tls).
 set -euo pipefail
