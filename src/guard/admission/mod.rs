@@ -157,14 +157,19 @@ impl Conn {
         self.born + Duration::from_millis(self.progress_ms.load(Ordering::Relaxed))
     }
 
+    /// The last request end or answer taken (accept, before any).
+    fn last(&self) -> Instant {
+        self.born + Duration::from_millis(self.last_ms.load(Ordering::Relaxed))
+    }
+
     /// Since when nothing has happened on the connection: no request in
-    /// flight, no answer unread, none taken or started since; `None` while
+    /// flight, no answer unread, none ended or taken since; `None` while
     /// something is. Before its first request, since it was accepted.
     pub fn quiet_since(&self) -> Option<Instant> {
         if self.unread() > 0 || self.inflight() > 0 {
             return None;
         }
-        Some(self.born + Duration::from_millis(self.last_ms.load(Ordering::Relaxed)))
+        Some(self.last())
     }
 
     /// Since when the connection has been idle, or `None` while a request
@@ -177,7 +182,7 @@ impl Conn {
         if self.inflight() > 0 {
             return None;
         }
-        Some(self.born + Duration::from_millis(self.last_ms.load(Ordering::Relaxed)))
+        Some(self.last())
     }
 
     /// When the watchdog must close the connection if nothing happens
