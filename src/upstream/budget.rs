@@ -2,6 +2,14 @@
 //! sent upstream, whatever sends it — a first attempt, a hedge, a
 //! retransmission, the TCP retry after a truncated UDP answer.
 //!
+//! The TCP retry is the second half of a query already paid for: under a
+//! flood, new queries take each token the moment it comes back, so a retry
+//! that merely asked would almost never find one, and every truncated
+//! answer would have cost a token for nothing. It *claims* the next token
+//! instead ([`Spend::spend_retry`]): it waits for it (at most one second's
+//! worth of claims can be waiting) and no new query takes it first. The
+//! upstream still receives no packet the budget does not hold.
+//!
 //! The budget protects the upstream; it must never switch it off. So the
 //! bucket is as plain as it can be: a token count refilled from the
 //! elapsed time, under one short lock, on tokio's monotonic clock. No
@@ -39,6 +47,12 @@ pub trait Spend: Send + Sync {
     fn spend_now(&self, _who: Who) -> Option<bool> {
         None
     }
+
+    /// Takes the token of a TCP retry after a truncated answer: ahead of
+    /// new queries where the budget can order them, else like any packet.
+    fn spend_retry(&self, who: Who) -> futures_util::future::BoxFuture<'_, bool> {
+        self.spend(who)
+    }
 }
 
 /// Takes one token: at once when the budget can say, else by waiting.
@@ -68,6 +82,18 @@ pub async fn spend(budget: &dyn Spend, who: Who) -> bool {
 /// ever taken that the budget does not hold. Both buckets are kept as time
 /// in whole nanoseconds (one token is `1 s / rate` of it), so no rounding
 /// ever loses or makes a token.
+/// What a [`LocalBudget`] holds, as of `last`.
+struct Saved {
+    /// The budget saved up; zero while `owed` is not.
+    budget: Duration,
+    /// The known clients' reserve saved up.
+    reserve: Duration,
+    /// Tokens claimed by waiting retries that the budget has not yet
+    /// refilled: paid first out of what comes back.
+    owed: Duration,
+    last: Instant,
+}
+
 pub struct LocalBudget {
     /// The time one token of the budget takes to come back, and the most
     /// saved up.
@@ -79,8 +105,7 @@ pub struct LocalBudget {
     /// is counted.
     dry_run: bool,
     metrics: Option<Arc<Metrics>>,
-    /// (budget saved up, reserve saved up, as of this instant)
-    state: Mutex<(Duration, Duration, Instant)>,
+    state: Mutex<Saved>,
     /// What the budget refills by.
     clock: Clock,
     last_log: AtomicU64,
@@ -141,27 +166,68 @@ impl LocalBudget {
             reserve,
             dry_run,
             metrics,
-            state: Mutex::new((cap, reserve.map_or(Duration::ZERO, |r| r.1), clock.now())),
+            state: Mutex::new(Saved {
+                budget: cap,
+                reserve: reserve.map_or(Duration::ZERO, |r| r.1),
+                owed: Duration::ZERO,
+                last: clock.now(),
+            }),
             clock,
             last_log: AtomicU64::new(0),
         }
     }
 
-    /// Takes one token for `who` if there is one.
-    pub fn take(&self, who: Who) -> bool {
+    /// The state, refilled to this instant: what came back pays the
+    /// waiting retries' claims first.
+    fn refilled(&self) -> std::sync::MutexGuard<'_, Saved> {
         let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        let (saved, reserved, last) = &mut *s;
         // Read under the lock: an instant read before it could be older
         // than `last`, and moving `last` back would count time twice.
         let now = self.clock.now();
-        if now > *last {
-            let dt = now - *last;
-            *saved = (*saved + dt).min(self.cap);
+        if now > s.last {
+            let dt = now - s.last;
+            let paid = dt.min(s.owed);
+            s.owed -= paid;
+            s.budget = (s.budget + (dt - paid)).min(self.cap);
             if let Some((_, rcap)) = self.reserve {
-                *reserved = (*reserved + dt).min(rcap);
+                s.reserve = (s.reserve + dt).min(rcap);
             }
-            *last = now;
+            s.last = now;
         }
+        s
+    }
+
+    /// Claims the next token for a retry: how long to wait for it (zero
+    /// when the budget holds one), or `None` when a second's worth of
+    /// claims is already waiting.
+    pub fn claim(&self, who: Who) -> Option<Duration> {
+        let mut s = self.refilled();
+        let wait = if s.budget >= self.period {
+            s.budget -= self.period;
+            Duration::ZERO
+        } else {
+            let owed = s.owed + (self.period - s.budget);
+            if owed > self.cap {
+                return None;
+            }
+            s.budget = Duration::ZERO;
+            s.owed = owed;
+            owed
+        };
+        if let (Who::Known, Some((rperiod, _))) = (who, self.reserve) {
+            s.reserve = s.reserve.saturating_sub(rperiod);
+        }
+        Some(wait)
+    }
+
+    /// Takes one token for `who` if there is one.
+    pub fn take(&self, who: Who) -> bool {
+        let mut s = self.refilled();
+        let Saved {
+            budget: saved,
+            reserve: reserved,
+            ..
+        } = &mut *s;
         if *saved < self.period {
             return false;
         }
@@ -204,6 +270,17 @@ impl Spend for LocalBudget {
 
     fn spend_now(&self, who: Who) -> Option<bool> {
         Some(self.take(who))
+    }
+
+    fn spend_retry(&self, who: Who) -> futures_util::future::BoxFuture<'_, bool> {
+        match self.claim(who) {
+            None => Box::pin(std::future::ready(false)),
+            Some(Duration::ZERO) => Box::pin(std::future::ready(true)),
+            Some(wait) => Box::pin(async move {
+                tokio::time::sleep(wait).await;
+                true
+            }),
+        }
     }
 }
 
@@ -341,6 +418,60 @@ mod tests {
         // Ten idle seconds save up one burst, no more.
         tokio::time::advance(Duration::from_secs(10)).await;
         assert_eq!((0..200).filter(|_| take()).count(), 50);
+    }
+
+    /// New queries asking every millisecond take each token as it comes
+    /// back; retries claim theirs ahead of them, wait at most for what is
+    /// claimed before them, and the rate stays the budget's.
+    #[tokio::test(start_paused = true)]
+    async fn a_retry_claims_the_next_token_ahead_of_a_flood() {
+        let b = LocalBudget::new(50);
+        let (mut new, mut retries) = (0, 0);
+        let mut waits = Vec::new();
+        for ms in 0..10_000u32 {
+            tokio::time::advance(Duration::from_millis(1)).await;
+            new += usize::from(b.take(Who::New));
+            if ms % 100 == 0 {
+                // Three retries at once: the third waits for three tokens.
+                for _ in 0..3 {
+                    let wait = b.claim(Who::New).expect("room for a claim");
+                    waits.push(wait);
+                    retries += 1;
+                }
+            }
+        }
+        assert_eq!(retries, 300);
+        // Past the first second's burst, a claim waits for the tokens
+        // claimed before it: one, two or three periods of 20 ms.
+        assert!(
+            waits[3..].iter().all(|w| *w <= Duration::from_millis(60)),
+            "{waits:?}"
+        );
+        // Never over the rate: a burst of 50, then 50 a second, shared.
+        assert!(
+            (new + retries).abs_diff(50 + 500) <= 1,
+            "{new} new, {retries} retries"
+        );
+        // No new query took a claimed token: claims made in the same
+        // instant are paid out of what comes back before anything else.
+        assert!(b.claim(Who::New).is_some());
+        assert!(!b.take(Who::New), "a claim is waiting");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn claims_wait_for_at_most_a_second_of_the_budget() {
+        let b = LocalBudget::new(10);
+        assert_eq!((0..10).filter(|_| b.take(Who::New)).count(), 10);
+        let waits: Vec<_> = (0..12).map(|_| b.claim(Who::Known)).collect();
+        // Ten claims fit in the next second, the rest are refused.
+        assert_eq!(waits.iter().filter(|w| w.is_some()).count(), 10);
+        assert_eq!(waits[9], Some(Duration::from_secs(1)));
+        // Once the second has passed, everything claimed is paid and the
+        // budget starts again from nothing.
+        tokio::time::advance(Duration::from_secs(1)).await;
+        assert!(!b.take(Who::New));
+        tokio::time::advance(Duration::from_millis(100)).await;
+        assert!(b.take(Who::New));
     }
 
     #[tokio::test(start_paused = true)]

@@ -2,7 +2,6 @@
 //! connection), its measured round-trip time, its reconnection backoff, and
 //! one exchange with it.
 
-use super::budget::spend;
 use super::udp::udp_exchange;
 use super::*;
 
@@ -120,8 +119,8 @@ pub(super) struct Server {
 
 impl Server {
     /// One exchange with this upstream. A truncated UDP answer is asked
-    /// again over TCP, which is a second packet: it spends a second token
-    /// of `budget`.
+    /// again over TCP, which is a second packet: it claims a second token
+    /// of `budget`, ahead of new queries ([`Spend::spend_retry`]).
     pub(super) async fn exchange(
         &self,
         key: &Key,
@@ -136,7 +135,7 @@ impl Server {
             Link::Udp(udp, tcp) => {
                 match udp_exchange(udp, self.spec.addr, key, &self.metrics).await? {
                     Exchanged::Truncated => {
-                        if !spend(budget, who).await {
+                        if !budget.spend_retry(who).await {
                             return Err(ExchangeError::Budget);
                         }
                         Box::pin(tcp.exchange(key)).await?
