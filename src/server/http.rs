@@ -365,3 +365,57 @@ impl Drop for Answer {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    /// The HTTP/2 layer (patched to check a response's header names in one
+    /// pass, `patches/README.md`) still refuses every connection-specific
+    /// header RFC 9113 forbids, and `te` other than `trailers`, and lets
+    /// everything else through.
+    #[tokio::test]
+    async fn http2_still_refuses_connection_specific_headers() {
+        let (client_io, server_io) = tokio::io::duplex(1 << 16);
+        let client = tokio::spawn(async move {
+            let (mut client, conn) = h2::client::handshake(client_io).await.unwrap();
+            tokio::spawn(conn);
+            let mut statuses = Vec::new();
+            for _ in 0..9 {
+                let req = http::Request::get("https://x.test/").body(()).unwrap();
+                let (resp, _) = client.send_request(req, true).unwrap();
+                statuses.push(resp.await.map(|r| r.status().as_u16()).ok());
+            }
+            statuses
+        });
+        let mut server = h2::server::handshake(server_io).await.unwrap();
+        let cases: [(&str, &str, bool); 9] = [
+            ("connection", "close", false),
+            ("transfer-encoding", "chunked", false),
+            ("upgrade", "h2c", false),
+            ("keep-alive", "timeout=5", false),
+            ("proxy-connection", "keep-alive", false),
+            ("te", "gzip", false),
+            ("te", "trailers", true),
+            ("content-type", "application/dns-message", true),
+            ("x-keep-alive", "1", true),
+        ];
+        let server_side = async {
+            for (name, value, allowed) in cases {
+                let (_req, mut respond) = server.accept().await.unwrap().unwrap();
+                let resp = http::Response::builder()
+                    .header(name, value)
+                    .body(())
+                    .unwrap();
+                let sent = respond.send_response(resp, true);
+                assert_eq!(sent.is_ok(), allowed, "{name}: {value}");
+                if !allowed {
+                    respond.send_reset(h2::Reason::INTERNAL_ERROR);
+                }
+            }
+            // Drive the connection until the client has everything.
+            while server.accept().await.is_some() {}
+        };
+        let (_, statuses) = tokio::join!(server_side, client);
+        let statuses = statuses.unwrap();
+        assert_eq!(statuses.iter().filter(|s| s.is_some()).count(), 3);
+    }
+}

@@ -79,16 +79,21 @@ impl Send {
 
     fn check_headers(fields: &http::HeaderMap) -> Result<(), UserError> {
         // 8.1.2.2. Connection-Specific Header Fields
-        if fields.contains_key(http::header::CONNECTION)
-            || fields.contains_key(http::header::TRANSFER_ENCODING)
-            || fields.contains_key(http::header::UPGRADE)
-            || fields.contains_key("keep-alive")
-            || fields.contains_key("proxy-connection")
-        {
-            tracing::debug!("illegal connection-specific headers found");
-            return Err(UserError::MalformedHeaders);
-        } else if let Some(te) = fields.get(http::header::TE) {
-            if te != "trailers" {
+        //
+        // One pass over the names present (a handful in a response)
+        // instead of six lookups, two of them parsing a name from a
+        // string: the same verdict for a fraction of the work.
+        for name in fields.keys() {
+            let illegal = if *name == http::header::TE {
+                fields.get(name).is_some_and(|te| te != "trailers")
+            } else {
+                *name == http::header::CONNECTION
+                    || *name == http::header::TRANSFER_ENCODING
+                    || *name == http::header::UPGRADE
+                    || name.as_str() == "keep-alive"
+                    || name.as_str() == "proxy-connection"
+            };
+            if illegal {
                 tracing::debug!("illegal connection-specific headers found");
                 return Err(UserError::MalformedHeaders);
             }
