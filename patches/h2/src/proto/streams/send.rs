@@ -78,6 +78,10 @@ impl Send {
     }
 
     fn check_headers(fields: &http::HeaderMap) -> Result<(), UserError> {
+        // Not among `http`'s standard names: compared as names built once.
+        const KEEP_ALIVE: http::HeaderName = http::HeaderName::from_static("keep-alive");
+        const PROXY_CONNECTION: http::HeaderName =
+            http::HeaderName::from_static("proxy-connection");
         // 8.1.2.2. Connection-Specific Header Fields
         //
         // One pass over the names present (a handful in a response)
@@ -90,8 +94,8 @@ impl Send {
                 *name == http::header::CONNECTION
                     || *name == http::header::TRANSFER_ENCODING
                     || *name == http::header::UPGRADE
-                    || name.as_str() == "keep-alive"
-                    || name.as_str() == "proxy-connection"
+                    || *name == KEEP_ALIVE
+                    || *name == PROXY_CONNECTION
             };
             if illegal {
                 tracing::debug!("illegal connection-specific headers found");
