@@ -30,7 +30,7 @@ fuzz_target!(|data: &[u8]| {
     };
     let now = doh_proxy::clock::Clock::default().now();
     let entry = Entry::from_answer(answer.to_vec(), &info, &policy, now);
-    let mut client_q = key.question.to_vec();
+    let mut client_q = key.question().to_vec();
     client_q[1] = b'M';
     let (out, max_age) = entry.serve(0xBEEF, &client_q, &policy, now);
     assert_eq!(out.len(), answer.len());

@@ -19,7 +19,7 @@ use tokio::time::Instant;
 
 use crate::clock::Clock;
 
-use crate::dns::{self, AnswerInfo, Key, RCODE_NOERROR, RCODE_NXDOMAIN};
+use crate::dns::{self, AnswerInfo, Key, KeyHasher, RCODE_NOERROR, RCODE_NXDOMAIN};
 
 /// TTL of an answer served stale, as RFC 8767 recommends.
 pub const STALE_TTL: u32 = 30;
@@ -287,7 +287,7 @@ type Flight<T> = Arc<OnceCell<T>>;
 /// bytes held are tracked apart (added on insert, taken off by moka's
 /// eviction listener whatever the cause) for `doh_cache_bytes`.
 pub struct Cache {
-    map: Moka<Key, Arc<Entry>>,
+    map: Moka<Key, Arc<Entry>, KeyHasher>,
     policy: arc_swap::ArcSwap<TtlPolicy>,
     max_answer: usize,
     /// (`--cache-size`, `--cache-memory`), fixed at start.
@@ -319,7 +319,7 @@ impl Cache {
                     gone.fetch_sub(i64::from(e.size), Ordering::Relaxed);
                 })
                 .expire_after(EntryExpiry)
-                .build(),
+                .build_with_hasher(KeyHasher),
             policy: arc_swap::ArcSwap::from_pointee(s.policy),
             max_answer: s.max_answer,
             bounds: (s.max_entries, s.max_bytes),
@@ -417,13 +417,13 @@ impl Cache {
 /// Coalescing: any number of concurrent calls for one key run the work
 /// once and all get its result.
 pub struct Inflight<T> {
-    map: Mutex<HashMap<Key, Flight<T>>>,
+    map: Mutex<HashMap<Key, Flight<T>, KeyHasher>>,
 }
 
 impl<T> Default for Inflight<T> {
     fn default() -> Self {
         Inflight {
-            map: Mutex::new(HashMap::new()),
+            map: Mutex::new(HashMap::default()),
         }
     }
 }

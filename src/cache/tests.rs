@@ -23,7 +23,7 @@ fn ttl_floor_and_ceiling() {
     let (a, info) = answer(&key, 5);
     let e = Entry::from_answer(a, &info, &policy(1800), Instant::now());
     assert_eq!(e.lifetime(), 1800);
-    let (wire, max_age) = e.serve(0x4242, &key.question, &policy(1800), Instant::now());
+    let (wire, max_age) = e.serve(0x4242, key.question(), &policy(1800), Instant::now());
     assert_eq!(max_age, 1800);
     assert_eq!(dns::read_ttl(&wire, info.ttl_offsets[0] as usize), 1800);
     assert_eq!(&wire[..2], &[0x42, 0x42]);
@@ -38,7 +38,7 @@ fn errors_are_short_lived_and_never_stale() {
     let e = Entry::failure(&key, &policy(1800), Instant::now());
     assert!(e.is_error());
     assert_eq!(e.lifetime(), 2);
-    let (_, max_age) = e.serve(1, &key.question, &policy(1800), Instant::now());
+    let (_, max_age) = e.serve(1, key.question(), &policy(1800), Instant::now());
     assert!(max_age <= 2);
     let c = Cache::with_entries(10, policy(0));
     let (a, info) = answer(&key, 60);
@@ -66,7 +66,7 @@ fn a_zero_ceiling_is_never_exceeded_even_stale() {
     let key = Key::new("z.test", 1, false).unwrap();
     let (a, info) = answer(&key, 5);
     let e = Entry::from_answer(a, &info, &p, Instant::now());
-    let (wire, max_age) = e.serve(1, &key.question, &p, Instant::now());
+    let (wire, max_age) = e.serve(1, key.question(), &p, Instant::now());
     assert_eq!(dns::read_ttl(&wire, info.ttl_offsets[0] as usize), 0);
     assert_eq!(max_age, 0);
 }

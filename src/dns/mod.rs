@@ -83,14 +83,93 @@ impl QueryFlags {
 
 /// A question normalised for the cache and the upstream: name lowercased,
 /// type, class and the flags that change the answer.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+///
+/// Hashed once, when built, with a keyed hash (SipHash under a key drawn
+/// at start, like `HashMap`'s): a miss looks its key up in the cache, the
+/// coalescing map and moka's key locks, six hashes of the whole question
+/// that cost more than the maps themselves. The maps keyed by it hash
+/// that digest alone ([`KeyHasher`]); names an attacker picks collide no
+/// more than under any `HashMap`.
+#[derive(Debug, Clone)]
 pub struct Key {
     /// Wire-format name (lowercase), type and class.
-    pub question: Box<[u8]>,
-    pub flags: QueryFlags,
+    question: Box<[u8]>,
+    flags: QueryFlags,
+    digest: u64,
+}
+
+impl PartialEq for Key {
+    fn eq(&self, other: &Key) -> bool {
+        self.digest == other.digest && self.flags == other.flags && self.question == other.question
+    }
+}
+
+impl Eq for Key {}
+
+impl std::hash::Hash for Key {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        state.write_u64(self.digest);
+    }
+}
+
+/// The hasher of maps keyed by [`Key`]: its digest, already keyed and
+/// uniform, is the hash.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct KeyHasher;
+
+impl std::hash::BuildHasher for KeyHasher {
+    type Hasher = KeyDigest;
+
+    fn build_hasher(&self) -> KeyDigest {
+        KeyDigest(0)
+    }
+}
+
+/// See [`KeyHasher`].
+#[derive(Debug)]
+pub struct KeyDigest(u64);
+
+impl std::hash::Hasher for KeyDigest {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write_u64(&mut self, digest: u64) {
+        self.0 = self.0.rotate_left(5) ^ digest;
+    }
+
+    /// Only [`Key`]'s digest is meant to come here; anything else is
+    /// mixed in by a keyed hash, never trusted as it is.
+    fn write(&mut self, bytes: &[u8]) {
+        self.write_u64(keyed_digest(bytes));
+    }
+}
+
+/// SipHash under a key drawn once per process.
+fn keyed_digest<T: std::hash::Hash + ?Sized>(v: &T) -> u64 {
+    static SEED: std::sync::OnceLock<std::hash::RandomState> = std::sync::OnceLock::new();
+    std::hash::BuildHasher::hash_one(SEED.get_or_init(std::hash::RandomState::new), v)
 }
 
 impl Key {
+    fn from_parts(question: Box<[u8]>, flags: QueryFlags) -> Key {
+        let digest = keyed_digest(&(&*question, flags));
+        Key {
+            question,
+            flags,
+            digest,
+        }
+    }
+
+    /// Wire-format name (lowercase), type and class.
+    pub fn question(&self) -> &[u8] {
+        &self.question
+    }
+
+    pub fn flags(&self) -> QueryFlags {
+        self.flags
+    }
+
     /// Builds a key from parts (for tests and tools).
     pub fn new(name: &str, qtype: u16, edns: bool) -> Option<Key> {
         let mut q = Vec::with_capacity(name.len() + 6);
@@ -115,10 +194,7 @@ impl Key {
         if edns {
             f |= QueryFlags::EDNS;
         }
-        Some(Key {
-            question: q.into(),
-            flags: QueryFlags(f),
-        })
+        Some(Key::from_parts(q.into(), QueryFlags(f)))
     }
 
     pub fn qtype(&self) -> u16 {
@@ -312,10 +388,7 @@ pub fn parse_query(b: &[u8]) -> Result<Query<'_>, QueryError> {
     Ok(Query {
         id: u16_at(b, 0),
         question,
-        key: Key {
-            question: lower,
-            flags: QueryFlags(kf),
-        },
+        key: Key::from_parts(lower, QueryFlags(kf)),
         payload,
         padded,
     })
@@ -394,6 +467,37 @@ mod tests {
         let n = q.len();
         q[n - 4] |= 0x80; // the DO bit, in the OPT record's TTL
         q
+    }
+
+    /// Keys built from a client's query and from parts agree, whatever the
+    /// case the client sent; the flags are part of the key; the digest
+    /// maps use spreads names that differ in one letter.
+    #[test]
+    fn keys_hash_once_and_compare_whole() {
+        use std::hash::BuildHasher;
+        let q = query_message("WwW.Example.TEST", 1, 0x1234, true).unwrap();
+        let from_wire = parse_query(&q).unwrap().key;
+        let from_parts = Key::new("www.example.test", 1, true).unwrap();
+        assert_eq!(from_wire, from_parts);
+        assert_eq!(
+            KeyHasher.hash_one(&from_wire),
+            KeyHasher.hash_one(&from_parts)
+        );
+        assert_ne!(from_parts, Key::new("www.example.test", 1, false).unwrap());
+        assert_ne!(from_parts, Key::new("www.example.test", 28, true).unwrap());
+        let mut seen = std::collections::HashSet::new();
+        for c in b'a'..=b'z' {
+            let name = format!("www{}.example.test", c as char);
+            let k = Key::new(&name, 1, true).unwrap();
+            // Top 7 bits (hashbrown's tags) and low bits (its buckets).
+            let h = KeyHasher.hash_one(&k);
+            seen.insert((h >> 57, h & 0xff));
+        }
+        assert!(seen.len() >= 24, "{} distinct of 26", seen.len());
+        // A map keyed by keys finds them by content, not by identity.
+        let mut m = std::collections::HashMap::with_hasher(KeyHasher);
+        m.insert(from_wire, 1);
+        assert_eq!(m.get(&from_parts), Some(&1));
     }
 
     #[test]

@@ -49,7 +49,7 @@ pub(super) fn accept(
     key: &Key,
 ) -> Result<(Vec<u8>, AnswerInfo), dns::AnswerError> {
     let info = dns::check_answer(wire, id, key)?;
-    let mut out = match dns::strip_extras(wire, key.flags.dnssec_ok()) {
+    let mut out = match dns::strip_extras(wire, key.flags().dnssec_ok()) {
         None => wire.to_vec(),
         Some(stripped) => stripped,
     };

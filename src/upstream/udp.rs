@@ -160,7 +160,7 @@ async fn udp_query(
     let (sock, buf) = taken.parts().ok_or(ExchangeError::Closed)?;
     let id: u16 = rand::random();
     sock.send(&dns::upstream_query(id, key)).await?;
-    let limit = if key.flags.edns() {
+    let limit = if key.flags().edns() {
         usize::from(dns::EDNS_PAYLOAD)
     } else {
         512
