@@ -368,6 +368,44 @@ impl Drop for Answer {
 
 #[cfg(test)]
 mod tests {
+    /// hyper (patched to look for connection-specific headers in one pass,
+    /// `patches/README.md`) still strips them from a response before the
+    /// HTTP/2 layer sees it, `Connection`'s named headers with them, and
+    /// leaves the rest.
+    #[tokio::test]
+    async fn hyper_still_strips_connection_headers_from_http2_responses() {
+        let (client_io, server_io) = tokio::io::duplex(1 << 16);
+        let service = hyper::service::service_fn(|_req| async {
+            let resp = http::Response::builder()
+                .header("connection", "x-hop")
+                .header("x-hop", "1")
+                .header("keep-alive", "timeout=5")
+                .header("te", "trailers")
+                .header("content-type", "application/dns-message")
+                .body(http_body_util::Full::new(bytes::Bytes::from_static(b"ok")))
+                .unwrap();
+            Ok::<_, std::convert::Infallible>(resp)
+        });
+        let serve = hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+            .serve_connection(hyper_util::rt::TokioIo::new(server_io), service);
+        tokio::spawn(serve);
+        let (mut client, conn) = h2::client::handshake(client_io).await.unwrap();
+        tokio::spawn(conn);
+        let req = http::Request::get("https://x.test/").body(()).unwrap();
+        let (resp, _) = client.send_request(req, true).unwrap();
+        let resp = resp.await.expect("a response, not a reset");
+        assert_eq!(resp.status(), 200);
+        let names: Vec<_> = resp
+            .headers()
+            .keys()
+            .map(|n| n.as_str().to_string())
+            .collect();
+        assert!(resp.headers().contains_key("content-type"), "{names:?}");
+        for gone in ["connection", "x-hop", "keep-alive", "te"] {
+            assert!(!resp.headers().contains_key(gone), "{gone} in {names:?}");
+        }
+    }
+
     /// The HTTP/2 layer (patched to check a response's header names in one
     /// pass, `patches/README.md`) still refuses every connection-specific
     /// header RFC 9113 forbids, and `te` other than `trailers`, and lets

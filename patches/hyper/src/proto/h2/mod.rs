@@ -48,6 +48,14 @@ enum MessageKind {
 }
 
 fn strip_connection_headers(headers: &mut HeaderMap, kind: MessageKind) {
+    // Nearly every message carries none of these headers: one pass over
+    // the names present (a handful) says so for a fraction of the seven
+    // lookups below.
+    if !headers.keys().any(|name| {
+        *name == CONNECTION || *name == http::header::TE || CONNECTION_HEADERS.contains(name)
+    }) {
+        return;
+    }
     for header in &CONNECTION_HEADERS {
         if headers.remove(header).is_some() {
             warn!("Connection header illegal in HTTP/2: {}", header.as_str());
