@@ -56,7 +56,7 @@ pub fn check_answer(b: &[u8], id: u16, key: &Key) -> Result<AnswerInfo, AnswerEr
     if flags & FLAG_QR == 0 || (flags >> 11) & 0xF != 0 || u16_at(b, 4) != 1 {
         return Err(AnswerError::Question);
     }
-    let q = &key.question;
+    let q = key.question();
     let q_end = HEADER_LEN + q.len();
     let Some(theirs) = b.get(HEADER_LEN..q_end) else {
         return Err(AnswerError::Question);

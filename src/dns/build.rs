@@ -47,11 +47,11 @@ mod tests {
         let q = query_message("www.Example.test", 1, 0x4242, true).unwrap();
         let p = crate::dns::parse_query(&q).unwrap();
         assert_eq!(p.id, 0x4242);
-        assert!(p.key.flags.edns() && p.key.flags.rd());
+        assert!(p.key.flags().edns() && p.key.flags().rd());
         assert_eq!(p.key.name(), "www.example.test.");
         assert_eq!(&p.question[1..4], b"www");
         assert_eq!(&p.question[5..8], b"Exa");
         let plain = query_message("a.test.", 28, 1, false).unwrap();
-        assert!(!crate::dns::parse_query(&plain).unwrap().key.flags.edns());
+        assert!(!crate::dns::parse_query(&plain).unwrap().key.flags().edns());
     }
 }
