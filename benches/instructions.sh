@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # User-space instructions per cache hit and per miss, counted by valgrind's
 # callgrind: a measure of our own work that the noise of a shared 2-core
-# machine does not move (the same build counts within 0.1 % from run to run),
+# machine hardly moves (the same build counts within about 1 % from run to
+# run: how many answers share a write, and how often a connection waiting
+# for the slowed-down server looks quiet, still depend on timing; give each
+# build twice, interleaved, to compare two),
 # for A/B comparisons of changes too small for the CPU time of
 # benches/load.sh to show. It leaves out what the kernel spends (sockets,
 # loopback) and what cache misses cost, so it complements load.sh, never
@@ -12,9 +15,9 @@
 # Each build serves, under callgrind, HITS requests for one name over ten
 # long-lived TLS HTTP/2 connections (10 streams each), then 10 x PER unique
 # names (misses forwarded to NSD) over ten more connections; counters are
-# zeroed after a warm-up, so the hit figure holds no handshake. The miss
-# figure holds the ten connections' handshakes (about 6 % of it with the
-# defaults), the same for every build. Needs valgrind, h2load and the peers
+# zeroed after a warm-up. Each figure holds its ten connections'
+# handshakes (about 6 % of either with the defaults), the same for every
+# build. Needs valgrind, h2load and the peers
 # (NSD on 127.0.0.1:5300, the certificate in /tmp/doh-peers/tls).
 set -euo pipefail
 cd "$(dirname "$0")/.."
