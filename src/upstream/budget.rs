@@ -5,10 +5,11 @@
 //! The TCP retry is the second half of a query already paid for: under a
 //! flood, new queries take each token the moment it comes back, so a retry
 //! that merely asked would almost never find one, and every truncated
-//! answer would have cost a token for nothing. It *claims* the next token
-//! instead ([`Spend::spend_retry`]): it waits for it (at most one second's
-//! worth of claims can be waiting) and no new query takes it first. The
-//! upstream still receives no packet the budget does not hold.
+//! answer would have cost a token for nothing. A retry waits for its token
+//! instead ([`Spend::spend_retry`], at most [`RETRY_WAIT`]), and while one
+//! waits, new clients' first attempts are refused: retries come before
+//! new queries, but never before the known clients' share. The upstream
+//! still receives no packet the budget does not hold.
 //!
 //! The budget protects the upstream; it must never switch it off. So the
 //! bucket is as plain as it can be: a token count refilled from the
@@ -19,7 +20,7 @@
 //! `qps` a second. Tokio's clock also lets the tests pause time and prove
 //! the rate without waiting for it.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -82,18 +83,6 @@ pub async fn spend(budget: &dyn Spend, who: Who) -> bool {
 /// ever taken that the budget does not hold. Both buckets are kept as time
 /// in whole nanoseconds (one token is `1 s / rate` of it), so no rounding
 /// ever loses or makes a token.
-/// What a [`LocalBudget`] holds, as of `last`.
-struct Saved {
-    /// The budget saved up; zero while `owed` is not.
-    budget: Duration,
-    /// The known clients' reserve saved up.
-    reserve: Duration,
-    /// Tokens claimed by waiting retries that the budget has not yet
-    /// refilled: paid first out of what comes back.
-    owed: Duration,
-    last: Instant,
-}
-
 pub struct LocalBudget {
     /// The time one token of the budget takes to come back, and the most
     /// saved up.
@@ -106,9 +95,40 @@ pub struct LocalBudget {
     dry_run: bool,
     metrics: Option<Arc<Metrics>>,
     state: Mutex<Saved>,
+    /// Retries waiting for a token: new clients' first attempts wait
+    /// behind them.
+    retries_waiting: AtomicUsize,
     /// What the budget refills by.
     clock: Clock,
     last_log: AtomicU64,
+}
+
+/// What a [`LocalBudget`] holds, as of `last`.
+struct Saved {
+    /// The budget saved up.
+    budget: Duration,
+    /// The known clients' reserve saved up.
+    reserve: Duration,
+    last: Instant,
+}
+
+/// The longest a retry waits for its token.
+pub const RETRY_WAIT: Duration = Duration::from_secs(1);
+
+/// Counts a retry as waiting while it lives.
+struct Waiting<'a>(&'a AtomicUsize);
+
+impl<'a> Waiting<'a> {
+    fn new(n: &'a AtomicUsize) -> Waiting<'a> {
+        n.fetch_add(1, Ordering::Relaxed);
+        Waiting(n)
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 impl LocalBudget {
@@ -169,16 +189,15 @@ impl LocalBudget {
             state: Mutex::new(Saved {
                 budget: cap,
                 reserve: reserve.map_or(Duration::ZERO, |r| r.1),
-                owed: Duration::ZERO,
                 last: clock.now(),
             }),
+            retries_waiting: AtomicUsize::new(0),
             clock,
             last_log: AtomicU64::new(0),
         }
     }
 
-    /// The state, refilled to this instant: what came back pays the
-    /// waiting retries' claims first.
+    /// The state, refilled to this instant.
     fn refilled(&self) -> std::sync::MutexGuard<'_, Saved> {
         let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
         // Read under the lock: an instant read before it could be older
@@ -186,9 +205,7 @@ impl LocalBudget {
         let now = self.clock.now();
         if now > s.last {
             let dt = now - s.last;
-            let paid = dt.min(s.owed);
-            s.owed -= paid;
-            s.budget = (s.budget + (dt - paid)).min(self.cap);
+            s.budget = (s.budget + dt).min(self.cap);
             if let Some((_, rcap)) = self.reserve {
                 s.reserve = (s.reserve + dt).min(rcap);
             }
@@ -197,31 +214,18 @@ impl LocalBudget {
         s
     }
 
-    /// Claims the next token for a retry: how long to wait for it (zero
-    /// when the budget holds one), or `None` when a second's worth of
-    /// claims is already waiting.
-    pub fn claim(&self, who: Who) -> Option<Duration> {
-        let mut s = self.refilled();
-        let wait = if s.budget >= self.period {
-            s.budget -= self.period;
-            Duration::ZERO
-        } else {
-            let owed = s.owed + (self.period - s.budget);
-            if owed > self.cap {
-                return None;
-            }
-            s.budget = Duration::ZERO;
-            s.owed = owed;
-            owed
-        };
-        if let (Who::Known, Some((rperiod, _))) = (who, self.reserve) {
-            s.reserve = s.reserve.saturating_sub(rperiod);
+    /// Takes one token for `who` if there is one; a new client's first
+    /// attempt only while no retry is waiting.
+    pub fn take(&self, who: Who) -> bool {
+        if who == Who::New && self.retries_waiting.load(Ordering::Relaxed) > 0 {
+            return false;
         }
-        Some(wait)
+        self.take_or_wait(who).is_ok()
     }
 
-    /// Takes one token for `who` if there is one.
-    pub fn take(&self, who: Who) -> bool {
+    /// Takes one token for `who`, or says how long until one could be
+    /// there for it (if nobody else takes it first).
+    fn take_or_wait(&self, who: Who) -> Result<(), Duration> {
         let mut s = self.refilled();
         let Saved {
             budget: saved,
@@ -229,26 +233,28 @@ impl LocalBudget {
             ..
         } = &mut *s;
         if *saved < self.period {
-            return false;
+            return Err(self.period - *saved);
         }
         let Some((rperiod, _)) = self.reserve else {
             *saved -= self.period;
-            return true;
+            return Ok(());
         };
         if who == Who::Known {
             *saved -= self.period;
             *reserved = reserved.saturating_sub(rperiod);
-            return true;
+            return Ok(());
         }
         // A new client: only while the budget holds more tokens than the
         // reserve, that is saved/period >= reserved/rperiod + 1.
         let (p, rp) = (self.period.as_nanos(), rperiod.as_nanos());
+        let needed = (reserved.as_nanos() * p).div_ceil(rp) + p;
         if saved.as_nanos() * rp >= reserved.as_nanos() * p + p * rp {
             *saved -= self.period;
-            return true;
+            return Ok(());
         }
         if !self.dry_run {
-            return false;
+            let short = u64::try_from(needed.saturating_sub(saved.as_nanos())).unwrap_or(u64::MAX);
+            return Err(Duration::from_nanos(short.max(1)));
         }
         *saved -= self.period;
         drop(s);
@@ -259,7 +265,7 @@ impl LocalBudget {
         if self.last_log.swap(sec, Ordering::Relaxed) != sec {
             tracing::info!("dry run: the known clients' share would have refused a new client's miss (logged once a second)");
         }
-        true
+        Ok(())
     }
 }
 
@@ -273,14 +279,25 @@ impl Spend for LocalBudget {
     }
 
     fn spend_retry(&self, who: Who) -> futures_util::future::BoxFuture<'_, bool> {
-        match self.claim(who) {
-            None => Box::pin(std::future::ready(false)),
-            Some(Duration::ZERO) => Box::pin(std::future::ready(true)),
-            Some(wait) => Box::pin(async move {
-                tokio::time::sleep(wait).await;
-                true
-            }),
-        }
+        let mut wait = match self.take_or_wait(who) {
+            Ok(()) => return Box::pin(std::future::ready(true)),
+            Err(wait) => wait,
+        };
+        Box::pin(async move {
+            let _waiting = Waiting::new(&self.retries_waiting);
+            let give_up = tokio::time::Instant::now() + RETRY_WAIT;
+            loop {
+                let at = tokio::time::Instant::now() + wait;
+                if at > give_up {
+                    return false;
+                }
+                tokio::time::sleep_until(at).await;
+                match self.take_or_wait(who) {
+                    Ok(()) => return true,
+                    Err(w) => wait = w,
+                }
+            }
+        })
     }
 }
 
@@ -420,58 +437,101 @@ mod tests {
         assert_eq!((0..200).filter(|_| take()).count(), 50);
     }
 
+    /// A retry for `who` on a task of its own: whether it got a token, and
+    /// how long it waited.
+    fn retry(b: &Arc<LocalBudget>, who: Who) -> tokio::task::JoinHandle<(bool, Duration)> {
+        let b = b.clone();
+        tokio::spawn(async move {
+            let asked = Instant::now();
+            (b.spend_retry(who).await, asked.elapsed())
+        })
+    }
+
     /// New queries asking every millisecond take each token as it comes
-    /// back; retries claim theirs ahead of them, wait at most for what is
-    /// claimed before them, and the rate stays the budget's.
+    /// back; retries take theirs ahead of them, waiting only for the
+    /// retries asked before them, and the rate stays the budget's.
     #[tokio::test(start_paused = true)]
-    async fn a_retry_claims_the_next_token_ahead_of_a_flood() {
-        let b = LocalBudget::new(50);
-        let (mut new, mut retries) = (0, 0);
-        let mut waits = Vec::new();
+    async fn a_retry_takes_the_next_token_ahead_of_a_flood() {
+        let b = Arc::new(LocalBudget::new(50));
+        let (mut new, mut retries) = (0, Vec::new());
         for ms in 0..10_000u32 {
             tokio::time::advance(Duration::from_millis(1)).await;
             new += usize::from(b.take(Who::New));
-            if ms % 100 == 0 {
-                // Three retries at once: the third waits for three tokens.
-                for _ in 0..3 {
-                    let wait = b.claim(Who::New).expect("room for a claim");
-                    waits.push(wait);
-                    retries += 1;
-                }
+            if ms % 100 == 50 {
+                // Three at once: the third waits for three tokens.
+                retries.extend((0..3).map(|_| retry(&b, Who::New)));
             }
         }
-        assert_eq!(retries, 300);
-        // Past the first second's burst, a claim waits for the tokens
-        // claimed before it: one, two or three periods of 20 ms.
+        let mut waits = Vec::new();
+        for r in retries {
+            let (got, waited) = r.await.unwrap();
+            assert!(got, "every retry got its token");
+            waits.push(waited);
+        }
+        // Past the first second's burst, a retry waits for the tokens
+        // taken by the retries before it: one, two or three periods.
         assert!(
-            waits[3..].iter().all(|w| *w <= Duration::from_millis(60)),
+            waits[30..].iter().all(|w| *w <= Duration::from_millis(61)),
             "{waits:?}"
         );
         // Never over the rate: a burst of 50, then 50 a second, shared.
         assert!(
-            (new + retries).abs_diff(50 + 500) <= 1,
-            "{new} new, {retries} retries"
+            (new + waits.len()).abs_diff(50 + 500) <= 1,
+            "{new} new, {} retries",
+            waits.len()
         );
-        // No new query took a claimed token: claims made in the same
-        // instant are paid out of what comes back before anything else.
-        assert!(b.claim(Who::New).is_some());
-        assert!(!b.take(Who::New), "a claim is waiting");
     }
 
+    /// Retries for new clients come before new clients' first attempts,
+    /// not before the known clients' share: known clients asking within
+    /// it still get everything while every new query is truncated.
     #[tokio::test(start_paused = true)]
-    async fn claims_wait_for_at_most_a_second_of_the_budget() {
-        let b = LocalBudget::new(10);
+    async fn new_clients_retries_leave_the_known_clients_share() {
+        let b = Arc::new(LocalBudget::with_share(100, 50, false, None));
+        let _ = ask(&b, 0, 20, 2).await; // a flood of new clients first
+        let (mut known, mut new, mut retries) = (0, 0, Vec::new());
+        for t in 0..1000 {
+            tokio::time::advance(Duration::from_millis(10)).await;
+            for _ in 0..20 {
+                if b.take(Who::New) {
+                    new += 1;
+                    retries.push(retry(&b, Who::New));
+                }
+            }
+            if t % 5 < 2 {
+                known += usize::from(b.take(Who::Known));
+            }
+        }
+        let mut retried = 0;
+        for r in retries {
+            retried += usize::from(r.await.unwrap().0);
+        }
+        assert_eq!(known, 400, "every one of the known clients' 400");
+        assert!(
+            known + new + retried <= 1000 + 100,
+            "never over rate and burst: {known} + {new} + {retried}"
+        );
+        assert!(retried + 2 >= new, "{retried} of {new} retries served");
+    }
+
+    /// A retry gives up after [`RETRY_WAIT`]; new queries go on once no
+    /// retry waits.
+    #[tokio::test(start_paused = true)]
+    async fn retries_wait_a_second_at_most() {
+        let b = Arc::new(LocalBudget::new(10));
         assert_eq!((0..10).filter(|_| b.take(Who::New)).count(), 10);
-        let waits: Vec<_> = (0..12).map(|_| b.claim(Who::Known)).collect();
-        // Ten claims fit in the next second, the rest are refused.
-        assert_eq!(waits.iter().filter(|w| w.is_some()).count(), 10);
-        assert_eq!(waits[9], Some(Duration::from_secs(1)));
-        // Once the second has passed, everything claimed is paid and the
-        // budget starts again from nothing.
-        tokio::time::advance(Duration::from_secs(1)).await;
-        assert!(!b.take(Who::New));
+        let retries: Vec<_> = (0..12).map(|_| retry(&b, Who::Known)).collect();
+        let mut got = 0;
+        for r in retries {
+            let (ok, waited) = r.await.unwrap();
+            assert!(waited <= RETRY_WAIT, "{waited:?}");
+            got += usize::from(ok);
+        }
+        // Ten tokens come back within the second, one for each of ten.
+        assert_eq!(got, 10);
+        assert_eq!(b.retries_waiting.load(Ordering::Relaxed), 0);
         tokio::time::advance(Duration::from_millis(100)).await;
-        assert!(b.take(Who::New));
+        assert!(b.take(Who::New), "new queries go on");
     }
 
     #[tokio::test(start_paused = true)]

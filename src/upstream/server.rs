@@ -119,8 +119,8 @@ pub(super) struct Server {
 
 impl Server {
     /// One exchange with this upstream. A truncated UDP answer is asked
-    /// again over TCP, which is a second packet: it claims a second token
-    /// of `budget`, ahead of new queries ([`Spend::spend_retry`]).
+    /// again over TCP, which is a second packet: it waits for a second
+    /// token of `budget`, ahead of new queries ([`Spend::spend_retry`]).
     pub(super) async fn exchange(
         &self,
         key: &Key,

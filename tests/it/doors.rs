@@ -298,7 +298,7 @@ async fn flood_unique(
 /// A flood of unique names far over `--upstream-qps 50`, plain and
 /// truncated: the upstream gets the budget's rate in every second after
 /// the burst — never starved, never overflowing — and the TCP retry after
-/// a truncated answer spends a token like any other packet, claimed ahead
+/// a truncated answer spends a token like any other packet, taken ahead
 /// of the flood's new queries.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_upstream_budget_is_spent_per_packet_and_never_starves() {
@@ -331,7 +331,7 @@ async fn the_upstream_budget_is_spent_per_packet_and_never_starves() {
             "{prefix}: {per_second:?}"
         );
         if prefix == "tc" {
-            // Every truncated answer's retry claims the next token ahead of
+            // Every truncated answer's retry waits for its token ahead of
             // the flood's new queries: about half the packets are retries.
             let tcp = up.tcp_queries.load(std::sync::atomic::Ordering::SeqCst) - before_tcp;
             eprintln!("tc: {tcp} retried over TCP");
