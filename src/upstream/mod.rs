@@ -24,6 +24,7 @@
 //! reasons of their own (a dead authoritative server), and must not let
 //! clients mark a healthy upstream down.
 
+mod attempts;
 mod budget;
 mod https;
 mod server;
@@ -41,7 +42,6 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use futures_util::stream::{FuturesUnordered, StreamExt};
 use rustls::pki_types::{CertificateDer, ServerName};
 use serde::{Deserialize, Serialize};
 use smallvec::{smallvec, SmallVec};
@@ -302,7 +302,7 @@ impl Upstream {
         let mut answered: SmallVec<[bool; 4]> = smallvec![false; n];
         let mut fallback = None;
         let mut out_of_budget = false;
-        let mut attempts = FuturesUnordered::new();
+        let mut attempts = attempts::Attempts::new();
         loop {
             // Send the next attempt if it is due.
             while next < plan_len && Instant::now() >= next_at {
