@@ -247,12 +247,12 @@ impl LocalBudget {
         // A new client: only while the budget holds more tokens than the
         // reserve, that is saved/period >= reserved/rperiod + 1.
         let (p, rp) = (self.period.as_nanos(), rperiod.as_nanos());
-        let needed = (reserved.as_nanos() * p).div_ceil(rp) + p;
         if saved.as_nanos() * rp >= reserved.as_nanos() * p + p * rp {
             *saved -= self.period;
             return Ok(());
         }
         if !self.dry_run {
+            let needed = (reserved.as_nanos() * p).div_ceil(rp) + p;
             let short = u64::try_from(needed.saturating_sub(saved.as_nanos())).unwrap_or(u64::MAX);
             return Err(Duration::from_nanos(short.max(1)));
         }
