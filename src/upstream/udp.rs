@@ -8,8 +8,9 @@
 //!
 //! What the pool keeps of RFC 5452's protection against forged answers:
 //!
-//! - every query takes a socket chosen at random among the idle ones, each
-//!   bound by the kernel to its own random ephemeral port, and a random ID;
+//! - every query takes a socket chosen at random among the idle ones (of
+//!   its own event loop, below), each bound by the kernel to its own
+//!   random ephemeral port, and a random ID;
 //! - each socket is connected to the upstream, so the kernel drops any
 //!   datagram that does not come from the upstream's address and port;
 //! - an answer is only taken for the ID and the question asked (a late
@@ -18,6 +19,14 @@
 //! - a socket is closed after [`RETIRE_AFTER`] queries and replaced by one
 //!   on a new random port, so ports learnt by an observer soon stop
 //!   mattering; at most [`POOL`] idle sockets are kept, the rest close.
+//!
+//! A socket is registered with the event loop of the runtime that opened
+//! it, and that loop is the one told when its answer arrives. A query
+//! only takes an idle socket of its own runtime's loop (each connection
+//! worker has its own), else opens one: taken by a query on another
+//! worker, every answer would wake one thread to hand it to the other.
+//! When the pool is full, a socket coming back takes the place of an idle
+//! one of another runtime, if there is one.
 //!
 //! Only a socket whose query got its answer goes back: one whose query
 //! failed, timed out or was abandoned for a hedge closes, so that a late
@@ -28,6 +37,7 @@ use std::net::SocketAddr;
 use std::sync::Mutex;
 
 use tokio::net::UdpSocket;
+use tokio::runtime::{Handle, Id};
 
 use super::server::accept;
 use super::{ExchangeError, Exchanged};
@@ -41,6 +51,8 @@ pub const RETIRE_AFTER: u32 = 1000;
 
 struct Pooled {
     sock: UdpSocket,
+    /// The runtime whose event loop the socket is registered with.
+    rt: Option<Id>,
     /// The receive buffer, kept with the socket for its next query.
     buf: Vec<u8>,
     uses: u32,
@@ -81,6 +93,9 @@ impl Drop for Taken<'_> {
                 if let Ok(mut idle) = self.pool.idle.lock() {
                     if idle.len() < POOL {
                         idle.push(p);
+                    } else if let Some(i) = idle.iter().position(|o| o.rt != p.rt) {
+                        // The other one closes once the lock is released.
+                        let _other = std::mem::replace(&mut idle[i], p);
                     }
                 }
             }
@@ -98,15 +113,15 @@ impl UdpPool {
         }
     }
 
-    /// A socket for one query: an idle one chosen at random, else a new
-    /// one on a random port.
+    /// A socket for one query: an idle one of this runtime chosen at
+    /// random, else a new one on a random port.
     pub async fn take(&self) -> std::io::Result<Taken<'_>> {
-        let pooled = self.idle.lock().ok().and_then(|mut idle| {
-            (!idle.is_empty()).then(|| {
-                let i = rand::random_range(0..idle.len());
-                idle.swap_remove(i)
-            })
-        });
+        let rt = Handle::try_current().ok().map(|h| h.id());
+        let pooled = self
+            .idle
+            .lock()
+            .ok()
+            .and_then(|mut idle| pick(&mut idle, rt));
         let mut p = match pooled {
             Some(p) => p,
             None => {
@@ -119,6 +134,7 @@ impl UdpPool {
                 sock.connect(self.addr).await?;
                 Pooled {
                     sock,
+                    rt,
                     buf: vec![0; self.buf_len],
                     uses: 0,
                 }
@@ -131,6 +147,22 @@ impl UdpPool {
             keep: false,
         })
     }
+}
+
+/// Takes out an idle socket of runtime `rt`, chosen at random among them.
+fn pick(idle: &mut Vec<Pooled>, rt: Option<Id>) -> Option<Pooled> {
+    let own = idle.iter().filter(|p| p.rt == rt).count();
+    if own == 0 {
+        return None;
+    }
+    let k = rand::random_range(0..own);
+    let i = idle
+        .iter()
+        .enumerate()
+        .filter(|(_, p)| p.rt == rt)
+        .nth(k)
+        .map(|(i, _)| i)?;
+    Some(idle.swap_remove(i))
 }
 
 /// One query over UDP from the pool with a random ID. Answers
@@ -236,6 +268,61 @@ mod tests {
             b"real",
             "a datagram from another address was received"
         );
+    }
+
+    #[test]
+    fn a_query_takes_a_socket_of_its_own_event_loop() {
+        let rt = || {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime")
+        };
+        let (one, two) = (rt(), rt());
+        let addr = one.block_on(async {
+            let (up, addr) = upstream().await;
+            drop(up);
+            addr
+        });
+        let pool = UdpPool::new(addr, 513);
+        let port = |t: &mut Taken<'_>| {
+            t.keep();
+            t.parts().expect("socket").0.local_addr().expect("addr")
+        };
+        let ports = |rt: &tokio::runtime::Runtime, n: usize| -> Vec<SocketAddr> {
+            rt.block_on(async {
+                let mut ts = Vec::new();
+                for _ in 0..n {
+                    ts.push(pool.take().await.expect("take"));
+                }
+                ts.iter_mut().map(port).collect()
+            })
+        };
+        // Three sockets of the first runtime's loop, idle: the second
+        // runtime's query opens its own all the same.
+        let firsts = ports(&one, 3);
+        let second = ports(&two, 1)[0];
+        assert!(!firsts.contains(&second));
+        // From then on each takes its own, whatever else is idle.
+        for _ in 0..20 {
+            assert_eq!(ports(&two, 1), [second]);
+            assert!(firsts.contains(&ports(&one, 1)[0]));
+        }
+        let mut again = ports(&one, 3);
+        again.sort();
+        let mut firsts = firsts;
+        firsts.sort();
+        assert_eq!(again, firsts);
+        // A full pool: a socket coming back replaces one of another loop.
+        let many = ports(&two, POOL);
+        let idle = pool.idle.lock().expect("lock");
+        assert_eq!(idle.len(), POOL);
+        assert!(idle.iter().all(|p| p.rt == Some(two.handle().id())));
+        let kept: Vec<SocketAddr> = idle
+            .iter()
+            .map(|p| p.sock.local_addr().expect("addr"))
+            .collect();
+        assert!(kept.iter().all(|a| many.contains(a) || *a == second));
     }
 
     #[tokio::test]
