@@ -286,7 +286,9 @@ impl Upstream {
         if n == 0 {
             return Err(UpstreamError::Failed);
         }
-        let deadline = Instant::now() + self.timeout;
+        // The clock is read once per turn of the loop and once per attempt.
+        let mut now = Instant::now();
+        let deadline = now + self.timeout;
         let order = self.order();
         // Each upstream once, then each once more: a retransmission over
         // UDP, a new attempt over a stream only if the first one failed.
@@ -294,7 +296,7 @@ impl Upstream {
         let plan = |k: usize| (order[k % n], k >= n);
         let plan_len = 2 * n;
         let mut next = 0;
-        let mut next_at = Instant::now();
+        let mut next_at = now;
         let mut sent = 0u32;
         // Inline for up to four upstreams: a miss allocates none of these.
         let mut pending: SmallVec<[u32; 4]> = smallvec![0; n];
@@ -305,7 +307,7 @@ impl Upstream {
         let mut attempts = attempts::Attempts::new();
         loop {
             // Send the next attempt if it is due.
-            while next < plan_len && Instant::now() >= next_at {
+            while next < plan_len && now >= next_at {
                 let (i, second) = plan(next);
                 next += 1;
                 if second && answered[i] {
@@ -335,11 +337,11 @@ impl Upstream {
                 sent += 1;
                 pending[i] += 1;
                 let budget = &*self.budget;
-                attempts.push(async move {
-                    let started = Instant::now();
-                    (i, hedge, started, s.exchange(key, budget, who).await)
-                });
-                next_at = Instant::now() + self.hedge_after(i);
+                // Spending may have waited: the attempt starts now.
+                let started = Instant::now();
+                attempts
+                    .push(async move { (i, hedge, started, s.exchange(key, budget, who).await) });
+                next_at = started + self.hedge_after(i);
             }
             if sent == 0 {
                 return Err(UpstreamError::Budget);
@@ -361,7 +363,7 @@ impl Upstream {
                             s.metrics.result(UpstreamResult::Servfail, Some(started.elapsed()));
                             fallback = Some((wire, info));
                             answered[i] = true;
-                            next_at = Instant::now();
+                            next_at = started;
                         }
                         Ok(answer) => {
                             let took = started.elapsed();
@@ -388,15 +390,15 @@ impl Upstream {
                             tracing::debug!(upstream = s.spec.label(), error = %e, "upstream attempt failed");
                             s.metrics.result(UpstreamResult::Error, None);
                             failed[i] = true;
-                            next_at = Instant::now();
+                            next_at = started;
                         }
                     }
                 }
-                _ = tokio::time::sleep_until(wake) => {
-                    if Instant::now() >= deadline {
-                        break;
-                    }
-                }
+                _ = tokio::time::sleep_until(wake) => {}
+            }
+            now = Instant::now();
+            if now >= deadline {
+                break;
             }
         }
         for (j, &p) in pending.iter().enumerate() {
