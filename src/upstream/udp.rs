@@ -58,10 +58,55 @@ struct Pooled {
     uses: u32,
 }
 
+/// The idle sockets, one list per runtime that has any.
+#[derive(Default)]
+struct Idle {
+    by_rt: Vec<(Option<Id>, Vec<Pooled>)>,
+    len: usize,
+}
+
+impl Idle {
+    /// Takes out an idle socket of runtime `rt`, chosen at random.
+    fn take(&mut self, rt: Option<Id>) -> Option<Pooled> {
+        let k = self.by_rt.iter().position(|(r, _)| *r == rt)?;
+        let list = &mut self.by_rt[k].1;
+        let p = list.swap_remove(rand::random_range(0..list.len()));
+        if list.is_empty() {
+            self.by_rt.swap_remove(k);
+        }
+        self.len -= 1;
+        Some(p)
+    }
+
+    /// Keeps `p` if fewer than [`POOL`] are idle, else in place of an idle
+    /// socket of another runtime if there is one. Returns the socket left
+    /// out (to be closed once the lock is released).
+    fn put(&mut self, p: Pooled) -> Option<Pooled> {
+        let out = if self.len < POOL {
+            self.len += 1;
+            None
+        } else {
+            let Some(k) = self.by_rt.iter().position(|(r, _)| *r != p.rt) else {
+                return Some(p);
+            };
+            let other = self.by_rt[k].1.pop();
+            if self.by_rt[k].1.is_empty() {
+                self.by_rt.swap_remove(k);
+            }
+            other
+        };
+        match self.by_rt.iter_mut().find(|(r, _)| *r == p.rt) {
+            Some((_, list)) => list.push(p),
+            None => self.by_rt.push((p.rt, vec![p])),
+        }
+        out
+    }
+}
+
 pub struct UdpPool {
     addr: SocketAddr,
     buf_len: usize,
-    idle: Mutex<Vec<Pooled>>,
+    idle: Mutex<Idle>,
 }
 
 /// A socket taken from the pool for one query; it goes back when dropped
@@ -90,14 +135,8 @@ impl Drop for Taken<'_> {
     fn drop(&mut self) {
         if let Some(p) = self.sock.take() {
             if self.keep && p.uses < RETIRE_AFTER {
-                if let Ok(mut idle) = self.pool.idle.lock() {
-                    if idle.len() < POOL {
-                        idle.push(p);
-                    } else if let Some(i) = idle.iter().position(|o| o.rt != p.rt) {
-                        // The other one closes once the lock is released.
-                        let _other = std::mem::replace(&mut idle[i], p);
-                    }
-                }
+                // One put out of the pool closes once the lock is released.
+                let _closed = self.pool.idle.lock().ok().and_then(|mut i| i.put(p));
             }
         }
     }
@@ -109,7 +148,7 @@ impl UdpPool {
         UdpPool {
             addr,
             buf_len,
-            idle: Mutex::new(Vec::new()),
+            idle: Mutex::default(),
         }
     }
 
@@ -117,11 +156,7 @@ impl UdpPool {
     /// random, else a new one on a random port.
     pub async fn take(&self) -> std::io::Result<Taken<'_>> {
         let rt = Handle::try_current().ok().map(|h| h.id());
-        let pooled = self
-            .idle
-            .lock()
-            .ok()
-            .and_then(|mut idle| pick(&mut idle, rt));
+        let pooled = self.idle.lock().ok().and_then(|mut idle| idle.take(rt));
         let mut p = match pooled {
             Some(p) => p,
             None => {
@@ -147,22 +182,6 @@ impl UdpPool {
             keep: false,
         })
     }
-}
-
-/// Takes out an idle socket of runtime `rt`, chosen at random among them.
-fn pick(idle: &mut Vec<Pooled>, rt: Option<Id>) -> Option<Pooled> {
-    let own = idle.iter().filter(|p| p.rt == rt).count();
-    if own == 0 {
-        return None;
-    }
-    let k = rand::random_range(0..own);
-    let i = idle
-        .iter()
-        .enumerate()
-        .filter(|(_, p)| p.rt == rt)
-        .nth(k)
-        .map(|(i, _)| i)?;
-    Some(idle.swap_remove(i))
 }
 
 /// One query over UDP from the pool with a random ID. Answers
@@ -316,9 +335,11 @@ mod tests {
         // A full pool: a socket coming back replaces one of another loop.
         let many = ports(&two, POOL);
         let idle = pool.idle.lock().expect("lock");
-        assert_eq!(idle.len(), POOL);
-        assert!(idle.iter().all(|p| p.rt == Some(two.handle().id())));
-        let kept: Vec<SocketAddr> = idle
+        assert_eq!(idle.len, POOL);
+        assert_eq!(idle.by_rt.len(), 1);
+        assert_eq!(idle.by_rt[0].0, Some(two.handle().id()));
+        let kept: Vec<SocketAddr> = idle.by_rt[0]
+            .1
             .iter()
             .map(|p| p.sock.local_addr().expect("addr"))
             .collect();
@@ -353,11 +374,11 @@ mod tests {
             many.push(t);
         }
         drop(many);
-        assert_eq!(pool.idle.lock().expect("lock").len(), POOL);
+        assert_eq!(pool.idle.lock().expect("lock").len, POOL);
         // A query that got no answer (failed, timed out, abandoned): its
         // socket is not put back, a late answer can meet nobody.
         let t = pool.take().await.expect("take");
         drop(t);
-        assert_eq!(pool.idle.lock().expect("lock").len(), POOL - 1);
+        assert_eq!(pool.idle.lock().expect("lock").len, POOL - 1);
     }
 }
