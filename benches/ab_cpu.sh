@@ -1,0 +1,93 @@
+#!/usr/bin/env bash
+# Server CPU per request of two builds of doh-proxy, loaded at the same
+# time with the same workload: what a change costs or saves, kernel and
+# wake-ups included (which benches/instructions.sh leaves out), on a
+# machine too noisy for runs one after the other to compare (the load of a
+# shared 2-core machine moves from one minute to the next, and here both
+# builds live through the same minute).
+#
+#   A=/path/before B=/path/after bash benches/ab_cpu.sh
+#   SCEN=hit ROUNDS=20 A=… B=… bash benches/ab_cpu.sh
+#
+# Each round starts both builds afresh (cold caches, nothing left from the
+# round before), gives each five h2load clients (one TLS HTTP/2 connection
+# of 10 streams each) at once, and reads each server's CPU time over all
+# its threads (/proc/PID/task/*/schedstat, in nanoseconds). SCEN=miss
+# (default): PER unique names per client, each a miss forwarded to NSD;
+# SCEN=hit: PER requests per client for one name (at most 10,000:
+# `--max-requests-per-conn` closes a connection after that). The builds
+# swap ports every other round. Prints each round's B/A ratio and their median (below
+# 1: B spends less). Needs h2load and the peers (NSD on 127.0.0.1:5300, the
+# certificate in /tmp/doh-peers/tls); only loopback is used.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+: "${A:?A=path of the first build}" "${B:?B=path of the second build}"
+SCEN=${SCEN:-miss}
+ROUNDS=${ROUNDS:-10}
+PER=${PER:-2000}
+BASE=${BASE:-/tmp/doh-peers}
+OUT=$(mktemp -d /tmp/doh-abcpu.XXXXXX)
+PIDS=""
+trap 'kill $PIDS 2>/dev/null || true; [ -n "${KEEP:-}" ] || rm -rf "$OUT"' EXIT
+export SSL_CERT_FILE=$BASE/tls/ca.pem
+H='accept: application/dns-message'
+[ -f "$BASE/tls/cert.pem" ] || { echo "start the peers first: bash ../shared/peers/peers.sh" >&2; exit 1; }
+
+uris() { # uris <port> <prefix> <count>: GET URIs for A, one name or count unique ones
+  python3 - "$@" <<'EOF'
+import base64, struct, sys
+port, prefix, count = sys.argv[1], sys.argv[2], int(sys.argv[3])
+names = [f"{prefix}{i}.example.test" for i in range(count)] if count else ["www.example.test"]
+for name in names:
+    n = b"".join(bytes([len(l)]) + l.encode() for l in name.split(".")) + b"\0"
+    q = struct.pack(">HHHHHH", 0, 0x0100, 1, 0, 0, 0) + n + struct.pack(">HH", 1, 1)
+    print(f"https://127.0.0.1:{port}/dns-query?dns=" + base64.urlsafe_b64encode(q).decode().rstrip("="))
+EOF
+}
+
+start() { # start <bin> <port> <metrics port>: prints the pid once it answers
+  "$1" -l "127.0.0.1:$2" -u 127.0.0.1:5300 \
+    --tls-cert "$BASE/tls/cert.pem" --tls-key "$BASE/tls/key.pem" --metrics-listen "127.0.0.1:$3" \
+    --per-ip-qps 100000000 --per-ip-burst 100000000 --per-prefix-qps 100000000 \
+    --per-ip-conn-rate 100000000 --per-prefix-conn-rate 100000000 \
+    --upstream-qps 1000000 --max-conns-per-ip 10000 --ban-after 4294967295 > "$OUT/server-$2.log" 2>&1 &
+  local pid=$!
+  for _ in $(seq 1 100); do curl -sf "http://127.0.0.1:$3/healthz" >/dev/null && break; sleep 0.1; done
+  echo "$pid"
+}
+
+cpu_ns() { cat /proc/"$1"/task/*/schedstat 2>/dev/null | awk '{s += $1} END {print s}'; }
+
+ratios=()
+for r in $(seq 1 "$ROUNDS"); do
+  if ((r % 2)); then pa=8443 pb=8444; else pa=8444 pb=8443; fi
+  a=$(start "$A" "$pa" 9191); b=$(start "$B" "$pb" 9192)
+  PIDS="$a $b"
+  for c in 0 1 2 3 4; do
+    if [ "$SCEN" = miss ]; then
+      uris "$pa" "r$r-a$c-$RANDOM-" "$PER" > "$OUT/a$c"; uris "$pb" "r$r-b$c-$RANDOM-" "$PER" > "$OUT/b$c"
+    else
+      uris "$pa" x 0 > "$OUT/a$c"; uris "$pb" x 0 > "$OUT/b$c"
+    fi
+  done
+  # One request each first, so that neither is counted starting up.
+  h2load -n 1 -c 1 -i "$OUT/a0" -H "$H" >/dev/null; h2load -n 1 -c 1 -i "$OUT/b0" -H "$H" >/dev/null
+  a0=$(cpu_ns "$a"); b0=$(cpu_ns "$b")
+  jobs=()
+  for c in 0 1 2 3 4; do
+    timeout 120 h2load -n "$PER" -c 1 -m 10 -i "$OUT/a$c" -H "$H" > "$OUT/a$c.out" 2>&1 & jobs+=($!)
+    timeout 120 h2load -n "$PER" -c 1 -m 10 -i "$OUT/b$c" -H "$H" > "$OUT/b$c.out" 2>&1 & jobs+=($!)
+  done
+  wait "${jobs[@]}" || true
+  a1=$(cpu_ns "$a"); b1=$(cpu_ns "$b")
+  kill $a $b 2>/dev/null || true; wait $a $b 2>/dev/null || true
+  PIDS=""
+  oka=$(cat "$OUT"/a?.out | awk '/status codes/ {s += $3} END {print s + 0}')
+  okb=$(cat "$OUT"/b?.out | awk '/status codes/ {s += $3} END {print s + 0}')
+  n=$((PER * 5))
+  [ "$oka" = "$n" ] && [ "$okb" = "$n" ] || { echo "round $r: $oka and $okb of $n answered 2xx" >&2; exit 1; }
+  ratio=$(python3 -c "print(f'{($b1 - $b0) / ($a1 - $a0):.3f}')")
+  ratios+=("$ratio")
+  python3 -c "print(f'round $r ($SCEN): A {($a1 - $a0) / 1e9 / $n * 1e5:.2f}, B {($b1 - $b0) / 1e9 / $n * 1e5:.2f} CPU s per 100k; B/A $ratio')"
+done
+python3 -c "import statistics, sys; r = [float(x) for x in sys.argv[1:]]; print(f'median B/A over {len(r)} rounds: {statistics.median(r):.3f} ({sum(x < 1 for x in r)} of {len(r)} below 1)')" "${ratios[@]}"
