@@ -8,6 +8,7 @@
 #
 #   A=/path/before B=/path/after bash benches/ab_cpu.sh
 #   SCEN=hit ROUNDS=20 A=… B=… bash benches/ab_cpu.sh
+#   A=x B=x B_ARGS="--cache-size 1000" bash benches/ab_cpu.sh   # one build, two settings
 #
 # Each round starts both builds afresh (cold caches, nothing left from the
 # round before), gives each five h2load clients (one TLS HTTP/2 connection
@@ -15,9 +16,10 @@
 # its threads (/proc/PID/task/*/schedstat, in nanoseconds). SCEN=miss
 # (default): PER unique names per client, each a miss forwarded to NSD;
 # SCEN=hit: PER requests per client for one name (at most 10,000:
-# `--max-requests-per-conn` closes a connection after that). The builds
-# swap ports every other round. Prints each round's B/A ratio and their median (below
-# 1: B spends less). Needs h2load and the peers (NSD on 127.0.0.1:5300, the
+# `--max-requests-per-conn` closes a connection after that). A_ARGS and
+# B_ARGS add flags to either. The builds swap ports every other round.
+# Prints each round's B/A ratio and their median (below 1: B spends
+# less). Needs h2load and the peers (NSD on 127.0.0.1:5300, the
 # certificate in /tmp/doh-peers/tls); only loopback is used.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -45,14 +47,15 @@ for name in names:
 EOF
 }
 
-start() { # start <bin> <port> <metrics port>: prints the pid once it answers
-  "$1" -l "127.0.0.1:$2" -u 127.0.0.1:5300 \
-    --tls-cert "$BASE/tls/cert.pem" --tls-key "$BASE/tls/key.pem" --metrics-listen "127.0.0.1:$3" \
+start() { # start <bin> <port> <metrics port> [flags…]: prints the pid once it answers
+  local bin=$1 port=$2 mport=$3; shift 3
+  "$bin" -l "127.0.0.1:$port" -u 127.0.0.1:5300 \
+    --tls-cert "$BASE/tls/cert.pem" --tls-key "$BASE/tls/key.pem" --metrics-listen "127.0.0.1:$mport" \
     --per-ip-qps 100000000 --per-ip-burst 100000000 --per-prefix-qps 100000000 \
     --per-ip-conn-rate 100000000 --per-prefix-conn-rate 100000000 \
-    --upstream-qps 1000000 --max-conns-per-ip 10000 --ban-after 4294967295 > "$OUT/server-$2.log" 2>&1 &
+    --upstream-qps 1000000 --max-conns-per-ip 10000 --ban-after 4294967295 "$@" > "$OUT/server-$port.log" 2>&1 &
   local pid=$!
-  for _ in $(seq 1 100); do curl -sf "http://127.0.0.1:$3/healthz" >/dev/null && break; sleep 0.1; done
+  for _ in $(seq 1 100); do curl -sf "http://127.0.0.1:$mport/healthz" >/dev/null && break; sleep 0.1; done
   echo "$pid"
 }
 
@@ -61,7 +64,8 @@ cpu_ns() { cat /proc/"$1"/task/*/schedstat 2>/dev/null | awk '{s += $1} END {pri
 ratios=()
 for r in $(seq 1 "$ROUNDS"); do
   if ((r % 2)); then pa=8443 pb=8444; else pa=8444 pb=8443; fi
-  a=$(start "$A" "$pa" 9191); b=$(start "$B" "$pb" 9192)
+  # shellcheck disable=SC2086 # the extra flags are words
+  a=$(start "$A" "$pa" 9191 ${A_ARGS:-}); b=$(start "$B" "$pb" 9192 ${B_ARGS:-})
   PIDS="$a $b"
   for c in 0 1 2 3 4; do
     if [ "$SCEN" = miss ]; then
