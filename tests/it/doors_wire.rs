@@ -223,6 +223,8 @@ async fn spoofed_initials_do_not_lock_the_victim_out() {
 /// refused (and the address ends up banned); another address is served.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn quic_handshake_bursts_meet_the_connection_rate() {
+    // Tens of MiB of connections: not beside a test measuring memory.
+    let _heavy = heavy().await;
     let up = MockUpstream::start().await;
     let p = proxy(&[up.addr], |c| {
         c.per_ip_conn_rate = 10;

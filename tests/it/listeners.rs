@@ -332,6 +332,8 @@ async fn dot_flood_is_refused_and_garbage_closes() {
 /// deadline.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_thousand_idle_dot_connections_delay_nobody() {
+    // Tens of MiB of connections: not beside a test measuring memory.
+    let _heavy = heavy().await;
     let up = MockUpstream::start().await;
     let p = Arc::new(proxy(&[up.addr], |c| c.handshake_timeout = 4).await);
     let mut held = Vec::new();
