@@ -35,17 +35,6 @@ export SSL_CERT_FILE=$BASE/tls/ca.pem
 H='accept: application/dns-message'
 [ -f "$BASE/tls/cert.pem" ] || { echo "start the peers first: bash ../shared/peers/peers.sh" >&2; exit 1; }
 
-uris() { # uris <port> <prefix> <count>: GET URIs for A, one name or count unique ones
-  python3 - "$@" <<'EOF'
-import base64, struct, sys
-port, prefix, count = sys.argv[1], sys.argv[2], int(sys.argv[3])
-names = [f"{prefix}{i}.example.test" for i in range(count)] if count else ["www.example.test"]
-for name in names:
-    n = b"".join(bytes([len(l)]) + l.encode() for l in name.split(".")) + b"\0"
-    q = struct.pack(">HHHHHH", 0, 0x0100, 1, 0, 0, 0) + n + struct.pack(">HH", 1, 1)
-    print(f"https://127.0.0.1:{port}/dns-query?dns=" + base64.urlsafe_b64encode(q).decode().rstrip("="))
-EOF
-}
 
 start() { # start <bin> <port> <metrics port> [flags…]: prints the pid once it answers
   local bin=$1 port=$2 mport=$3; shift 3
@@ -69,9 +58,11 @@ for r in $(seq 1 "$ROUNDS"); do
   PIDS="$a $b"
   for c in 0 1 2 3 4; do
     if [ "$SCEN" = miss ]; then
-      uris "$pa" "r$r-a$c-$RANDOM-" "$PER" > "$OUT/a$c"; uris "$pb" "r$r-b$c-$RANDOM-" "$PER" > "$OUT/b$c"
+      python3 benches/uris.py "$pa" "r$r-a$c-$RANDOM-" "$PER" > "$OUT/a$c"
+      python3 benches/uris.py "$pb" "r$r-b$c-$RANDOM-" "$PER" > "$OUT/b$c"
     else
-      uris "$pa" x 0 > "$OUT/a$c"; uris "$pb" x 0 > "$OUT/b$c"
+      python3 benches/uris.py "$pa" www.example.test > "$OUT/a$c"
+      python3 benches/uris.py "$pb" www.example.test > "$OUT/b$c"
     fi
   done
   # One request each first, so that neither is counted starting up.

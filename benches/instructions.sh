@@ -32,21 +32,11 @@ H='accept: application/dns-message'
 command -v valgrind >/dev/null || { echo "valgrind is needed (apt-get install valgrind)" >&2; exit 1; }
 [ -f "$BASE/tls/cert.pem" ] || { echo "start the peers first: bash ../shared/peers/peers.sh" >&2; exit 1; }
 
-uris() { # uris <name>, or uris <prefix> <count> for <prefix>-<i>.example.test: GET URIs for A
-  python3 - "$@" <<'EOF'
-import base64, struct, sys
-names = [sys.argv[1]] if len(sys.argv) == 2 else [f"{sys.argv[1]}-{i}.example.test" for i in range(int(sys.argv[2]))]
-for name in names:
-    n = b"".join(bytes([len(l)]) + l.encode() for l in name.split(".")) + b"\0"
-    q = struct.pack(">HHHHHH", 0, 0x0100, 1, 0, 0, 0) + n + struct.pack(">HH", 1, 1)
-    print("https://127.0.0.1:8443/dns-query?dns=" + base64.urlsafe_b64encode(q).decode().rstrip("="))
-EOF
-}
-URL=$(uris www.example.test)
+URL=$(python3 benches/uris.py 8443 www.example.test)
 
 misses() { # misses <tag>: ten h2load clients, each with names of its own
   local c pids=()
-  for c in $(seq 0 9); do uris "$1-$c" "$PER" > "$OUT/uris-$c"; done
+  for c in $(seq 0 9); do python3 benches/uris.py 8443 "$1-$c-" "$PER" > "$OUT/uris-$c"; done
   for c in $(seq 0 9); do
     h2load -n "$PER" -c 1 -m 10 -i "$OUT/uris-$c" -H "$H" > "$OUT/miss-$c.out" 2>&1 &
     pids+=($!)

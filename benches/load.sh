@@ -111,23 +111,9 @@ SERVERS=(
   "unbound|$(cat "$BASE/run/unbound.pid")|8455|-"
   "doh-proxy-crate|$(cat "$BASE/run/doh-proxy-tls.pid")|8454|3000"
 )
-Q=$(python3 -c "
-import base64,struct
-n=b''.join(bytes([len(l)])+l.encode() for l in 'www.example.test'.split('.'))+b'\0'
-q=struct.pack('>HHHHHH',0,0x0100,1,0,0,0)+n+struct.pack('>HH',1,1)
-print(base64.urlsafe_b64encode(q).decode().rstrip('='))")
-# Unique names for the miss-heavy run (NXDOMAIN from NSD), a fresh set per server.
-mkuris() { # mkuris <port> <prefix> <count>
-  python3 - "$@" <<'EOF'
-import base64, struct, sys
-port, prefix, count = sys.argv[1], sys.argv[2], int(sys.argv[3])
-for i in range(count):
-    name = f"{prefix}{i}.example.test"
-    n = b"".join(bytes([len(l)]) + l.encode() for l in name.split(".")) + b"\0"
-    q = struct.pack(">HHHHHH", 0, 0x0100, 1, 0, 0, 0) + n + struct.pack(">HH", 1, 1)
-    print(f"https://127.0.0.1:{port}/dns-query?dns=" + base64.urlsafe_b64encode(q).decode().rstrip("="))
-EOF
-}
+# The cache-hit query (its dns= parameter); the miss runs use
+# benches/uris.py for unique names (NXDOMAIN from NSD), a fresh set per server.
+Q=$(python3 benches/uris.py 0 www.example.test | sed 's/.*dns=//')
 cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 
 # run <scenario> <server> <pid> <h2load args...>
@@ -163,7 +149,7 @@ EOF
 run_miss() {
   local scen=$1 name=$2 pid=$3 port=$4 per=$((N / 50)) t0 t1 c
   local tag="$scen-$RANDOM-$name" pids=()
-  for c in $(seq 0 9); do mkuris "$port" "$tag-$c-" "$per" > "$OUT/uris-miss-$c"; done
+  for c in $(seq 0 9); do python3 benches/uris.py "$port" "$tag-$c-" "$per" > "$OUT/uris-miss-$c"; done
   t0=$(cpu_ticks "$pid")
   for c in $(seq 0 9); do
     SSL_CERT_FILE=$CA timeout 180 h2load -n "$per" -c 1 -m 10 -i "$OUT/uris-miss-$c" -H "$H" \
