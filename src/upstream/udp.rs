@@ -62,38 +62,42 @@ struct Pooled {
 #[derive(Default)]
 struct Idle {
     by_rt: Vec<(Option<Id>, Vec<Pooled>)>,
-    len: usize,
 }
 
 impl Idle {
+    /// How many are idle (a few lists: one per runtime).
+    fn len(&self) -> usize {
+        self.by_rt.iter().map(|(_, list)| list.len()).sum()
+    }
+
     /// Takes out an idle socket of runtime `rt`, chosen at random.
     fn take(&mut self, rt: Option<Id>) -> Option<Pooled> {
         let k = self.by_rt.iter().position(|(r, _)| *r == rt)?;
+        Some(self.take_from(k, |n| rand::random_range(0..n)))
+    }
+
+    /// Takes out the socket `pick(len)` of list `k`, and the list once
+    /// empty.
+    fn take_from(&mut self, k: usize, pick: impl FnOnce(usize) -> usize) -> Pooled {
         let list = &mut self.by_rt[k].1;
-        let p = list.swap_remove(rand::random_range(0..list.len()));
+        let p = list.swap_remove(pick(list.len()));
         if list.is_empty() {
             self.by_rt.swap_remove(k);
         }
-        self.len -= 1;
-        Some(p)
+        p
     }
 
     /// Keeps `p` if fewer than [`POOL`] are idle, else in place of an idle
     /// socket of another runtime if there is one. Returns the socket left
     /// out (to be closed once the lock is released).
     fn put(&mut self, p: Pooled) -> Option<Pooled> {
-        let out = if self.len < POOL {
-            self.len += 1;
+        let out = if self.len() < POOL {
             None
         } else {
             let Some(k) = self.by_rt.iter().position(|(r, _)| *r != p.rt) else {
                 return Some(p);
             };
-            let other = self.by_rt[k].1.pop();
-            if self.by_rt[k].1.is_empty() {
-                self.by_rt.swap_remove(k);
-            }
-            other
+            Some(self.take_from(k, |n| n - 1))
         };
         match self.by_rt.iter_mut().find(|(r, _)| *r == p.rt) {
             Some((_, list)) => list.push(p),
@@ -335,7 +339,7 @@ mod tests {
         // A full pool: a socket coming back replaces one of another loop.
         let many = ports(&two, POOL);
         let idle = pool.idle.lock().expect("lock");
-        assert_eq!(idle.len, POOL);
+        assert_eq!(idle.len(), POOL);
         assert_eq!(idle.by_rt.len(), 1);
         assert_eq!(idle.by_rt[0].0, Some(two.handle().id()));
         let kept: Vec<SocketAddr> = idle.by_rt[0]
@@ -374,11 +378,11 @@ mod tests {
             many.push(t);
         }
         drop(many);
-        assert_eq!(pool.idle.lock().expect("lock").len, POOL);
+        assert_eq!(pool.idle.lock().expect("lock").len(), POOL);
         // A query that got no answer (failed, timed out, abandoned): its
         // socket is not put back, a late answer can meet nobody.
         let t = pool.take().await.expect("take");
         drop(t);
-        assert_eq!(pool.idle.lock().expect("lock").len, POOL - 1);
+        assert_eq!(pool.idle.lock().expect("lock").len(), POOL - 1);
     }
 }
