@@ -23,6 +23,7 @@
 # certificate in /tmp/doh-peers/tls); only loopback is used.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. benches/flags.sh
 : "${A:?A=path of the first build}" "${B:?B=path of the second build}"
 SCEN=${SCEN:-miss}
 ROUNDS=${ROUNDS:-10}
@@ -40,9 +41,7 @@ start() { # start <bin> <port> <metrics port> [flags…]: prints the pid once it
   local bin=$1 port=$2 mport=$3; shift 3
   "$bin" -l "127.0.0.1:$port" -u 127.0.0.1:5300 \
     --tls-cert "$BASE/tls/cert.pem" --tls-key "$BASE/tls/key.pem" --metrics-listen "127.0.0.1:$mport" \
-    --per-ip-qps 100000000 --per-ip-burst 100000000 --per-prefix-qps 100000000 \
-    --per-ip-conn-rate 100000000 --per-prefix-conn-rate 100000000 \
-    --upstream-qps 1000000 --max-conns-per-ip 10000 --ban-after 4294967295 "$@" > "$OUT/server-$port.log" 2>&1 &
+    "${OUT_OF_THE_WAY[@]}" "$@" > "$OUT/server-$port.log" 2>&1 &
   local pid=$!
   for _ in $(seq 1 100); do curl -sf "http://127.0.0.1:$mport/healthz" >/dev/null && break; sleep 0.1; done
   echo "$pid"

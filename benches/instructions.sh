@@ -21,6 +21,7 @@
 # (NSD on 127.0.0.1:5300, the certificate in /tmp/doh-peers/tls).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. benches/flags.sh
 BINS=${BINS:-target/release/doh-proxy}
 HITS=${HITS:-5000}
 PER=${PER:-300}
@@ -54,9 +55,7 @@ for bin in $BINS; do
   valgrind --tool=callgrind --callgrind-out-file="$OUT/cg.%p" --dump-instr=no \
     "$bin" -l 127.0.0.1:8443 -u 127.0.0.1:5300 \
     --tls-cert "$BASE/tls/cert.pem" --tls-key "$BASE/tls/key.pem" --metrics-listen 127.0.0.1:9199 \
-    --per-ip-qps 100000000 --per-ip-burst 100000000 --per-prefix-qps 100000000 \
-    --per-ip-conn-rate 100000000 --per-prefix-conn-rate 100000000 \
-    --upstream-qps 1000000 --max-conns-per-ip 10000 --ban-after 4294967295 > "$OUT/server.log" 2>&1 &
+    "${OUT_OF_THE_WAY[@]}" > "$OUT/server.log" 2>&1 &
   pid=$!
   for _ in $(seq 1 300); do curl -sf http://127.0.0.1:9199/healthz >/dev/null && break; sleep 0.2; done
   h2load -n 200 -c 1 "$URL" -H "$H" >/dev/null

@@ -35,6 +35,7 @@
 # doh-proxy to each peer. Numbers from one run only: compare ratios.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. benches/flags.sh
 N=${N:-100000}
 SCEN=${SCEN:-hit_h2 hit_h1 reject miss hit_h2_idle fleet_ab fresh hit_ab miss_ab resume}
 ROUNDS=${ROUNDS:-5}
@@ -55,10 +56,7 @@ echo "== building doh-proxy (release)" >&2
 [ -n "${NOBUILD:-}" ] || cargo build --release --quiet --bin doh-proxy --example idle_conns --example handshakes
 "${BIN:-target/release/doh-proxy}" -l 127.0.0.1:8443 --listen-http 127.0.0.1:8088 -u 127.0.0.1:5300 \
   --tls-cert "$BASE/tls/cert.pem" --tls-key "$BASE/tls/key.pem" --metrics-listen 127.0.0.1:9199 \
-  --per-ip-qps 100000000 --per-ip-burst 100000000 --per-prefix-qps 100000000 \
-  --per-ip-conn-rate 100000000 --per-prefix-conn-rate 100000000 \
-  --upstream-qps 1000000 --max-conns-per-ip 10000 --max-conns $((IDLE + 2000)) \
-  --ban-after 4294967295 > "$OUT/ours.log" 2>&1 &
+  "${OUT_OF_THE_WAY[@]}" --max-conns $((IDLE + 2000)) > "$OUT/ours.log" 2>&1 &
 OURS=$!
 FLEET=""
 REDIS_PID=""
@@ -70,9 +68,7 @@ if want resume; then
   # peers' CA: what resumption saves when a full handshake signs with RSA.
   target/release/doh-proxy -l 127.0.0.1:8473 -u 127.0.0.1:5300 --tls-ticket-lifetime 0 \
     --tls-cert "$BASE/tls/cert.pem" --tls-key "$BASE/tls/key.pem" --metrics-listen 127.0.0.1:9197 \
-    --per-ip-qps 100000000 --per-ip-burst 100000000 --per-prefix-qps 100000000 \
-    --per-ip-conn-rate 100000000 --per-prefix-conn-rate 100000000 \
-    --upstream-qps 1000000 --max-conns-per-ip 10000 --ban-after 4294967295 > "$OUT/notickets.log" 2>&1 &
+    "${OUT_OF_THE_WAY[@]}" > "$OUT/notickets.log" 2>&1 &
   NOTICKETS=$!
   openssl req -newkey rsa:2048 -nodes -keyout "$OUT/rsa.key" -out "$OUT/rsa.csr" -subj /CN=localhost \
     -addext subjectAltName=DNS:localhost,IP:127.0.0.1 2>/dev/null
@@ -80,9 +76,7 @@ if want resume; then
     -copy_extensions copy -out "$OUT/rsa.pem" 2>/dev/null
   target/release/doh-proxy -l 127.0.0.1:8483 -u 127.0.0.1:5300 \
     --tls-cert "$OUT/rsa.pem" --tls-key "$OUT/rsa.key" --metrics-listen 127.0.0.1:9196 \
-    --per-ip-qps 100000000 --per-ip-burst 100000000 --per-prefix-qps 100000000 \
-    --per-ip-conn-rate 100000000 --per-prefix-conn-rate 100000000 \
-    --upstream-qps 1000000 --max-conns-per-ip 10000 --ban-after 4294967295 > "$OUT/rsa.log" 2>&1 &
+    "${OUT_OF_THE_WAY[@]}" > "$OUT/rsa.log" 2>&1 &
   RSA=$!
 fi
 if command -v redis-server >/dev/null; then
@@ -90,10 +84,7 @@ if command -v redis-server >/dev/null; then
   REDIS_PID=$!
   target/release/doh-proxy -l 127.0.0.1:8463 --listen-http 127.0.0.1:8098 -u 127.0.0.1:5300 \
     --tls-cert "$BASE/tls/cert.pem" --tls-key "$BASE/tls/key.pem" --metrics-listen 127.0.0.1:9198 \
-    --per-ip-qps 100000000 --per-ip-burst 100000000 --per-prefix-qps 100000000 \
-    --per-ip-conn-rate 100000000 --per-prefix-conn-rate 100000000 \
-    --upstream-qps 1000000 --max-conns-per-ip 10000 --redis redis://127.0.0.1:6390/0 \
-    --ban-after 4294967295 > "$OUT/fleet.log" 2>&1 &
+    "${OUT_OF_THE_WAY[@]}" --redis redis://127.0.0.1:6390/0 > "$OUT/fleet.log" 2>&1 &
   FLEET=$!
 fi
 for _ in $(seq 1 100); do curl -sf http://127.0.0.1:9199/healthz >/dev/null 2>&1 && break; sleep 0.1; done
