@@ -172,18 +172,21 @@ fn check_content_type(value: Option<&http::HeaderValue>) -> Result<(), Reject> {
     }
 }
 
-/// How much of a refused HTTP/1.1 request body is read and thrown away
-/// before the refusal goes out, and for how long at most.
+/// How much of a refused request's body is read and thrown away before
+/// the refusal goes out, and for how long at most once found too large.
 pub const LINGER_BYTES: usize = 256 * 1024;
 pub const LINGER_TIME: Duration = Duration::from_secs(1);
 
 /// Reads a POST body, at most `limits.max_body` bytes within
 /// `limits.body_timeout`.
 ///
-/// With `linger` (HTTP/1.1), a body found too large is read on and thrown
-/// away, up to [`LINGER_BYTES`] within [`LINGER_TIME`], before the 413 is
-/// returned: a client still sending its body when the connection closes
-/// with unread data gets a reset instead of the answer.
+/// With `linger` (HTTP/1.1 and HTTP/2), a body found too large is read on
+/// and thrown away, up to [`LINGER_BYTES`] within [`LINGER_TIME`], before
+/// the 413 is returned: over HTTP/1.1 a client still sending its body when
+/// the connection closes with unread data gets a reset instead of the
+/// answer; over HTTP/2 a response that ends the stream before the request
+/// did is followed by RST_STREAM(NO_ERROR), which some clients take for a
+/// failed transfer.
 pub async fn read_body<B>(body: B, limits: &Limits, linger: bool) -> Result<Bytes, Reject>
 where
     B: http_body::Body,
@@ -209,7 +212,7 @@ where
         Err(_) => Err(Reject::BodyTimeout),
         Ok(Err(Reject::BodyTooLarge)) => {
             if linger {
-                discard(body, LINGER_BYTES).await;
+                discard(body, LINGER_BYTES, LINGER_TIME).await;
             }
             Err(Reject::BodyTooLarge)
         }
@@ -220,8 +223,8 @@ where
 }
 
 /// Reads and throws away the rest of a refused request's body, at most
-/// `max` bytes within [`LINGER_TIME`]; see [`read_body`].
-pub async fn discard<B: http_body::Body>(body: B, max: usize) {
+/// `max` bytes within `within`; see [`read_body`].
+pub async fn discard<B: http_body::Body>(body: B, max: usize, within: Duration) {
     let mut body = std::pin::pin!(body);
     let mut seen = 0usize;
     let drain = async {
@@ -234,7 +237,7 @@ pub async fn discard<B: http_body::Body>(body: B, max: usize) {
             }
         }
     };
-    let _ = tokio::time::timeout(LINGER_TIME, drain).await;
+    let _ = tokio::time::timeout(within, drain).await;
 }
 
 /// Encodes a DNS message for a GET `dns` parameter (for clients and tests).
@@ -377,7 +380,12 @@ mod tests {
                 &[0u8; 1000],
             )))
         });
-        discard(http_body_util::StreamBody::new(endless), 10_000).await;
+        discard(
+            http_body_util::StreamBody::new(endless),
+            10_000,
+            LINGER_TIME,
+        )
+        .await;
         assert_eq!(polled.load(Ordering::Relaxed), 11);
     }
 

@@ -113,8 +113,8 @@ impl App {
             let _inflight = inflight;
             let mut reply = match front {
                 Front::Done(reply) => reply,
-                Front::Linger(reply, body) => {
-                    Box::pin(doh::discard(body, doh::LINGER_BYTES)).await;
+                Front::Linger(reply, body, within) => {
+                    Box::pin(doh::discard(body, doh::LINGER_BYTES, within)).await;
                     reply
                 }
                 Front::Query(client, bytes) => app.plain(from, client, transport, &bytes).await,
@@ -139,7 +139,7 @@ impl App {
 
     /// What the head of a request decides: a refusal (or the ODoH
     /// configurations), a GET's query, or a body still to read.
-    fn front<B>(
+    fn front<B: http_body::Body>(
         self: &Arc<Self>,
         peer: &Peer,
         from: Origin,
@@ -163,7 +163,8 @@ impl App {
         let oblivious = matches!(head, Ok(Wanted::Oblivious));
         let relayed = oblivious && self.guard.is_odoh_relay(client);
         if let Err((reason, retry)) = self.admit(client, transport, relayed) {
-            return Front::Done(self.refused(from, reason, retry));
+            let reply = self.refused(from, reason, retry);
+            return early(reply, reason, body, transport, &limits);
         }
         match head {
             Ok(Wanted::Get(v)) => Front::Query(client, Bytes::from(v)),
@@ -172,12 +173,7 @@ impl App {
             Err(r) => {
                 self.refuse(client, r, transport);
                 let reply = self.refused(from, r, None);
-                if r.lingers() && transport == Transport::H1 {
-                    // See doh::read_body: the body is read and thrown
-                    // away before the 413 goes out.
-                    return Front::Linger(reply, body);
-                }
-                Front::Done(reply)
+                early(reply, r, body, transport, &limits)
             }
         }
     }
@@ -208,7 +204,7 @@ impl App {
         B: http_body::Body,
         B::Error: std::error::Error + Send + Sync + 'static,
     {
-        let linger = transport == Transport::H1;
+        let linger = matches!(transport, Transport::H1 | Transport::H2);
         let bytes = match doh::read_body(body, &limits, linger).await {
             Ok(b) => b,
             Err(r) => {
@@ -272,12 +268,42 @@ impl App {
     }
 }
 
+/// A refusal decided on a request's head, and whether it waits for the
+/// request's body (read and thrown away, at most
+/// [`doh::LINGER_BYTES`], within the returned time) before it goes out:
+///
+/// - over HTTP/1.1, a body too large (see [`doh::read_body`]);
+/// - over HTTP/2, any refusal of a request whose body is still to come,
+///   unless the connection closes anyway. A response that ends a stream
+///   before the request did is followed by RST_STREAM(NO_ERROR) (RFC 9113,
+///   8.1), legal but taken by some clients (curl 7.88) for a failed
+///   transfer, so that they never see the refusal. The body is what an
+///   accepted POST may send, in the time it is given
+///   (`--handshake-timeout`): a refused client holds its stream no longer
+///   than an accepted one, and the cap on streams per connection and the
+///   connection caps bound them all.
+fn early<B: http_body::Body>(
+    reply: Reply,
+    reason: Reject,
+    body: B,
+    transport: Transport,
+    limits: &Limits,
+) -> Front<B> {
+    match transport {
+        Transport::H1 if reason.lingers() => Front::Linger(reply, body, doh::LINGER_TIME),
+        Transport::H2 if !reply.close && !body.is_end_stream() => {
+            Front::Linger(reply, body, limits.body_timeout)
+        }
+        _ => Front::Done(reply),
+    }
+}
+
 /// What [`App::front`] decided from a request's head.
 enum Front<B> {
     Done(Reply),
-    /// A refusal of a body too large, sent once the body was read (and
-    /// thrown away) as far as HTTP/1.1 needs.
-    Linger(Reply, B),
+    /// A refusal sent once the request's body was read (and thrown away)
+    /// for as long as [`early`] says.
+    Linger(Reply, B, std::time::Duration),
     Query(IpAddr, Bytes),
     /// The client, the body to read, the limits it is read under, and
     /// whether it is a sealed (Oblivious DoH) query.

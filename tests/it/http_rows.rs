@@ -180,6 +180,57 @@ async fn wrong_media_types_get_415() {
     );
 }
 
+/// Over HTTP/2, a POST refused on its headers is answered once its body
+/// has come: a response that ended the stream before the request did
+/// would be followed by RST_STREAM(NO_ERROR) (RFC 9113, 8.1), which some
+/// clients (curl 7.88) take for a failed transfer instead of reading the
+/// refusal. The body is sent once a PING's answer shows the server has
+/// read the headers.
+#[tokio::test]
+async fn http2_post_refused_on_its_headers_is_answered_after_its_body() {
+    use tokio::io::AsyncWriteExt;
+    let up = MockUpstream::start().await;
+    let p = proxy(&[up.addr], |c| c.ban_after = 10_000).await;
+    let mut s = h2_tls(p.addrs(Kind::Https)[0], "127.0.64.1").await.unwrap();
+    s.write_all(PREFACE).await.unwrap();
+    s.write_all(&settings(&[])).await.unwrap();
+    let ping_ack = |f: &Frame| f.kind == 6 && f.flags & 1 == 1;
+    for stream in (1..=19).step_by(2) {
+        let ended = |f: &Frame| f.stream == stream && f.flags & 1 == 1;
+        let block = post_block("application/dns-udpwireformat");
+        s.write_all(&frame(1, 0x04, stream, &block)).await.unwrap(); // END_HEADERS
+        s.write_all(&ping()).await.unwrap();
+        let mut seen = frames_until(&mut s, ping_ack).await.expect("a PING answer");
+        let early = seen.iter().any(ended);
+        s.write_all(&frame(0, 0x01, stream, b"x")).await.unwrap(); // END_STREAM
+        if !early {
+            seen.extend(frames_until(&mut s, ended).await.expect("a response"));
+        }
+        // Whatever the server sent on the stream after its response
+        // comes before the answer to a PING sent now.
+        s.write_all(&ping()).await.unwrap();
+        seen.extend(frames_until(&mut s, ping_ack).await.expect("a PING answer"));
+        let on_stream: Vec<u8> = seen
+            .iter()
+            .filter(|f| f.stream == stream)
+            .map(|f| f.kind)
+            .collect();
+        assert!(
+            !early,
+            "stream {stream} answered before its body: {on_stream:?}"
+        );
+        assert_eq!(on_stream[0], 1, "stream {stream}: {on_stream:?}");
+        assert!(
+            !on_stream.contains(&3),
+            "stream {stream} was reset: {on_stream:?}"
+        );
+    }
+    assert_eq!(
+        metric(&p, "doh_rejects_total{reason=\"obsolete_media_type\"}").await,
+        10.0
+    );
+}
+
 #[tokio::test]
 async fn size_limits_413_414_431() {
     let up = MockUpstream::start().await;

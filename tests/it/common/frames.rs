@@ -47,38 +47,81 @@ pub fn get_block(path: &str) -> Vec<u8> {
     h
 }
 
+/// The header block of a `POST /dns-query` with `content_type`.
+pub fn post_block(content_type: &str) -> Vec<u8> {
+    let mut h = vec![0x83, 0x87]; // :method POST, :scheme https
+    for (index, value) in [(4u8, "/dns-query"), (1, "localhost")] {
+        h.push(index);
+        h.push(value.len() as u8);
+        h.extend_from_slice(value.as_bytes());
+    }
+    h.push(0); // literal without indexing, new name
+    for part in ["content-type", content_type] {
+        assert!(part.len() < 127, "one-byte HPACK length");
+        h.push(part.len() as u8);
+        h.extend_from_slice(part.as_bytes());
+    }
+    h
+}
+
 /// A HEADERS frame for `GET path` on `stream`.
 pub fn get_headers(stream: u32, path: &str) -> Vec<u8> {
     frame(1, 0x05, stream, &get_block(path)) // END_STREAM | END_HEADERS
+}
+
+/// One frame as read: type, flags, stream and payload.
+pub struct Frame {
+    pub kind: u8,
+    pub flags: u8,
+    pub stream: u32,
+    pub payload: Vec<u8>,
+}
+
+/// Reads frames until `last` says the one just read is the one awaited:
+/// every frame read, that one last; `None` when the connection ends (or
+/// stays silent ten seconds) first. Reads no further than that frame.
+pub async fn frames_until<S: tokio::io::AsyncRead + Unpin>(
+    s: &mut S,
+    mut last: impl FnMut(&Frame) -> bool,
+) -> Option<Vec<Frame>> {
+    let mut seen = Vec::new();
+    loop {
+        let mut head = [0u8; 9];
+        let read = async {
+            s.read_exact(&mut head).await?;
+            let len = usize::from(head[0]) << 16 | usize::from(head[1]) << 8 | usize::from(head[2]);
+            let mut payload = vec![0u8; len];
+            s.read_exact(&mut payload).await?;
+            Ok::<_, std::io::Error>(payload)
+        };
+        let payload = tokio::time::timeout(Duration::from_secs(10), read)
+            .await
+            .ok()?
+            .ok()?;
+        let f = Frame {
+            kind: head[3],
+            flags: head[4],
+            stream: u32::from_be_bytes([head[5], head[6], head[7], head[8]]) & 0x7fff_ffff,
+            payload,
+        };
+        let done = last(&f);
+        seen.push(f);
+        if done {
+            return Some(seen);
+        }
+    }
 }
 
 /// The status of the first response on `stream`, if it is one HPACK's
 /// static table holds (200, 204, 206, 304, 400, 404, 500); `None` when the
 /// connection ends first.
 pub async fn first_status<S: tokio::io::AsyncRead + Unpin>(s: &mut S, stream: u32) -> Option<u16> {
-    let mut buf = Vec::new();
-    let mut chunk = [0u8; 4096];
-    loop {
-        while buf.len() >= 9 {
-            let len = usize::from(buf[0]) << 16 | usize::from(buf[1]) << 8 | usize::from(buf[2]);
-            if buf.len() < 9 + len {
-                break;
-            }
-            let id = u32::from_be_bytes([buf[5], buf[6], buf[7], buf[8]]) & 0x7fff_ffff;
-            if buf[3] == 1 && id == stream {
-                let first = *buf.get(9)?;
-                let status = [200, 204, 206, 304, 400, 404, 500];
-                return status
-                    .get(usize::from(first ^ 0x80).wrapping_sub(8))
-                    .copied();
-            }
-            buf.drain(..9 + len);
-        }
-        match tokio::time::timeout(Duration::from_secs(10), s.read(&mut chunk)).await {
-            Ok(Ok(n)) if n > 0 => buf.extend_from_slice(&chunk[..n]),
-            _ => return None,
-        }
-    }
+    let frames = frames_until(s, |f| f.kind == 1 && f.stream == stream).await?;
+    let first = *frames.last()?.payload.first()?;
+    let status = [200, 204, 206, 304, 400, 404, 500];
+    status
+        .get(usize::from(first ^ 0x80).wrapping_sub(8))
+        .copied()
 }
 
 /// A TLS connection with ALPN h2 from `source`, nothing sent yet.
