@@ -52,7 +52,7 @@ impl UniqueClients {
     pub fn with_slot_len(slot_len: Duration) -> Self {
         UniqueClients {
             slots: (0..SLOTS).map(|_| registers()).collect(),
-            start: Instant::now(),
+            start: crate::clock::coarse(),
             ring: Mutex::new(Ring {
                 current: 0,
                 hour: 0,
@@ -66,7 +66,9 @@ impl UniqueClients {
     /// Moves the ring forward to the current slot, clearing the slots that
     /// fell out of the window. Cheap when nothing changes.
     fn current_slot(&self) -> usize {
-        let now = self.start.elapsed().as_nanos() as u64;
+        let now = crate::clock::coarse()
+            .saturating_duration_since(self.start)
+            .as_nanos() as u64;
         if now < self.next_roll_ns.load(Ordering::Acquire) {
             return self.current.load(Ordering::Acquire);
         }

@@ -121,7 +121,10 @@ async fn request(
         },
     ));
     let reply = app.doh(&peer, Transport::H3, req.map(|()| body)).await;
-    let (parts, bytes) = reply.response.into_parts();
+    let (mut parts, bytes) = reply.response.into_parts();
+    parts
+        .headers
+        .insert(http::header::DATE, crate::clock::http_date());
     // Unread until the answer is in quinn's send buffer, which holds at
     // most what the client's flow-control credit allows.
     let unread = peer.conn.queued();

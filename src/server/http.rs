@@ -84,6 +84,9 @@ where
             }
             let track = reply.answer.then_some((metrics, transport));
             let mut resp = reply.response.map(|b| AnswerBody::new(b, track, &conn));
+            // hyper would add it, reading the precise clock for it.
+            resp.headers_mut()
+                .insert(http::header::DATE, crate::clock::http_date());
             for (k, v) in extra.iter() {
                 resp.headers_mut().insert(k.clone(), v.clone());
             }

@@ -26,6 +26,20 @@ async fn answers_get_and_post_on_every_protocol() {
         .await;
         assert_eq!(r.status, 200, "{proto:?}");
         assert_eq!(r.header("content-type"), Some("application/dns-message"));
+        // RFC 9110, 6.6.1: an origin server with a clock sends Date.
+        let date = r.header("date").expect("a Date header");
+        let date = httpdate::parse_http_date(date).expect("an HTTP date");
+        let skew = date.duration_since(std::time::SystemTime::now());
+        assert!(
+            skew.map_or(true, |ahead| ahead.as_secs() < 2),
+            "{proto:?}: Date ahead of now"
+        );
+        assert!(
+            std::time::SystemTime::now()
+                .duration_since(date)
+                .map_or(true, |behind| behind.as_secs() < 60),
+            "{proto:?}: Date far behind now"
+        );
         let m = r.dns();
         assert_eq!(m.metadata.id, 0xABCD);
         assert_eq!(m.answers[0].data.to_string(), "192.0.2.1");

@@ -78,7 +78,7 @@ impl Conn {
     fn new(peer: IpAddr) -> Conn {
         Conn {
             peer,
-            born: Instant::now(),
+            born: crate::clock::coarse(),
             last_ms: AtomicU64::new(0),
             inflight: AtomicU32::new(0),
             unread: AtomicU32::new(0),
@@ -99,8 +99,10 @@ impl Conn {
         self.peer
     }
 
+    /// Read on every request and answer: the coarse clock.
     fn now_ms(&self) -> u64 {
-        self.born.elapsed().as_millis().min(u64::MAX.into()) as u64
+        let since = crate::clock::coarse().saturating_duration_since(self.born);
+        since.as_millis().min(u64::MAX.into()) as u64
     }
 
     fn touch(&self) {
