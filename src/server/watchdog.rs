@@ -14,11 +14,11 @@ use crate::pipeline::{App, Peer};
 use crate::reject::ConnReject;
 
 /// How long after a connection went quiet the watchdog looks at it (and
-/// so polls it) once more. HTTP/2 and TLS keep their read and write
-/// buffers and stream slots from one burst of requests to the next, and
-/// give them back at the first poll after 250 ms of quiet
-/// (`patches/README.md`): this wake is that poll for a connection whose
-/// client has gone quiet.
+/// so polls it), twice. HTTP/2 and TLS keep their read and write buffers
+/// and stream slots from one burst of requests to the next, and give them
+/// back at the first poll 250 ms after a poll found them quiet
+/// (`patches/README.md`): these two wakes are those polls for a
+/// connection whose client has gone quiet.
 const RELEASE_TICK: Duration = Duration::from_millis(400);
 
 /// Resolves when `conn` must be closed, and says why.
@@ -43,7 +43,8 @@ pub fn expired(
     async move {
         let nap = idle.min(write);
         // The request count at the last wake that found the connection
-        // quiet for RELEASE_TICK (its buffers given back then); none yet.
+        // quiet for twice RELEASE_TICK (its buffers given back then); none
+        // yet.
         let mut settled = None;
         loop {
             let now = Instant::now();
@@ -53,13 +54,14 @@ pub fn expired(
                 // A request is in flight: look again once it may have ended.
                 None => now + nap.min(Duration::from_secs(1)),
             };
-            // Until a wake finds the connection quiet for RELEASE_TICK since
-            // its last request, look again soon: this task's connection is
-            // polled at each wake, and gives its buffers back at the first
-            // one after it went quiet.
+            // Until a wake finds the connection quiet for twice
+            // RELEASE_TICK since its last request, look again soon: this
+            // task's connection is polled at each wake, and gives its
+            // buffers back at the second one after it went quiet.
             let requests = conn.requests();
             match conn.quiet_since() {
-                Some(t) if now >= t + RELEASE_TICK => settled = Some(requests),
+                Some(t) if now >= t + 2 * RELEASE_TICK => settled = Some(requests),
+                Some(t) if now >= t + RELEASE_TICK => wake = wake.min(t + 2 * RELEASE_TICK),
                 Some(t) => wake = wake.min(t + RELEASE_TICK),
                 None => {}
             }
@@ -179,7 +181,7 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn a_connection_gone_quiet_is_looked_at_once_soon_after() {
+    async fn a_connection_gone_quiet_is_looked_at_twice_soon_after() {
         let c = Conn::detached("192.0.2.1".parse().unwrap());
         drop(c.begin());
         let wakes = std::sync::Arc::new(Wakes::default());
@@ -190,14 +192,20 @@ mod tests {
         let woken = || wakes.0.load(std::sync::atomic::Ordering::SeqCst);
         assert!(watch.as_mut().poll(&mut cx).is_pending());
         // The connection's task is woken (and the connection polled) once
-        // it has been quiet for RELEASE_TICK, well before the idle timeout...
+        // it has been quiet for RELEASE_TICK, well before the idle timeout,
+        // and once more RELEASE_TICK later...
         tokio::time::advance(RELEASE_TICK).await;
         assert_eq!(woken(), 1, "woken once quiet for RELEASE_TICK");
         assert!(watch.as_mut().poll(&mut cx).is_pending());
-        // ...and then left alone: the next wake is the usual one.
-        tokio::time::advance(Duration::from_secs(9)).await;
-        assert_eq!(woken(), 1, "no more wakes once released");
-        tokio::time::advance(Duration::from_secs(1)).await;
-        assert_eq!(woken(), 2, "the usual look after min(idle, write)");
+        tokio::time::advance(RELEASE_TICK).await;
+        assert_eq!(woken(), 2, "woken again RELEASE_TICK later");
+        assert!(watch.as_mut().poll(&mut cx).is_pending());
+        // ...and then left alone: the next wake is the usual one, after
+        // min(idle, write).
+        let ms = Duration::from_millis(1);
+        tokio::time::advance(Duration::from_secs(10) - ms).await;
+        assert_eq!(woken(), 2, "no more wakes once released");
+        tokio::time::advance(ms).await;
+        assert_eq!(woken(), 3, "the usual look after min(idle, write)");
     }
 }

@@ -43,10 +43,24 @@ where
 
 #[derive(Debug, Default)]
 struct Quiet {
-    since: Option<Instant>,
+    since: Since,
     released: bool,
     /// Whether the connection has carried [`BUSY_AFTER`] streams.
     busy: bool,
+}
+
+/// How long a busy connection has waited with nothing read.
+#[derive(Debug, Default, Clone, Copy)]
+enum Since {
+    /// It has not waited since a frame was last read (or ever).
+    #[default]
+    Reading,
+    /// It waits right after reading a frame: the usual end of a burst,
+    /// looked at without reading the clock (that costs more than the rest
+    /// of a wait on some machines).
+    Waiting,
+    /// It was polled again and had still read nothing: quiet since then.
+    Quiet(Instant),
 }
 
 // Extracted part of `Connection` which does not depend on `T`. Reduces the amount of duplicated
@@ -328,12 +342,13 @@ where
     /// with nothing buffered: at once while it has carried few streams (a
     /// client that asks once, a crowd arriving), and once it has been quiet
     /// for [`RELEASE_AFTER`] after that, so that a busy connection keeps
-    /// them from one burst of requests to the next. The quiet time is only
-    /// looked at here: something must poll the connection once more after
-    /// it (a server's idle timer does).
+    /// them from one burst of requests to the next. The quiet time is
+    /// counted from the second wait in a row with nothing read (the first
+    /// ends every burst), and only looked at here: something must poll the
+    /// connection twice more (a server's idle timer does).
     fn release_if_quiet(&mut self) {
         if self.codec.take_activity() {
-            self.quiet.since = None;
+            self.quiet.since = Since::Reading;
             self.quiet.released = false;
         }
         if self.quiet.released {
@@ -349,11 +364,11 @@ where
             }
             self.quiet.busy = true;
         }
-        let now = Instant::now();
         match self.quiet.since {
-            None => self.quiet.since = Some(now),
-            Some(t) if now.saturating_duration_since(t) >= RELEASE_AFTER => self.release(),
-            Some(_) => {}
+            Since::Reading => self.quiet.since = Since::Waiting,
+            Since::Waiting => self.quiet.since = Since::Quiet(Instant::now()),
+            Since::Quiet(t) if t.elapsed() >= RELEASE_AFTER => self.release(),
+            Since::Quiet(_) => {}
         }
     }
 

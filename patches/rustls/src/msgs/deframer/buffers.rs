@@ -157,9 +157,9 @@ pub(crate) struct DeframerVecBuffer {
     /// What size prefix of `buf` is used.
     used: usize,
 
-    /// Since when reads have found the peer quiet with nothing buffered.
+    /// How long reads have found the peer quiet with nothing buffered.
     #[cfg(feature = "std")]
-    quiet_since: Option<std::time::Instant>,
+    quiet: Quiet,
 
     /// Reads that brought something, counted up to [`BUSY_AFTER`].
     #[cfg(feature = "std")]
@@ -172,6 +172,22 @@ pub(crate) struct DeframerVecBuffer {
 /// zero) the buffer again for every burst of records.
 #[cfg(feature = "std")]
 const RELEASE_AFTER: core::time::Duration = core::time::Duration::from_millis(250);
+
+/// How long reads have found a busy connection's peer quiet.
+#[cfg(feature = "std")]
+#[derive(Default, Debug, Clone, Copy)]
+enum Quiet {
+    /// The last read brought something.
+    #[default]
+    Reading,
+    /// A read would block right after one that brought something: the
+    /// usual end of a burst of records, looked at without reading the
+    /// clock (that costs more than the rest of a read on some machines).
+    Waiting,
+    /// A read found nothing again, without one bringing something in
+    /// between: the peer has been quiet since then.
+    Since(std::time::Instant),
+}
 
 /// Reads after which a connection counts as busy: until then (a handshake
 /// and a request or two), the read buffer is given back at every read that
@@ -219,21 +235,25 @@ impl DeframerVecBuffer {
     /// A read would block: with nothing buffered, the read buffer is given
     /// back (the next read reserves it again), so that an idle connection
     /// holds none; at once until the connection is busy, and once its peer
-    /// has been quiet for [`RELEASE_AFTER`] after that.
+    /// has been quiet for [`RELEASE_AFTER`] after that, counted from the
+    /// second read in a row to find nothing (the first ends every burst).
     fn quiet(&mut self) {
         if self.used > 0 {
-            self.quiet_since = None;
+            self.quiet = Quiet::Reading;
             return;
         }
         if self.reads >= BUSY_AFTER {
-            let now = std::time::Instant::now();
-            match self.quiet_since {
-                None => {
-                    self.quiet_since = Some(now);
+            match self.quiet {
+                Quiet::Reading => {
+                    self.quiet = Quiet::Waiting;
                     return;
                 }
-                Some(t) if now.saturating_duration_since(t) < RELEASE_AFTER => return,
-                Some(_) => {}
+                Quiet::Waiting => {
+                    self.quiet = Quiet::Since(std::time::Instant::now());
+                    return;
+                }
+                Quiet::Since(t) if t.elapsed() < RELEASE_AFTER => return,
+                Quiet::Since(_) => {}
             }
         }
         if self.buf.capacity() > 0 {
@@ -258,7 +278,7 @@ impl DeframerVecBuffer {
         // the next layer up, which is fine.
         let new_bytes = match rd.read(&mut self.buf[self.used..]) {
             Ok(n) => {
-                self.quiet_since = None;
+                self.quiet = Quiet::Reading;
                 self.reads = self.reads.saturating_add(1).min(BUSY_AFTER);
                 n
             }
