@@ -8,9 +8,11 @@
 #   CONNS=10000 ROUNDS=1 bash benches/idle_mem.sh
 #   SERVERS="doh-proxy" bash benches/idle_mem.sh
 #   EXTRA="--flag value" bash benches/idle_mem.sh    # more doh-proxy flags
+#   FIRST=20 bash benches/idle_mem.sh    # 20 GETs each first: busy, then quiet
 #
 # Each connection comes from its own 127.20.x.y address
-# (examples/idle_conns), does one TLS handshake, one GET, then stays silent
+# (examples/idle_conns), does one TLS handshake, one GET (FIRST of them,
+# one after the other), then stays silent
 # within both servers' idle timeouts (30 s). Resident memory (VmRSS) is read
 # before, with every connection open (after a 2 s settle), and again once
 # the server has closed them all and 3 s have passed. Prints a Markdown
@@ -21,6 +23,7 @@ CONNS=${CONNS:-5000}
 ROUNDS=${ROUNDS:-3}
 SERVERS=${SERVERS:-doh-proxy dnsdist}
 EXTRA=${EXTRA:-}
+FIRST=${FIRST:-1}
 BIN=${BIN:-target/release/doh-proxy}
 PEERS=${PEERS:-../shared/peers/peers.sh}
 export BASE=${BASE:-/tmp/doh-peers}
@@ -79,7 +82,7 @@ for r in $(seq 1 "$ROUNDS"); do
     start "$s"
     sleep 1
     fd0=$(fds "$PID"); before=$(rss "$PID")
-    target/release/examples/idle_conns --addr "127.0.0.1:$PORT" --conns "$CONNS" --every 3600 --ca "$CA" \
+    target/release/examples/idle_conns --addr "127.0.0.1:$PORT" --conns "$CONNS" --every 3600 --first "$FIRST" --ca "$CA" \
       > "$OUT/idle.out" 2>&1 &
     idle=$!
     for _ in $(seq 1 600); do grep -q '^ready' "$OUT/idle.out" && break; sleep 0.2; done

@@ -32,6 +32,7 @@ async fn main() -> Result<(), common::Error> {
     let addr: SocketAddr = common::arg("--addr", "127.0.0.1:8443").parse()?;
     let conns: u32 = common::arg("--conns", "10000").parse()?;
     let every: u64 = common::arg("--every", "20").parse()?;
+    let first: u32 = common::arg("--first", "1").parse()?;
     let ca = common::arg("--ca", "");
     let tls = common::tls((!common::flag("--insecure") && !ca.is_empty()).then_some(ca.as_str()))?;
     let path = common::dns_path("/dns-query", "www.example.test", 1);
@@ -44,7 +45,10 @@ async fn main() -> Result<(), common::Error> {
                 let _ = ready.send(false).await;
                 return;
             };
-            let ok = matches!(common::get(&mut conn, &path, &[]).await, Ok((200, _)));
+            let mut ok = true;
+            for _ in 0..first.max(1) {
+                ok &= matches!(common::get(&mut conn, &path, &[]).await, Ok((200, _)));
+            }
             let _ = ready.send(ok).await;
             if !ok {
                 return;
