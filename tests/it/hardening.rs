@@ -106,9 +106,7 @@ async fn ping_only_connections_do_not_hold_the_table() {
     for i in 0..120 {
         // 12 addresses in 3 /24s, under every per-address and prefix cap.
         let src = format!("127.0.{}.{}", 60 + i % 3, 1 + i % 12);
-        let mut s = h2_tls(addr, &src).await.unwrap();
-        s.write_all(PREFACE).await.unwrap();
-        s.write_all(&settings(&[])).await.unwrap();
+        let s = h2_started(addr, &src).await.unwrap();
         attackers.push(s);
     }
     assert_eq!(p.app.guard.open_connections(), 120);
@@ -157,9 +155,9 @@ async fn ping_only_connections_do_not_hold_the_table() {
 async fn pings_after_a_request_do_not_keep_a_connection() {
     let up = MockUpstream::start().await;
     let p = proxy(&[up.addr], |c| c.idle_timeout = 2).await;
-    let mut s = h2_tls(p.addrs(Kind::Https)[0], "127.0.62.1").await.unwrap();
-    s.write_all(PREFACE).await.unwrap();
-    s.write_all(&settings(&[])).await.unwrap();
+    let mut s = h2_started(p.addrs(Kind::Https)[0], "127.0.62.1")
+        .await
+        .unwrap();
     s.write_all(&get_headers(1, &ok_path("www.example.test")))
         .await
         .unwrap();
@@ -320,9 +318,9 @@ async fn protocol_errors_score() {
     let up = MockUpstream::start().await;
     let p = proxy(&[up.addr], |c| c.ban_after = 5).await;
     for _ in 0..3 {
-        let mut s = h2_tls(p.addrs(Kind::Https)[0], "127.0.68.1").await.unwrap();
-        s.write_all(PREFACE).await.unwrap();
-        s.write_all(&settings(&[])).await.unwrap();
+        let mut s = h2_started(p.addrs(Kind::Https)[0], "127.0.68.1")
+            .await
+            .unwrap();
         // DATA on stream 0 is a connection error (PROTOCOL_ERROR).
         s.write_all(&frame(0, 0, 0, b"x")).await.unwrap();
         assert!(closed(&mut s, Duration::from_secs(3)).await);

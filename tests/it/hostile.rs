@@ -212,9 +212,7 @@ async fn header_blocks_split_over_continuation_frames() {
     let up = MockUpstream::start().await;
     let p = proxy(&[up.addr], |_| {}).await;
     let addr = p.addrs(Kind::Https)[0];
-    let mut s = h2_tls(addr, "127.0.63.1").await.unwrap();
-    s.write_all(PREFACE).await.unwrap();
-    s.write_all(&settings(&[])).await.unwrap();
+    let mut s = h2_started(addr, "127.0.63.1").await.unwrap();
     let block = get_block(&ok_path("www.example.test"));
     let (a, rest) = block.split_at(3);
     let (b, c) = rest.split_at(rest.len() / 2);

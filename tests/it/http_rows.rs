@@ -205,9 +205,9 @@ async fn http2_post_refused_on_its_headers_is_answered_after_its_body() {
     use tokio::io::AsyncWriteExt;
     let up = MockUpstream::start().await;
     let p = proxy(&[up.addr], |c| c.ban_after = 10_000).await;
-    let mut s = h2_tls(p.addrs(Kind::Https)[0], "127.0.64.1").await.unwrap();
-    s.write_all(PREFACE).await.unwrap();
-    s.write_all(&settings(&[])).await.unwrap();
+    let mut s = h2_started(p.addrs(Kind::Https)[0], "127.0.64.1")
+        .await
+        .unwrap();
     let ping_ack = |f: &Frame| f.kind == 6 && f.flags & 1 == 1;
     for stream in (1..=19).step_by(2) {
         let ended = |f: &Frame| f.stream == stream && f.flags & 1 == 1;

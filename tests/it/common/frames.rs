@@ -135,6 +135,18 @@ pub async fn h2_tls(
         .await
 }
 
+/// [`h2_tls`] with the client's preface and an empty SETTINGS frame sent.
+pub async fn h2_started(
+    addr: SocketAddr,
+    source: &str,
+) -> std::io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
+    use tokio::io::AsyncWriteExt;
+    let mut s = h2_tls(addr, source).await?;
+    s.write_all(PREFACE).await?;
+    s.write_all(&settings(&[])).await?;
+    Ok(s)
+}
+
 /// Whether the server closed `s` within `wait`.
 pub async fn closed<S: tokio::io::AsyncRead + Unpin>(s: &mut S, wait: Duration) -> bool {
     let mut buf = [0u8; 4096];
