@@ -15,8 +15,11 @@
 # of 10 streams each) at once, and reads each server's CPU time over all
 # its threads (/proc/PID/task/*/schedstat, in nanoseconds). SCEN=miss
 # (default): PER unique names per client, each a miss forwarded to NSD;
-# SCEN=hit: PER requests per client for one name (at most 10,000:
-# `--max-requests-per-conn` closes a connection after that). A_ARGS and
+# SCEN=hit: PER requests per client for one name (60,000 by default,
+# `--max-requests-per-conn` raised above it for both builds: a round of
+# 10,000 hits lasts a fraction of a second, and rounds of two builds
+# differing only in their clock reads ran from 0.67 to 1.42; one build
+# against itself runs from about 0.86 to 1.08 with 60,000). A_ARGS and
 # B_ARGS add flags to either. The builds swap ports every other round.
 # Prints each round's B/A ratio and their median (below 1: B spends
 # less). Needs h2load and the peers (NSD on 127.0.0.1:5300, the
@@ -27,7 +30,7 @@ cd "$(dirname "$0")/.."
 : "${A:?A=path of the first build}" "${B:?B=path of the second build}"
 SCEN=${SCEN:-miss}
 ROUNDS=${ROUNDS:-10}
-PER=${PER:-2000}
+if [ "$SCEN" = hit ]; then PER=${PER:-60000}; else PER=${PER:-2000}; fi
 BASE=${BASE:-/tmp/doh-peers}
 OUT=$(mktemp -d /tmp/doh-abcpu.XXXXXX)
 PIDS=""
@@ -53,7 +56,9 @@ ratios=()
 for r in $(seq 1 "$ROUNDS"); do
   if ((r % 2)); then pa=8443 pb=8444; else pa=8444 pb=8443; fi
   # shellcheck disable=SC2086 # the extra flags are words
-  a=$(start "$A" "$pa" 9191 ${A_ARGS:-}); b=$(start "$B" "$pb" 9192 ${B_ARGS:-})
+  more=()
+  [ "$SCEN" = hit ] && more=(--max-requests-per-conn $((PER + 1)))
+  a=$(start "$A" "$pa" 9191 "${more[@]}" ${A_ARGS:-}); b=$(start "$B" "$pb" 9192 "${more[@]}" ${B_ARGS:-})
   PIDS="$a $b"
   for c in 0 1 2 3 4; do
     if [ "$SCEN" = miss ]; then
