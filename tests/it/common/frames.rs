@@ -37,31 +37,35 @@ pub fn ping() -> Vec<u8> {
 /// The header block of `GET path`, HPACK without Huffman or the dynamic
 /// table.
 pub fn get_block(path: &str) -> Vec<u8> {
-    let mut h = vec![0x82, 0x87]; // :method GET, :scheme https
-    for (index, value) in [(4u8, path), (1, "localhost")] {
-        h.push(index); // literal without indexing, indexed name
-        assert!(value.len() < 127, "one-byte HPACK length");
-        h.push(value.len() as u8);
-        h.extend_from_slice(value.as_bytes());
-    }
-    h
+    request_block(0x82, path) // :method GET
 }
 
 /// The header block of a `POST /dns-query` with `content_type`.
 pub fn post_block(content_type: &str) -> Vec<u8> {
-    let mut h = vec![0x83, 0x87]; // :method POST, :scheme https
-    for (index, value) in [(4u8, "/dns-query"), (1, "localhost")] {
-        h.push(index);
-        h.push(value.len() as u8);
-        h.extend_from_slice(value.as_bytes());
-    }
+    let mut h = request_block(0x83, "/dns-query"); // :method POST
     h.push(0); // literal without indexing, new name
     for part in ["content-type", content_type] {
-        assert!(part.len() < 127, "one-byte HPACK length");
-        h.push(part.len() as u8);
-        h.extend_from_slice(part.as_bytes());
+        push_string(&mut h, part);
     }
     h
+}
+
+/// `method` (an indexed field), `:scheme https`, `path` and
+/// `:authority localhost`.
+fn request_block(method: u8, path: &str) -> Vec<u8> {
+    let mut h = vec![method, 0x87]; // :scheme https
+    for (index, value) in [(4u8, path), (1, "localhost")] {
+        h.push(index); // literal without indexing, indexed name
+        push_string(&mut h, value);
+    }
+    h
+}
+
+/// A string literal, without Huffman coding.
+fn push_string(h: &mut Vec<u8>, s: &str) {
+    assert!(s.len() < 127, "one-byte HPACK length");
+    h.push(s.len() as u8);
+    h.extend_from_slice(s.as_bytes());
 }
 
 /// A HEADERS frame for `GET path` on `stream`.
