@@ -55,9 +55,9 @@ cpu_ns() { cat /proc/"$1"/task/*/schedstat 2>/dev/null | awk '{s += $1} END {pri
 ratios=()
 for r in $(seq 1 "$ROUNDS"); do
   if ((r % 2)); then pa=8443 pb=8444; else pa=8444 pb=8443; fi
-  # shellcheck disable=SC2086 # the extra flags are words
   more=()
   [ "$SCEN" = hit ] && more=(--max-requests-per-conn $((PER + 1)))
+  # shellcheck disable=SC2086 # the extra flags are words
   a=$(start "$A" "$pa" 9191 "${more[@]}" ${A_ARGS:-}); b=$(start "$B" "$pb" 9192 "${more[@]}" ${B_ARGS:-})
   PIDS="$a $b"
   for c in 0 1 2 3 4; do
