@@ -11,8 +11,8 @@
 #   A=x B=x B_ARGS="--cache-size 1000" bash benches/ab_cpu.sh   # one build, two settings
 #
 # Each round starts both builds afresh (cold caches, nothing left from the
-# round before), gives each five h2load clients (one TLS HTTP/2 connection
-# of 10 streams each) at once, and reads each server's CPU time over all
+# round before), gives each CLIENTS h2load clients (5 by default; one TLS
+# HTTP/2 connection of 10 streams each) at once, and reads each server's CPU time over all
 # its threads (/proc/PID/task/*/schedstat, in nanoseconds). SCEN=miss
 # (default): PER unique names per client, each a miss forwarded to NSD;
 # SCEN=hit: PER requests per client for one name (60,000 by default,
@@ -30,6 +30,7 @@ cd "$(dirname "$0")/.."
 : "${A:?A=path of the first build}" "${B:?B=path of the second build}"
 SCEN=${SCEN:-miss}
 ROUNDS=${ROUNDS:-10}
+CLIENTS=${CLIENTS:-5}
 if [ "$SCEN" = hit ]; then PER=${PER:-60000}; else PER=${PER:-2000}; fi
 BASE=${BASE:-/tmp/doh-peers}
 OUT=$(mktemp -d /tmp/doh-abcpu.XXXXXX)
@@ -60,7 +61,7 @@ for r in $(seq 1 "$ROUNDS"); do
   # shellcheck disable=SC2086 # the extra flags are words
   a=$(start "$A" "$pa" 9191 "${more[@]}" ${A_ARGS:-}); b=$(start "$B" "$pb" 9192 "${more[@]}" ${B_ARGS:-})
   PIDS="$a $b"
-  for c in 0 1 2 3 4; do
+  for c in $(seq 0 $((CLIENTS - 1))); do
     if [ "$SCEN" = miss ]; then
       python3 benches/uris.py "$pa" "r$r-a$c-$RANDOM-" "$PER" > "$OUT/a$c"
       python3 benches/uris.py "$pb" "r$r-b$c-$RANDOM-" "$PER" > "$OUT/b$c"
@@ -73,7 +74,7 @@ for r in $(seq 1 "$ROUNDS"); do
   h2load -n 1 -c 1 -i "$OUT/a0" -H "$H" >/dev/null; h2load -n 1 -c 1 -i "$OUT/b0" -H "$H" >/dev/null
   a0=$(cpu_ns "$a"); b0=$(cpu_ns "$b")
   jobs=()
-  for c in 0 1 2 3 4; do
+  for c in $(seq 0 $((CLIENTS - 1))); do
     timeout 120 h2load -n "$PER" -c 1 -m 10 -i "$OUT/a$c" -H "$H" > "$OUT/a$c.out" 2>&1 & jobs+=($!)
     timeout 120 h2load -n "$PER" -c 1 -m 10 -i "$OUT/b$c" -H "$H" > "$OUT/b$c.out" 2>&1 & jobs+=($!)
   done
@@ -83,7 +84,7 @@ for r in $(seq 1 "$ROUNDS"); do
   PIDS=""
   oka=$(cat "$OUT"/a?.out | awk '/status codes/ {s += $3} END {print s + 0}')
   okb=$(cat "$OUT"/b?.out | awk '/status codes/ {s += $3} END {print s + 0}')
-  n=$((PER * 5))
+  n=$((PER * CLIENTS))
   [ "$oka" = "$n" ] && [ "$okb" = "$n" ] || { echo "round $r: $oka and $okb of $n answered 2xx" >&2; exit 1; }
   ratio=$(python3 -c "print(f'{($b1 - $b0) / ($a1 - $a0):.3f}')")
   ratios+=("$ratio")
