@@ -61,7 +61,7 @@ impl Config {
             verbose: self.verbose,
             log_format: self.log_format,
         };
-        if let Some(w) = descriptor_warning(self, settings.upstream.timeout) {
+        if let Some(w) = descriptor_warning(self, &settings.upstream) {
             warnings.push(w);
         }
         Ok((settings, warnings))
@@ -424,21 +424,31 @@ fn list(v: &[SocketAddr]) -> String {
 
 /// Descriptors the proxy may need at once: every client connection, every
 /// upstream query in flight (the upstream budget over the timeout, one
-/// socket each), the admin connections and a margin for listeners and
-/// files.
-pub fn descriptors_needed(max_conns: u32, upstream_qps: u32, upstream_timeout: Duration) -> u64 {
+/// socket each), the idle sockets the UDP pools keep, the admin
+/// connections and a margin for listeners and files.
+pub fn descriptors_needed(
+    max_conns: u32,
+    upstream_qps: u32,
+    upstream_timeout: Duration,
+    idle_upstream: u64,
+) -> u64 {
     let upstream = (f64::from(upstream_qps) * upstream_timeout.as_secs_f64()).ceil() as u64;
-    u64::from(max_conns) + upstream + ADMIN_MAX_CONNS as u64 + 64
+    u64::from(max_conns) + upstream + idle_upstream + ADMIN_MAX_CONNS as u64 + 64
 }
 
-fn descriptor_warning(cfg: &Config, upstream_timeout: Duration) -> Option<String> {
+fn descriptor_warning(cfg: &Config, upstream: &UpstreamSettings) -> Option<String> {
     let (_, hard) = crate::app::nofile_limit()?;
-    let needed = descriptors_needed(cfg.max_conns, cfg.upstream_qps, upstream_timeout);
+    let needed = descriptors_needed(
+        cfg.max_conns,
+        cfg.upstream_qps,
+        upstream.timeout,
+        upstream.idle_sockets(),
+    );
     (hard < needed).then(|| {
         format!(
-            "max_conns ({}) plus upstream sockets (upstream_qps × upstream_timeout) need about \
-             {needed} file descriptors, but the hard limit is {hard}: raise LimitNOFILE (or \
-             ulimit -Hn) or lower max_conns",
+            "max_conns ({}) plus upstream sockets (upstream_qps × upstream_timeout, and the \
+             idle ones kept per UDP upstream) need about {needed} file descriptors, but the \
+             hard limit is {hard}: raise LimitNOFILE (or ulimit -Hn) or lower max_conns",
             cfg.max_conns
         )
     })
@@ -566,8 +576,17 @@ mod tests {
     #[test]
     fn descriptor_needs_count_upstream_sockets() {
         assert_eq!(
-            descriptors_needed(10_000, 1000, Duration::from_millis(2500)),
-            10_000 + 2500 + 16 + 64
+            descriptors_needed(10_000, 1000, Duration::from_millis(2500), 512),
+            10_000 + 2500 + 512 + 16 + 64
         );
+        // Two UDP upstreams keep their idle sockets; a DoT one has none.
+        let c = Config::from_toml(
+            "upstream = [\"127.0.0.1:53\", \"127.0.0.2:53\", \"tls://127.0.0.3:853#dns.test\"]",
+        )
+        .unwrap();
+        let three = c.upstream(&mut Vec::new()).unwrap().idle_sockets();
+        let one = config("").upstream(&mut Vec::new()).unwrap().idle_sockets();
+        assert!(one >= 64, "{one}");
+        assert_eq!(three, 2 * one);
     }
 }

@@ -94,6 +94,17 @@ impl UpstreamSettings {
     pub fn same_budget(&self, other: &UpstreamSettings) -> bool {
         (self.qps, self.known_share, self.dry_run) == (other.qps, other.known_share, other.dry_run)
     }
+
+    /// Idle UDP sockets the pools may keep open beside the queries in
+    /// flight: [`udp::POOL`] per UDP upstream.
+    pub fn idle_sockets(&self) -> u64 {
+        let udp = self
+            .servers
+            .iter()
+            .filter(|s| matches!(s.transport, spec::Transport::Udp))
+            .count();
+        (udp * udp::POOL) as u64
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
