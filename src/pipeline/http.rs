@@ -24,6 +24,22 @@ pub struct Reply {
     pub close: bool,
 }
 
+/// What a request's future holds the app by: the app itself, or whatever
+/// one connection keeps it in for all its requests. A request then clones
+/// the connection's own counter, which only that connection's thread
+/// writes, and not the app's, which every worker thread writes for every
+/// request (a counter written from two cores moves between their caches
+/// at each write).
+pub trait AppHandle: Clone + Send + Sync + 'static {
+    fn app(&self) -> &Arc<App>;
+}
+
+impl AppHandle for Arc<App> {
+    fn app(&self) -> &Arc<App> {
+        self
+    }
+}
+
 impl App {
     /// `GET /healthz` from a trusted proxy itself: 200 or 503 with why,
     /// never limited nor counted as a client's request.
@@ -93,8 +109,8 @@ impl App {
     /// and the DNS message. The future holds none of the request's
     /// headers: it is what hyper moves into the task of every HTTP/2
     /// stream, so its size is paid on every request.
-    pub fn doh<B>(
-        self: &Arc<Self>,
+    pub fn doh<B, H: AppHandle>(
+        handle: &H,
         peer: &Peer,
         transport: Transport,
         req: Request<B>,
@@ -103,13 +119,15 @@ impl App {
         B: http_body::Body,
         B::Error: std::error::Error + Send + Sync + 'static,
     {
+        let this = handle.app();
         let (n, inflight) = peer.conn.begin();
         let head_only = req.method() == http::Method::HEAD;
         let from = Origin::of(peer);
-        let front = self.front(peer, from, transport, req);
-        let close_after = n >= self.conn.load().max_requests_per_conn;
-        let app = self.clone();
+        let front = this.front(peer, from, transport, req);
+        let close_after = n >= this.conn.load().max_requests_per_conn;
+        let handle = handle.clone();
         async move {
+            let app = handle.app();
             let _inflight = inflight;
             let mut reply = match front {
                 Front::Done(reply) => reply,
@@ -155,7 +173,7 @@ impl App {
             return Front::Done(self.health_reply());
         }
         let client = self.client_of(peer, &parts.headers);
-        let limits = self.limits.load_full();
+        let limits = self.limits.load();
         let head = doh::check_head(&parts, &limits);
         // A named relay's sealed queries spend the relay's budget;
         // everything else, sealed queries from anybody else included, the
@@ -168,7 +186,9 @@ impl App {
         }
         match head {
             Ok(Wanted::Get(v)) => Front::Query(client, Bytes::from(v)),
-            Ok(Wanted::Post | Wanted::Oblivious) => Front::Body(client, body, limits, oblivious),
+            Ok(Wanted::Post | Wanted::Oblivious) => {
+                Front::Body(client, body, arc_swap::Guard::into_inner(limits), oblivious)
+            }
             Ok(Wanted::OdohConfigs) => Front::Done(self.odoh_configs()),
             Err(r) => {
                 self.refuse(client, r, transport);

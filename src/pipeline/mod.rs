@@ -15,6 +15,8 @@
 
 mod http;
 
+pub use http::AppHandle;
+
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;

@@ -120,7 +120,7 @@ async fn request(
             }
         },
     ));
-    let reply = app.doh(&peer, Transport::H3, req.map(|()| body)).await;
+    let reply = App::doh(&app, &peer, Transport::H3, req.map(|()| body)).await;
     let (mut parts, bytes) = reply.response.into_parts();
     parts
         .headers

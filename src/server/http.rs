@@ -21,8 +21,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::streams::{StreamExec, WithStreams};
 use super::watchdog;
-use crate::metrics::Metrics;
-use crate::pipeline::{App, Peer};
+use crate::pipeline::{App, AppHandle, Peer};
 use crate::reject::{Outcome, ProtocolError, Transport};
 
 /// How long in-flight requests get to finish when a connection closes.
@@ -63,8 +62,19 @@ pub fn serve<I>(
 where
     I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
 {
-    let (app, peer) = (c.app.clone(), c.peer.clone());
-    let extra = c.extra_headers.clone();
+    let shared = Arc::new(Shared {
+        app: c.app,
+        peer: c.peer,
+        extra: c.extra_headers,
+    });
+    let h2 = c.h2;
+    let c = Rest {
+        shared: shared.clone(),
+        tls: c.tls,
+        first_request: c.first_request,
+        idle: c.idle,
+        write: c.write,
+    };
     let svc = service_fn(move |req: http::Request<hyper::body::Incoming>| {
         let transport = if req.version() == http::Version::HTTP_2 {
             Transport::H2
@@ -73,21 +83,21 @@ where
         };
         // Decided here, before the task: the future hyper spawns holds
         // only what the answer still needs, never the request's head.
-        let reply = app.doh(&peer, transport, req);
-        let (metrics, conn, extra) = (app.metrics.clone(), peer.conn.clone(), extra.clone());
+        let reply = App::doh(&shared, &shared.peer, transport, req);
+        let shared = shared.clone();
         // A map, not an `async` block awaiting `reply`: that block would
         // keep the captured future and the one it awaits in two slots,
         // twice the bytes to write and move for every request.
         reply.map(move |reply| {
             if reply.close {
-                conn.close();
+                shared.peer.conn.close();
             }
-            let track = reply.answer.then_some((metrics, transport));
-            let mut resp = reply.response.map(|b| AnswerBody::new(b, track, &conn));
+            let track = reply.answer.then_some(transport);
+            let mut resp = reply.response.map(|b| AnswerBody::new(b, track, &shared));
             // hyper would add it, reading the precise clock for it.
             resp.headers_mut()
                 .insert(http::header::DATE, crate::clock::http_date());
-            for (k, v) in extra.iter() {
+            for (k, v) in shared.extra.iter() {
                 resp.headers_mut().insert(k.clone(), v.clone());
             }
             Ok::<_, Infallible>(resp)
@@ -100,7 +110,7 @@ where
     // connection would carry for nothing.
     // HTTP/2 streams run in this task ([`super::streams`]).
     let exec = StreamExec::default();
-    let conn: Pin<Box<dyn Served>> = match c.h2 {
+    let conn: Pin<Box<dyn Served>> = match h2 {
         Some(true) => Box::pin(h2_builder(exec.clone()).serve_connection(io, svc)),
         Some(false) => Box::pin(
             auto_builder(c.first_request, exec.clone())
@@ -116,15 +126,16 @@ where
     };
     let mut conn = WithStreams::new(conn, exec);
     async move {
-        let watch = watchdog::expired(&c.peer.conn, c.first_request, c.idle, c.write);
+        let (app, peer) = (&c.shared.app, &c.shared.peer);
+        let watch = watchdog::expired(&peer.conn, c.first_request, c.idle, c.write);
         tokio::pin!(watch);
         tokio::select! {
             r = &mut conn => {
                 if let Err(e) = r {
                     if let Some(kind) = classify(&*e, c.tls) {
-                        c.app.metrics.wire.protocol_error(kind);
-                        c.app.guard.penalize(scored_client(&c.peer), kind);
-                        tracing::debug!(peer = %c.peer.conn.peer(), kind = kind.label(), error = %e, "protocol error");
+                        app.metrics.wire.protocol_error(kind);
+                        app.guard.penalize(scored_client(peer), kind);
+                        tracing::debug!(peer = %peer.conn.peer(), kind = kind.label(), error = %e, "protocol error");
                     }
                 }
             }
@@ -132,17 +143,41 @@ where
                 conn.conn().as_mut().graceful_shutdown();
                 let _ = tokio::time::timeout(DRAIN, &mut conn).await;
             }
-            _ = c.peer.conn.closing() => {
+            _ = peer.conn.closing() => {
                 conn.conn().as_mut().graceful_shutdown();
                 let _ = tokio::time::timeout(DRAIN, &mut conn).await;
             }
             why = &mut watch => {
                 // Nothing in flight, or answers nobody reads: close at once,
                 // without waiting for a client that sends or takes nothing.
-                watchdog::account(&c.app, &c.peer, why);
+                watchdog::account(app, peer, why);
             }
         }
     }
+}
+
+/// What the requests of one connection share, behind one `Arc` of the
+/// connection's own ([`AppHandle`]).
+struct Shared {
+    app: Arc<App>,
+    peer: Peer,
+    /// Added to every response (Alt-Svc).
+    extra: Arc<http::HeaderMap>,
+}
+
+impl AppHandle for Arc<Shared> {
+    fn app(&self) -> &Arc<App> {
+        &self.app
+    }
+}
+
+/// The rest of [`HttpConn`], for the connection's own task.
+struct Rest {
+    shared: Arc<Shared>,
+    tls: bool,
+    first_request: Duration,
+    idle: Duration,
+    write: Duration,
 }
 
 /// An HTTP connection being served: runs to its end, or is asked to
@@ -288,15 +323,11 @@ pub struct AnswerBody {
 }
 
 impl AnswerBody {
-    fn new(
-        data: Bytes,
-        track: Option<(Arc<Metrics>, Transport)>,
-        conn: &Arc<crate::guard::Conn>,
-    ) -> AnswerBody {
-        let unread = (!data.is_empty()).then(|| conn.queued());
+    fn new(data: Bytes, track: Option<Transport>, shared: &Arc<Shared>) -> AnswerBody {
+        let unread = (!data.is_empty()).then(|| shared.peer.conn.queued());
         let mut answer = Answer {
             data,
-            track,
+            track: track.map(|t| (shared.clone(), t)),
             unread,
         };
         if answer.data.is_empty() {
@@ -331,15 +362,15 @@ impl http_body::Body for AnswerBody {
 /// consumed and `undelivered` when dropped before.
 pub struct Answer {
     data: Bytes,
-    track: Option<(Arc<Metrics>, Transport)>,
+    track: Option<(Arc<Shared>, Transport)>,
     unread: Option<crate::guard::Unread>,
 }
 
 impl Answer {
     fn delivered(&mut self) {
         self.unread = None;
-        if let Some((m, t)) = self.track.take() {
-            m.requests.count(Outcome::Answered, t, false);
+        if let Some((s, t)) = self.track.take() {
+            s.app.metrics.requests.count(Outcome::Answered, t, false);
         }
     }
 }
@@ -363,8 +394,8 @@ impl Buf for Answer {
 
 impl Drop for Answer {
     fn drop(&mut self) {
-        if let Some((m, t)) = self.track.take() {
-            m.requests.count(Outcome::Undelivered, t, false);
+        if let Some((s, t)) = self.track.take() {
+            s.app.metrics.requests.count(Outcome::Undelivered, t, false);
         }
     }
 }
