@@ -438,9 +438,18 @@ mod tests {
         assert_eq!(pool.idle.lock().expect("lock").len(), POOL - 1);
     }
 
-    /// Waits until the event loop has seen something arrive on the idle
-    /// socket of `port`, and puts it back.
-    async fn seen_arriving(pool: &UdpPool, port: SocketAddr) {
+    /// An idle socket of the pool with `n` datagrams queued on it from the
+    /// upstream's own address (so that the connected socket takes them),
+    /// once the event loop has seen them arrive: its address.
+    async fn queued_on_idle(pool: &UdpPool, up: &UdpSocket, n: usize) -> SocketAddr {
+        let port = {
+            let mut t = pool.take().await.expect("take");
+            t.keep();
+            t.parts().expect("socket").0.local_addr().expect("addr")
+        };
+        for i in 0..n {
+            up.send_to(&[b'f', i as u8], port).await.expect("send");
+        }
         let rt = Handle::current().id();
         let p = {
             let mut idle = pool.idle.lock().expect("lock");
@@ -458,23 +467,15 @@ mod tests {
         };
         p.sock.readable().await.expect("readable");
         let _none = pool.idle.lock().expect("lock").put(p);
+        port
     }
 
     #[tokio::test]
     async fn what_reached_an_idle_socket_never_meets_its_next_query() {
         let (up, addr) = upstream().await;
         let pool = UdpPool::new(addr, 513);
-        let port = {
-            let mut t = pool.take().await.expect("take");
-            t.keep();
-            t.parts().expect("socket").0.local_addr().expect("addr")
-        };
-        // Forgeries queued in advance, from the upstream's own address (so
-        // the connected socket takes them), before any query is asked.
-        for i in 0..3u8 {
-            up.send_to(&[b'f', i], port).await.expect("send");
-        }
-        seen_arriving(&pool, port).await;
+        // Forgeries queued in advance, before any query is asked.
+        let port = queued_on_idle(&pool, &up, 3).await;
         let mut t = pool.take().await.expect("take");
         assert_eq!(t.drained(), 3);
         let (sock, rbuf) = t.parts().expect("socket");
@@ -492,15 +493,7 @@ mod tests {
     async fn an_idle_socket_someone_keeps_sending_to_is_closed() {
         let (up, addr) = upstream().await;
         let pool = UdpPool::new(addr, 513);
-        let port = {
-            let mut t = pool.take().await.expect("take");
-            t.keep();
-            t.parts().expect("socket").0.local_addr().expect("addr")
-        };
-        for _ in 0..DRAIN_MAX + 4 {
-            up.send_to(b"flood", port).await.expect("send");
-        }
-        seen_arriving(&pool, port).await;
+        let port = queued_on_idle(&pool, &up, DRAIN_MAX + 4).await;
         let mut t = pool.take().await.expect("take");
         assert_eq!(t.drained(), DRAIN_MAX);
         let (sock, _) = t.parts().expect("socket");
