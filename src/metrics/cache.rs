@@ -1,9 +1,9 @@
 //! The cache: hits, misses, stale answers, coalesced misses, its size.
 
-use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Unit;
 
+use super::Counter;
 use super::Reg;
 
 pub struct CacheMetrics {

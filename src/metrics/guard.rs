@@ -1,9 +1,8 @@
 //! The guard: connections open, refused and evicted, bans, known clients.
 
-use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
 
-use super::{pair, Pair, Reg};
+use super::{pair, Counter, Pair, Reg};
 use crate::reject::ConnReject;
 
 pub struct GuardMetrics {

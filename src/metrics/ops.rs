@@ -1,10 +1,9 @@
 //! Operations: reloads, certificates (expiry, ACME orders), Redis.
 
-use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Unit;
 
-use super::{one, Reg};
+use super::{one, Counter, Reg};
 
 pub struct OpsMetrics {
     /// Indexed by success (0 ok, 1 error).

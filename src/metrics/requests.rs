@@ -1,10 +1,9 @@
 //! What happened to requests: outcomes by transport, refusals by reason,
 //! Oblivious DoH, the clients seen.
 
-use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
 
-use super::{one, pair, Pair, Reg};
+use super::{one, pair, Counter, Pair, Reg};
 use crate::reject::{Outcome, Reject, Transport};
 
 /// How an Oblivious DoH request ended, the `result` of

@@ -5,13 +5,12 @@ use std::sync::atomic::AtomicU64;
 use std::sync::Mutex;
 use std::time::Duration;
 
-use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Unit;
 
-use super::{pair, Labels, Pair, Reg};
+use super::{pair, Counter, Labels, Pair, Reg};
 
 /// What happened to one query sent to one upstream.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -1,9 +1,7 @@
 //! The connections' protocols: TLS handshakes, protocol errors, failed
 //! accepts, QUIC Initials not accepted.
 
-use prometheus_client::metrics::counter::Counter;
-
-use super::{of, one, Labels, Reg};
+use super::{of, one, Counter, Labels, Reg};
 use crate::reject::ProtocolError;
 
 /// How a TLS handshake ended, the `result` and `resumed` labels of

@@ -47,7 +47,11 @@ impl Workers {
             let stop = stop.clone();
             std::thread::Builder::new()
                 .name(format!("doh-conn-{i}"))
-                .spawn(move || rt.block_on(stop.cancelled()))?;
+                .spawn(move || {
+                    // Counters written here go to a line of this worker's own.
+                    crate::metrics::count_on(i);
+                    rt.block_on(stop.cancelled())
+                })?;
         }
         Ok(Workers { handles, stop })
     }
