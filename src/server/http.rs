@@ -62,19 +62,22 @@ pub fn serve<I>(
 where
     I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
 {
+    let HttpConn {
+        app,
+        peer,
+        h2,
+        tls,
+        first_request,
+        idle,
+        write,
+        extra_headers,
+    } = c;
     let shared = Arc::new(Shared {
-        app: c.app,
-        peer: c.peer,
-        extra: c.extra_headers,
+        app,
+        peer,
+        extra: extra_headers,
     });
-    let h2 = c.h2;
-    let c = Rest {
-        shared: shared.clone(),
-        tls: c.tls,
-        first_request: c.first_request,
-        idle: c.idle,
-        write: c.write,
-    };
+    let own = shared.clone();
     let svc = service_fn(move |req: http::Request<hyper::body::Incoming>| {
         let transport = if req.version() == http::Version::HTTP_2 {
             Transport::H2
@@ -113,26 +116,26 @@ where
     let conn: Pin<Box<dyn Served>> = match h2 {
         Some(true) => Box::pin(h2_builder(exec.clone()).serve_connection(io, svc)),
         Some(false) => Box::pin(
-            auto_builder(c.first_request, exec.clone())
+            auto_builder(first_request, exec.clone())
                 .http1_only()
                 .serve_connection(io, svc)
                 .into_owned(),
         ),
         None => Box::pin(
-            auto_builder(c.first_request, exec.clone())
+            auto_builder(first_request, exec.clone())
                 .serve_connection(io, svc)
                 .into_owned(),
         ),
     };
     let mut conn = WithStreams::new(conn, exec);
     async move {
-        let (app, peer) = (&c.shared.app, &c.shared.peer);
-        let watch = watchdog::expired(&peer.conn, c.first_request, c.idle, c.write);
+        let (app, peer) = (&own.app, &own.peer);
+        let watch = watchdog::expired(&peer.conn, first_request, idle, write);
         tokio::pin!(watch);
         tokio::select! {
             r = &mut conn => {
                 if let Err(e) = r {
-                    if let Some(kind) = classify(&*e, c.tls) {
+                    if let Some(kind) = classify(&*e, tls) {
                         app.metrics.wire.protocol_error(kind);
                         app.guard.penalize(scored_client(peer), kind);
                         tracing::debug!(peer = %peer.conn.peer(), kind = kind.label(), error = %e, "protocol error");
@@ -169,15 +172,6 @@ impl AppHandle for Arc<Shared> {
     fn app(&self) -> &Arc<App> {
         &self.app
     }
-}
-
-/// The rest of [`HttpConn`], for the connection's own task.
-struct Rest {
-    shared: Arc<Shared>,
-    tls: bool,
-    first_request: Duration,
-    idle: Duration,
-    write: Duration,
 }
 
 /// An HTTP connection being served: runs to its end, or is asked to
