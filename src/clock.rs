@@ -50,7 +50,11 @@ fn coarse_read() -> tokio::time::Instant {
 }
 
 fn coarse_monotonic() -> Duration {
-    let t = clock_gettime(ClockId::MonotonicCoarse);
+    duration(clock_gettime(ClockId::MonotonicCoarse))
+}
+
+/// A kernel time as a `Duration` (nothing is before zero).
+fn duration(t: rustix::time::Timespec) -> Duration {
     Duration::new(
         u64::try_from(t.tv_sec).unwrap_or(0),
         u32::try_from(t.tv_nsec).unwrap_or(0),
@@ -125,11 +129,7 @@ mod tests {
     /// goes back.
     #[test]
     fn the_coarse_clock_keeps_to_the_precise_one() {
-        let res = rustix::time::clock_getres(ClockId::MonotonicCoarse);
-        let tick = Duration::new(
-            u64::try_from(res.tv_sec).unwrap(),
-            u32::try_from(res.tv_nsec).unwrap(),
-        );
+        let tick = duration(rustix::time::clock_getres(ClockId::MonotonicCoarse));
         assert!(tick <= Duration::from_millis(10), "{tick:?}");
         let mut last = coarse_read();
         for _ in 0..100_000 {
