@@ -470,3 +470,26 @@ async fn ban_file_is_an_nftables_script() {
     )
     .await;
 }
+
+/// The binary runs under valgrind, which gives a process no vDSO of the
+/// kernel's: the clocks are read through the C library, which knows to
+/// do without, not through a vDSO lookup of their own that reads where it
+/// is told the vDSO is. What `benches/instructions.sh` (callgrind) needs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn runs_and_answers_under_valgrind() {
+    need("valgrind", "valgrind");
+    let up = MockUpstream::start().await;
+    let dir = scratch("valgrind");
+    let file = config_file(&dir, up.addr, "");
+    let (tls, admin) = (free_port(), free_port());
+    let args = ["-c", file.to_str().unwrap()];
+    let wrapper = ["valgrind", "--tool=none", "--quiet"];
+    let within = Duration::from_secs(120);
+    let p = Proc::start_under(&wrapper, &dir, tls, admin, &args, &[], within).await;
+    let r = p
+        .send("127.0.93.1", get(&ok_path("www.example.test")))
+        .await
+        .unwrap();
+    assert_eq!(r.status, 200, "{}", p.log());
+    assert!(p.metric("doh_cache_misses_total").await >= 1.0);
+}

@@ -188,8 +188,31 @@ impl Proc {
         args: &[&str],
         env: &[(&str, &str)],
     ) -> Proc {
+        Proc::start_under(&[], dir, tls, admin, args, env, Duration::from_secs(5)).await
+    }
+
+    /// [`Proc::start`] under another program (`wrapper`: it and its
+    /// arguments, the binary's path after them), waiting `within` for it to
+    /// answer.
+    pub async fn start_under(
+        wrapper: &[&str],
+        dir: &std::path::Path,
+        tls: u16,
+        admin: u16,
+        args: &[&str],
+        env: &[(&str, &str)],
+        within: Duration,
+    ) -> Proc {
         let stderr = dir.join("stderr.log");
-        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_doh-proxy"));
+        let bin = env!("CARGO_BIN_EXE_doh-proxy");
+        let mut cmd = match wrapper.split_first() {
+            None => std::process::Command::new(bin),
+            Some((program, wrapper_args)) => {
+                let mut c = std::process::Command::new(program);
+                c.args(wrapper_args).arg(bin);
+                c
+            }
+        };
         cmd.args([
             "-l",
             &format!("127.0.0.1:{tls}"),
@@ -204,15 +227,22 @@ impl Proc {
             cmd.env(k, v);
         }
         let child = cmd.spawn().unwrap();
-        let p = Proc {
+        let mut p = Proc {
             child,
             tls: SocketAddr::from(([127, 0, 0, 1], tls)),
             admin: SocketAddr::from(([127, 0, 0, 1], admin)),
             stderr,
         };
-        for _ in 0..100 {
+        let until = std::time::Instant::now() + within;
+        while std::time::Instant::now() < until {
             if TcpStream::connect(p.admin).await.is_ok() {
                 return p;
+            }
+            if let Ok(Some(status)) = p.child.try_wait() {
+                panic!(
+                    "doh-proxy exited ({status}) before it answered:\n{}",
+                    p.log()
+                );
             }
             tokio::time::sleep(POLL).await;
         }
