@@ -9,6 +9,16 @@
 #   A=/path/before B=/path/after bash benches/ab_cpu.sh
 #   SCEN=hit ROUNDS=20 A=… B=… bash benches/ab_cpu.sh
 #   A=x B=x B_ARGS="--cache-size 1000" bash benches/ab_cpu.sh   # one build, two settings
+#   A=/path/build B=dnsdist bash benches/ab_cpu.sh   # against the peers' dnsdist
+#
+# With B=dnsdist the second server is the dnsdist the peers script runs
+# (DoH on 8453, its packet cache on, never restarted: a miss is a name
+# neither has seen), loaded at the same time as the build: a ratio below 1
+# there means dnsdist spends less per request. Both servers then share the
+# two cores with each other and the clients, which costs each of them more
+# than a run of its own does (benches/load.sh), so its ratios are not the
+# targets' figures; what they show is which of the two holds up better
+# under the same contention.
 #
 # Each round starts both builds afresh (cold caches, nothing left from the
 # round before), gives each CLIENTS h2load clients (5 by default; one TLS
@@ -59,8 +69,14 @@ for r in $(seq 1 "$ROUNDS"); do
   more=()
   [ "$SCEN" = hit ] && more=(--max-requests-per-conn $((PER + 1)))
   # shellcheck disable=SC2086 # the extra flags are words
-  a=$(start "$A" "$pa" 9191 "${more[@]}" ${A_ARGS:-}); b=$(start "$B" "$pb" 9192 "${more[@]}" ${B_ARGS:-})
-  PIDS="$a $b"
+  a=$(start "$A" "$pa" 9191 "${more[@]}" ${A_ARGS:-})
+  if [ "$B" = dnsdist ]; then
+    pb=8453 b=$(cat "$BASE/run/dnsdist.pid") own=$a
+  else
+    # shellcheck disable=SC2086
+    b=$(start "$B" "$pb" 9192 "${more[@]}" ${B_ARGS:-}) own="$a $b"
+  fi
+  PIDS=$own
   for c in $(seq 0 $((CLIENTS - 1))); do
     if [ "$SCEN" = miss ]; then
       python3 benches/uris.py "$pa" "r$r-a$c-$RANDOM-" "$PER" > "$OUT/a$c"
@@ -80,7 +96,8 @@ for r in $(seq 1 "$ROUNDS"); do
   done
   wait "${jobs[@]}" || true
   a1=$(cpu_ns "$a"); b1=$(cpu_ns "$b")
-  kill $a $b 2>/dev/null || true; wait $a $b 2>/dev/null || true
+  # shellcheck disable=SC2086 # one or two pids
+  kill $own 2>/dev/null || true; wait $own 2>/dev/null || true
   PIDS=""
   oka=$(cat "$OUT"/a?.out | awk '/status codes/ {s += $3} END {print s + 0}')
   okb=$(cat "$OUT"/b?.out | awk '/status codes/ {s += $3} END {print s + 0}')
