@@ -27,6 +27,7 @@ pub mod known;
 pub(crate) mod nft;
 pub(crate) mod penalty;
 mod persist;
+mod screen;
 pub mod state;
 
 use std::net::IpAddr;
@@ -53,6 +54,7 @@ use bans::{Bans, MAX_BANS};
 use budget::{quota, KeyedRate};
 pub use forwarded::ForwardedHeader;
 use penalty::Penalty;
+pub use screen::Screen;
 
 /// Runs `job` on tokio's blocking threads when there is a runtime (file
 /// writes stay off the threads that serve clients), else here.
@@ -300,7 +302,7 @@ impl Guard {
     }
 
     /// Whether requests from `client` are exempt from budgets and bans.
-    fn exempt(&self, s: &GuardSettings, client: IpAddr) -> bool {
+    pub(super) fn exempt(&self, s: &GuardSettings, client: IpAddr) -> bool {
         any_contains(&s.allow, client) || any_contains(&s.trusted, client)
     }
 
@@ -468,66 +470,23 @@ impl Guard {
         }
     }
 
-    /// Whether a request from `client` is refused as banned. In dry-run a
-    /// ban only counts: the verdict is [`Verdict::DryRun`].
-    pub fn banned(&self, client: IpAddr) -> Verdict {
-        let client = canonical(client);
-        let s = self.settings.load();
-        if self.exempt(&s, client) || !self.bans.covers(client) {
-            Verdict::Pass
-        } else if s.dry_run {
-            Verdict::DryRun
-        } else {
-            Verdict::Refuse
-        }
-    }
-
-    /// Spends one request of the client's budgets (address, then prefix).
-    pub fn check_budget(&self, client: IpAddr) -> Budget {
-        let client = canonical(client);
-        let s = self.settings.load();
-        if self.exempt(&s, client) {
-            return Budget::Ok;
-        }
-        let over = self.ip_budget.check(&client).err().or_else(|| {
-            self.prefix_budget
-                .check(&prefix_of(client, s.prefix_v4, s.prefix_v6))
-                .err()
-        });
-        match over {
-            None => Budget::Ok,
-            Some(_) if s.dry_run => Budget::DryRun,
-            Some(wait) => Budget::Over(wait.as_secs() + 1),
-        }
-    }
-
     /// Whether `client` is a named Oblivious DoH relay (`--odoh-relay`).
     pub fn is_odoh_relay(&self, client: IpAddr) -> bool {
         any_contains(&self.settings.load().odoh_relays, canonical(client))
     }
 
-    /// Spends one request of an Oblivious DoH relay's budget: a relay
-    /// carries many clients, so it has its own, larger one. Only for
-    /// addresses [`Guard::is_odoh_relay`] names.
-    pub fn check_relay_budget(&self, relay: IpAddr) -> Budget {
-        let relay = canonical(relay);
-        let s = self.settings.load();
-        if self.exempt(&s, relay) {
-            return Budget::Ok;
+    /// A request from `client` was answered (on `conn`, when the
+    /// transport has one): the memory of known clients learns it (the
+    /// shared `unknown` key behind a proxy never becomes known: it is a
+    /// crowd, not a client). It counts in seconds, so a connection tells
+    /// it its peer once a second, not at every answer.
+    pub fn answered(&self, client: IpAddr, conn: Option<&Conn>) {
+        if client == crate::net::UNKNOWN_CLIENT {
+            return;
         }
-        match self.relay_budget.check(&relay) {
-            Ok(()) => Budget::Ok,
-            Err(_) if s.dry_run => Budget::DryRun,
-            Err(wait) => Budget::Over(wait.as_secs() + 1),
-        }
-    }
-
-    /// A request from `client` was answered: the memory of known clients
-    /// learns it (the shared `unknown` key behind a proxy never becomes
-    /// known: it is a crowd, not a client).
-    pub fn answered(&self, client: IpAddr) {
-        if client != crate::net::UNKNOWN_CLIENT {
-            self.known.answered(client, unix_now());
+        let now = unix_now();
+        if conn.is_none_or(|c| c.first_answer_in(client, now)) {
+            self.known.answered(client, now);
         }
     }
 

@@ -11,6 +11,7 @@ use http::{header, HeaderValue, Request, Response, StatusCode};
 
 use super::{App, Peer, HEALTH_PATH};
 use crate::doh::{self, Limits, Wanted};
+use crate::guard::{Conn, InFlight};
 use crate::metrics::OdohResult;
 use crate::reject::{Reject, Transport};
 
@@ -128,16 +129,19 @@ impl App {
         let handle = handle.clone();
         async move {
             let app = handle.app();
-            let _inflight = inflight;
             let mut reply = match front {
                 Front::Done(reply) => reply,
                 Front::Linger(reply, body, within) => {
                     Box::pin(doh::discard(body, doh::LINGER_BYTES, within)).await;
                     reply
                 }
-                Front::Query(client, bytes) => app.plain(from, client, transport, &bytes).await,
+                Front::Query(client, bytes) => {
+                    let asker = Asker::new(from, client, transport, &inflight);
+                    app.plain(asker, &bytes).await
+                }
                 Front::Body(client, body, limits, oblivious) => {
-                    Box::pin(app.posted(from, client, transport, body, limits, oblivious)).await
+                    let asker = Asker::new(from, client, transport, &inflight);
+                    Box::pin(app.posted(asker, body, limits, oblivious)).await
                 }
             };
             if head_only {
@@ -180,7 +184,7 @@ impl App {
         // client's own. Either way before any HPKE work.
         let oblivious = matches!(head, Ok(Wanted::Oblivious));
         let relayed = oblivious && self.guard.is_odoh_relay(client);
-        if let Err((reason, retry)) = self.admit(client, transport, relayed) {
+        if let Err((reason, retry)) = self.admit(client, Some(&peer.conn), transport, relayed) {
             let reply = self.refused(from, reason, retry);
             return early(reply, reason, body, transport, &limits);
         }
@@ -213,9 +217,7 @@ impl App {
     /// A POST: its body, then a plain or an oblivious query.
     async fn posted<B>(
         self: &Arc<Self>,
-        from: Origin,
-        client: IpAddr,
-        transport: Transport,
+        asker: Asker<'_>,
         body: B,
         limits: Arc<Limits>,
         oblivious: bool,
@@ -224,6 +226,12 @@ impl App {
         B: http_body::Body,
         B::Error: std::error::Error + Send + Sync + 'static,
     {
+        let Asker {
+            from,
+            client,
+            transport,
+            ..
+        } = asker;
         let linger = matches!(transport, Transport::H1 | Transport::H2);
         let bytes = match doh::read_body(body, &limits, linger).await {
             Ok(b) => b,
@@ -233,7 +241,7 @@ impl App {
             }
         };
         if !oblivious {
-            return self.plain(from, client, transport, &bytes).await;
+            return self.plain(asker, &bytes).await;
         }
         let opened = match self.open(&bytes) {
             Ok(opened) => opened,
@@ -242,7 +250,7 @@ impl App {
                 return self.refused(from, r, None);
             }
         };
-        match self.answer_message(client, &opened.query()).await {
+        match self.answer_message(client, None, &opened.query()).await {
             Ok(served) => match self.odoh.as_ref().map(|o| o.seal(&opened, &served.wire)) {
                 Some(Ok(sealed)) => {
                     self.metrics.requests.odoh(OdohResult::Ok);
@@ -267,14 +275,14 @@ impl App {
     }
 
     /// A DNS query in the clear, to its DoH reply.
-    async fn plain(
-        self: &Arc<Self>,
-        from: Origin,
-        client: IpAddr,
-        transport: Transport,
-        bytes: &[u8],
-    ) -> Reply {
-        match self.answer_message(client, bytes).await {
+    async fn plain(self: &Arc<Self>, asker: Asker<'_>, bytes: &[u8]) -> Reply {
+        let Asker {
+            from,
+            client,
+            transport,
+            conn,
+        } = asker;
+        match self.answer_message(client, Some(conn), bytes).await {
             Ok(served) => Reply {
                 response: dns_response(served.wire, served.max_age),
                 answer: true,
@@ -336,6 +344,28 @@ struct Origin {
     peer: IpAddr,
     /// A PROXY header named the client.
     proxied: bool,
+}
+
+/// Who asks a query that got past the request's head: where it came
+/// from, the client it is counted for, over what, and on which
+/// connection.
+#[derive(Clone, Copy)]
+struct Asker<'a> {
+    from: Origin,
+    client: IpAddr,
+    transport: Transport,
+    conn: &'a Conn,
+}
+
+impl<'a> Asker<'a> {
+    fn new(from: Origin, client: IpAddr, transport: Transport, on: &'a InFlight) -> Self {
+        Asker {
+            from,
+            client,
+            transport,
+            conn: on.conn(),
+        }
+    }
 }
 
 impl Origin {

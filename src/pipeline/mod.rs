@@ -31,7 +31,7 @@ use crate::clock::Clock;
 use crate::dns::{self, Key};
 use crate::doh::Limits;
 use crate::fleet::Fleet;
-use crate::guard::{Budget, Conn, Guard, Verdict};
+use crate::guard::{Budget, Conn, Guard, Screen, Verdict};
 use crate::hll::UniqueClients;
 use crate::metrics::Metrics;
 use crate::reject::{Outcome, Reject, Transport};
@@ -232,7 +232,7 @@ impl App {
         client: IpAddr,
         transport: Transport,
     ) -> Result<(), (Reject, Option<u64>)> {
-        self.admit(client, transport, false)
+        self.admit(client, None, transport, false)
     }
 
     /// Ban check, then the client's budget, or for a relay's sealed
@@ -240,11 +240,13 @@ impl App {
     fn admit(
         &self,
         client: IpAddr,
+        conn: Option<&Conn>,
         transport: Transport,
         relayed: bool,
     ) -> Result<(), (Reject, Option<u64>)> {
         self.unique.insert(client);
-        match self.guard.banned(client) {
+        let Screen { ban, budget } = self.guard.screen(client, conn, relayed);
+        match ban {
             Verdict::Pass => {}
             Verdict::Refuse => {
                 self.refuse(client, Reject::Banned, transport);
@@ -257,11 +259,6 @@ impl App {
                     .count(Outcome::Banned, transport, true);
             }
         }
-        let budget = if relayed {
-            self.guard.check_relay_budget(client)
-        } else {
-            self.guard.check_budget(client)
-        };
         match budget {
             Budget::Ok => Ok(()),
             Budget::Over(secs) => {
@@ -284,6 +281,7 @@ impl App {
     pub async fn answer_message(
         self: &Arc<Self>,
         client: IpAddr,
+        conn: Option<&Conn>,
         msg: &[u8],
     ) -> Result<Served, Reject> {
         let query = dns::parse_query(msg).map_err(Reject::from)?;
@@ -291,7 +289,7 @@ impl App {
         // served all age the entry by it.
         let now = self.cache.now();
         let entry = self.answer(&query.key, client, now).await?;
-        self.guard.answered(client);
+        self.guard.answered(client, conn);
         let policy = self.cache.policy();
         let (mut wire, max_age) = entry.serve(query.id, query.question, &policy, now);
         // After the cache: stored answers are never padded.

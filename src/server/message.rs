@@ -48,7 +48,7 @@ pub fn admit(app: &App, client: IpAddr, transport: Transport, msg: &[u8]) -> Res
 /// The answer to an admitted message (cache, coalescing, upstream), or
 /// its refusal (the upstream budget spent: `SERVFAIL`).
 pub async fn answer(app: &Arc<App>, client: IpAddr, transport: Transport, msg: &[u8]) -> Vec<u8> {
-    match app.answer_message(client, msg).await {
+    match app.answer_message(client, None, msg).await {
         Ok(served) => {
             app.metrics
                 .requests

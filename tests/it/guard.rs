@@ -1,5 +1,5 @@
 //! Abuse protection against real connections from many 127.x.y.z source
-//! addresses: budgets, allowlist, penalty box, connection caps, trusted
+//! addresses: allowlist, penalty box, connection caps, trusted
 //! proxies, the upstream budget, dry run, and a replay of incident 1.
 
 use std::sync::atomic::Ordering;
@@ -7,78 +7,6 @@ use std::time::{Duration, Instant};
 
 use crate::common::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
-#[tokio::test]
-async fn flooder_gets_429_while_its_neighbour_is_served() {
-    let up = MockUpstream::start().await;
-    let p = proxy(&[up.addr], |c| {
-        c.per_ip_qps = 5;
-        c.per_ip_burst = 10;
-        c.ban_after = 10_000;
-    })
-    .await;
-    let mut flooder = Client::connect(&p, Proto::H2, Some("127.0.10.1".parse().unwrap()))
-        .await
-        .unwrap();
-    let mut limited = 0;
-    for _ in 0..40 {
-        let r = flooder
-            .send(get(&ok_path("www.example.test")))
-            .await
-            .unwrap();
-        if r.status == 429 {
-            limited += 1;
-            let after: u64 = r.header("retry-after").unwrap().parse().unwrap();
-            assert!(after >= 1);
-        }
-    }
-    assert!(limited >= 25, "{limited} of 40 limited");
-    for neighbour in ["127.0.10.2", "127.0.11.1"] {
-        let r = send_from(&p, Proto::H2, neighbour, get(&ok_path("www.example.test")))
-            .await
-            .unwrap();
-        assert_eq!(r.status, 200, "{neighbour}");
-    }
-    assert_eq!(
-        metric(&p, "doh_requests_total{outcome=\"rate_limited\"}").await,
-        limited as f64
-    );
-}
-
-#[tokio::test]
-async fn prefix_budget_holds_many_addresses_of_one_prefix() {
-    let up = MockUpstream::start().await;
-    let p = proxy(&[up.addr], |c| {
-        c.per_prefix_qps = 4; // burst 20 for the /24
-        c.ban_after = 10_000;
-    })
-    .await;
-    let mut statuses = Vec::new();
-    for i in 1..=40 {
-        let r = send_from(
-            &p,
-            Proto::H1,
-            &format!("127.0.20.{i}"),
-            get(&ok_path("www.example.test")),
-        )
-        .await
-        .unwrap();
-        statuses.push(r.status);
-    }
-    assert!(
-        statuses.iter().filter(|s| **s == 429).count() >= 15,
-        "{statuses:?}"
-    );
-    let r = send_from(
-        &p,
-        Proto::H1,
-        "127.0.21.1",
-        get(&ok_path("www.example.test")),
-    )
-    .await
-    .unwrap();
-    assert_eq!(r.status, 200, "another prefix is served");
-}
 
 #[tokio::test]
 async fn allowlisted_flooder_is_never_limited_nor_banned() {

@@ -5,6 +5,7 @@
 mod common;
 
 mod admin;
+mod budgets;
 mod cache;
 mod doors;
 mod doors_wire;

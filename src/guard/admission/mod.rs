@@ -21,7 +21,7 @@ use ipnet::IpNet;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::budget::{quota, KeyedRate};
+use super::budget::{quota, ConnBudgets, KeyedRate};
 use super::GuardSettings;
 use crate::metrics::Metrics;
 use crate::net::prefix_of;
@@ -61,6 +61,11 @@ pub struct Conn {
     close: CancellationToken,
     /// Whether this connection still holds a place in the global count.
     counted: AtomicBool,
+    /// Its client's request budgets, held for its next request.
+    budgets: ConnBudgets,
+    /// The second (unix) its peer last had an answer recorded in the
+    /// memory of known clients: once a second is enough.
+    answered_secs: AtomicU64,
 }
 
 /// Why the watchdog closes a connection.
@@ -87,6 +92,8 @@ impl Conn {
             known: AtomicBool::new(false),
             close: CancellationToken::new(),
             counted: AtomicBool::new(false),
+            budgets: ConnBudgets::default(),
+            answered_secs: AtomicU64::new(0),
         }
     }
 
@@ -97,6 +104,20 @@ impl Conn {
 
     pub fn peer(&self) -> IpAddr {
         self.peer
+    }
+
+    pub(in crate::guard) fn budgets(&self) -> &ConnBudgets {
+        &self.budgets
+    }
+
+    /// Whether an answer to `client` at `now` (unix seconds) is news to
+    /// the memory of known clients: not when `client` is this
+    /// connection's peer and an answer to it was recorded this second.
+    pub(in crate::guard) fn first_answer_in(&self, client: IpAddr, now: u64) -> bool {
+        if client != crate::net::canonical(self.peer) {
+            return true;
+        }
+        self.answered_secs.swap(now, Ordering::Relaxed) != now
     }
 
     /// Read on every request and answer: the coarse clock.
@@ -227,6 +248,13 @@ impl Drop for Unread {
 /// A request in flight on a connection; its drop ends the request.
 #[derive(Debug)]
 pub struct InFlight(Arc<Conn>);
+
+impl InFlight {
+    /// The connection the request is on.
+    pub fn conn(&self) -> &Conn {
+        &self.0
+    }
+}
 
 impl Drop for InFlight {
     fn drop(&mut self) {
