@@ -36,19 +36,25 @@ impl Guard {
 
     /// What a request from `client` meets first: its ban, then (unless
     /// the ban refuses it) one request of its budgets: a named relay's
-    /// own for its sealed queries (`relayed`), else the client's address
+    /// own for its sealed queries (`relayed`: a relay carries many
+    /// clients, so it has its own, larger one), else the client's address
     /// and prefix, through `conn`'s held buckets when given.
     pub fn screen(&self, client: IpAddr, conn: Option<&Conn>, relayed: bool) -> Screen {
         let client = canonical(client);
         let s = self.settings.load();
         let exempt = self.exempt(&s, client);
         let ban = self.ban_verdict(&s, client, exempt);
-        let budget = if ban == Verdict::Refuse || exempt {
-            Budget::Ok
+        let over = if ban == Verdict::Refuse || exempt {
+            None
         } else if relayed {
-            self.spend_relay(&s, client)
+            self.relay_budget.check(&client).err()
         } else {
             self.spend(&s, client, conn)
+        };
+        let budget = match over {
+            None => Budget::Ok,
+            Some(_) if s.dry_run => Budget::DryRun,
+            Some(wait) => Budget::Over(wait.as_secs() + 1),
         };
         Screen { ban, budget }
     }
@@ -58,9 +64,16 @@ impl Guard {
         self.screen(client, None, false).budget
     }
 
-    fn spend(&self, s: &GuardSettings, client: IpAddr, conn: Option<&Conn>) -> Budget {
+    /// Spends one request of the client's address budget, then of its
+    /// prefix's; over either, how long until a token is back.
+    fn spend(
+        &self,
+        s: &GuardSettings,
+        client: IpAddr,
+        conn: Option<&Conn>,
+    ) -> Option<std::time::Duration> {
         let prefix = || prefix_of(client, s.prefix_v4, s.prefix_v6);
-        let over = match conn {
+        match conn {
             Some(c) => {
                 let held = c.budgets();
                 self.ip_budget
@@ -73,26 +86,6 @@ impl Guard {
                 .check(&client)
                 .err()
                 .or_else(|| self.prefix_budget.check(&prefix()).err()),
-        };
-        match over {
-            None => Budget::Ok,
-            Some(_) if s.dry_run => Budget::DryRun,
-            Some(wait) => Budget::Over(wait.as_secs() + 1),
-        }
-    }
-
-    /// Spends one request of an Oblivious DoH relay's budget: a relay
-    /// carries many clients, so it has its own, larger one. Only for
-    /// addresses [`Guard::is_odoh_relay`] names.
-    pub fn check_relay_budget(&self, relay: IpAddr) -> Budget {
-        self.screen(relay, None, true).budget
-    }
-
-    fn spend_relay(&self, s: &GuardSettings, relay: IpAddr) -> Budget {
-        match self.relay_budget.check(&relay) {
-            Ok(()) => Budget::Ok,
-            Err(_) if s.dry_run => Budget::DryRun,
-            Err(wait) => Budget::Over(wait.as_secs() + 1),
         }
     }
 }
