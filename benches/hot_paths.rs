@@ -4,7 +4,6 @@
 //! file. `cargo bench --bench hot_paths`.
 
 use std::hint::black_box;
-use std::sync::Arc;
 
 use criterion::{criterion_group, criterion_main, Criterion};
 use doh_proxy::cache::{Cache, Entry, Lookup, TtlPolicy};
@@ -81,18 +80,13 @@ fn requests(c: &mut Criterion) {
     let info = dns::check_answer(&a, 7, &key).unwrap();
     cache.store(
         key.clone(),
-        Arc::new(Entry::from_answer(
-            a,
-            &info,
-            &policy,
-            tokio::time::Instant::now(),
-        )),
+        Entry::from_answer(a, &info, &policy, tokio::time::Instant::now()),
     );
     for i in 0..10_000 {
         let k = Key::new(&format!("n{i}.example.test"), 1, true).unwrap();
         cache.store(
             k.clone(),
-            Arc::new(Entry::failure(&k, &policy, tokio::time::Instant::now())),
+            Entry::failure(&k, &policy, tokio::time::Instant::now()),
         );
     }
 

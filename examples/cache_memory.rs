@@ -4,8 +4,6 @@
 //!
 //!     cargo run --release --example cache_memory -- 1000000
 
-use std::sync::Arc;
-
 use doh_proxy::cache::{Cache, Entry, TtlPolicy};
 use doh_proxy::dns::{self, Key};
 use hickory_proto::op::{Message, MessageType};
@@ -55,12 +53,7 @@ fn main() {
         let (wire, info) = answer(&key);
         cache.store(
             key,
-            Arc::new(Entry::from_answer(
-                wire,
-                &info,
-                &policy,
-                tokio::time::Instant::now(),
-            )),
+            Entry::from_answer(wire, &info, &policy, tokio::time::Instant::now()),
         );
     }
     cache.sync();

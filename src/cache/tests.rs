@@ -44,11 +44,11 @@ fn errors_are_short_lived_and_never_stale() {
     let (a, info) = answer(&key, 60);
     c.store(
         key.clone(),
-        Arc::new(Entry::from_answer(a, &info, &policy(0), Instant::now())),
+        Entry::from_answer(a, &info, &policy(0), Instant::now()),
     );
     c.store(
         key.clone(),
-        Arc::new(Entry::failure(&key, &policy(0), Instant::now())),
+        Entry::failure(&key, &policy(0), Instant::now()),
     );
     assert!(matches!(c.lookup(&key, Instant::now()), Lookup::Fresh(e) if !e.is_error()));
 }
@@ -85,10 +85,7 @@ fn capacity_bounds_entries() {
     let p = policy(0);
     for i in 0..20_000 {
         let key = Key::new(&format!("n{i}.test"), 1, false).unwrap();
-        c.store(
-            key.clone(),
-            Arc::new(Entry::failure(&key, &p, Instant::now())),
-        );
+        c.store(key.clone(), Entry::failure(&key, &p, Instant::now()));
     }
     c.sync();
     assert!(c.len() <= 1000, "{}", c.len());
@@ -129,19 +126,18 @@ fn bytes_bound_the_cache_and_large_answers_are_not_kept() {
     for i in 0..1000 {
         let key = Key::new(&format!("big{i}.test"), 16, false).unwrap();
         let (a, info) = big_answer(&key, 12_000);
-        assert!(c.store(
-            key,
-            Arc::new(Entry::from_answer(a, &info, &p, Instant::now()))
-        ));
+        assert!(c
+            .store(key, Entry::from_answer(a, &info, &p, Instant::now()))
+            .stored());
     }
     c.sync();
     assert!(c.bytes() <= 1 << 20, "{} bytes", c.bytes());
     assert!(c.len() >= 50 && c.len() <= 90, "{} entries", c.len());
     let key = Key::new("huge.test", 16, false).unwrap();
     let (a, info) = big_answer(&key, 30_000);
-    let e = Arc::new(Entry::from_answer(a, &info, &p, Instant::now()));
+    let e = Entry::from_answer(a, &info, &p, Instant::now());
     assert!(e.wire_len() > 16 * 1024);
-    assert!(!c.store(key.clone(), e));
+    assert!(!c.store(key.clone(), e).stored());
     assert!(matches!(c.lookup(&key, Instant::now()), Lookup::Miss));
 }
 
@@ -169,4 +165,35 @@ async fn coalescing_runs_work_once() {
     }
     assert_eq!(runs.load(Ordering::SeqCst), 1);
     assert!(inflight.is_empty());
+}
+
+#[test]
+fn bytes_count_an_entry_until_it_is_freed() {
+    let c = Cache::with_entries(10, policy(0));
+    let key = Key::new("held.test", 1, false).unwrap();
+    let (a, info) = answer(&key, 60);
+    let first = c.store(
+        key.clone(),
+        Entry::from_answer(a.clone(), &info, &policy(0), Instant::now()),
+    );
+    let second = c.store(
+        key.clone(),
+        Entry::from_answer(a, &info, &policy(0), Instant::now()),
+    );
+    assert!(first.stored() && second.stored());
+    let (one, two) = (u64::from(first.size()), u64::from(second.size()));
+    c.sync();
+    // Replaced, but still being served: its memory is still held.
+    assert_eq!(c.bytes(), one + two);
+    drop(first);
+    assert_eq!(c.bytes(), two);
+    drop(second);
+    c.sync();
+    assert_eq!(c.bytes(), two, "the cache still holds the second");
+    let failure = c.store(
+        key.clone(),
+        Entry::failure(&key, &policy(0), Instant::now()),
+    );
+    assert!(!failure.stored(), "a failure never replaces a good answer");
+    assert_eq!(c.bytes(), two);
 }

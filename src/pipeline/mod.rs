@@ -415,9 +415,7 @@ impl App {
                     Err(UpstreamError::Budget) => return Resolution::Budget,
                     Err(UpstreamError::Failed) => Entry::failure(key, &policy, now),
                 };
-                let entry = Arc::new(entry);
-                self.cache.store(key.clone(), entry.clone());
-                Resolution::Answer(entry)
+                Resolution::Answer(self.cache.store(key.clone(), entry))
             })
             .await;
         if !ran {

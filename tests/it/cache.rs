@@ -233,7 +233,7 @@ fn a_million_names_stay_within_cache_size() {
         let key = Key::new(&format!("n{i}.example.test"), 1, true).unwrap();
         cache.store(
             key.clone(),
-            Arc::new(Entry::failure(&key, &policy, tokio::time::Instant::now())),
+            Entry::failure(&key, &policy, tokio::time::Instant::now()),
         );
         if i % 100_000 == 0 {
             cache.sync();
