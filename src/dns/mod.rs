@@ -3,12 +3,15 @@
 //!
 //! The structural walk is done by hand because the hot path needs byte
 //! offsets (of the question, of every TTL) that a parsed message does not
-//! keep; every message is additionally decoded with hickory-proto, so that
-//! anything hickory cannot read is refused too.
+//! keep; anything hickory-proto cannot read is refused too: every message
+//! is decoded with it as well, except what the walk has already checked
+//! to hickory's rules (a query's header, question and OPT; an answer's
+//! records of the usual types, in [`sound`]).
 
 mod answer;
 pub(crate) mod build;
 mod key;
+mod sound;
 
 pub use answer::*;
 pub use build::query_message;
