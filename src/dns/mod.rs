@@ -317,6 +317,36 @@ pub fn servfail(key: &Key) -> Vec<u8> {
     a
 }
 
+/// Each of `seeds` mutated `per` times (one to three bytes flipped,
+/// replaced or inserted, or the message cut short), never within its
+/// first `keep` bytes: for the tests that hold a walk to hickory's
+/// verdict.
+#[cfg(test)]
+pub(crate) fn mutations(seeds: &[Vec<u8>], per: usize, keep: usize, mut each: impl FnMut(&[u8])) {
+    let mut state = 0x9e37_79b9_7f4a_7c15u64;
+    let mut rnd = move || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state
+    };
+    for seed in seeds {
+        for _ in 0..per {
+            let mut m = seed.clone();
+            for _ in 0..1 + rnd() % 3 {
+                let at = keep + (rnd() as usize) % (m.len() - keep);
+                match rnd() % 4 {
+                    0 => m[at] ^= 1 << (rnd() % 8),
+                    1 => m[at] = rnd() as u8,
+                    2 => m.truncate(at.max(keep + 1)),
+                    _ => m.insert(at, rnd() as u8),
+                }
+            }
+            each(&m);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -401,35 +431,16 @@ mod tests {
             assert!(parse_query(&q).is_ok(), "{q:?}");
             seeds.push(q);
         }
-        let mut state = 0x9e37_79b9_7f4a_7c15u64;
-        let mut rnd = move || {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            state
-        };
         let mut accepted = 0;
-        for seed in &seeds {
-            for _ in 0..20_000 {
-                let mut m = seed.clone();
-                for _ in 0..1 + rnd() % 3 {
-                    let at = (rnd() as usize) % m.len();
-                    match rnd() % 4 {
-                        0 => m[at] ^= 1 << (rnd() % 8),
-                        1 => m[at] = rnd() as u8,
-                        2 => m.truncate(at.max(1)),
-                        _ => m.insert(at, rnd() as u8),
-                    }
-                }
-                if parse_query(&m).is_ok() {
-                    accepted += 1;
-                    assert!(
-                        Message::from_vec(&m).is_ok(),
-                        "accepted, hickory rejects: {m:?}"
-                    );
-                }
+        mutations(&seeds, 20_000, 0, |m| {
+            if parse_query(m).is_ok() {
+                accepted += 1;
+                assert!(
+                    Message::from_vec(m).is_ok(),
+                    "accepted, hickory rejects: {m:?}"
+                );
             }
-        }
+        });
         assert!(
             accepted > 1000,
             "the mutations must reach the walk's paths ({accepted})"
