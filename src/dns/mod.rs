@@ -6,7 +6,7 @@
 //! keep; anything hickory-proto cannot read is refused too: every message
 //! is decoded with it as well, except what the walk has already checked
 //! to hickory's rules (a query's header, question and OPT; an answer's
-//! records of the usual types, in [`sound`]).
+//! records of the usual types, in `sound.rs`).
 
 mod answer;
 pub(crate) mod build;
