@@ -32,6 +32,8 @@ pub(crate) mod http;
 pub(crate) mod io;
 pub mod listener;
 pub(crate) mod message;
+#[cfg(test)]
+mod patched_tests;
 #[cfg(feature = "h3")]
 pub(crate) mod quic;
 pub(crate) mod streams;

@@ -426,6 +426,17 @@ where
         &mut self,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<(Request<RecvStream>, SendResponse<B>), crate::Error>>> {
+        // A request already received is handed out first. One read
+        // usually brings several (a client's burst of requests); the
+        // caller asks for them one at a time, and advancing the
+        // connection before each (flushing the write buffer, reading the
+        // socket again to find it empty) cost a full connection poll per
+        // request. The connection is still advanced before this returns
+        // Pending, and so after the last queued request is taken.
+        if let Some(accepted) = self.next_accepted() {
+            return Poll::Ready(Some(Ok(accepted)));
+        }
+
         // Always try to advance the internal state. Getting Pending also is
         // needed to allow this function to return Pending.
         if self.poll_closed(cx)?.is_ready() {
@@ -434,18 +445,24 @@ where
             return Poll::Ready(None);
         }
 
-        if let Some(inner) = self.connection.next_incoming() {
-            tracing::trace!("received incoming");
-            let (head, _) = inner.take_request().into_parts();
-            let body = RecvStream::new(FlowControl::new(inner.clone_to_opaque()));
-
-            let request = Request::from_parts(head, body);
-            let respond = SendResponse { inner };
-
-            return Poll::Ready(Some(Ok((request, respond))));
+        if let Some(accepted) = self.next_accepted() {
+            return Poll::Ready(Some(Ok(accepted)));
         }
 
         Poll::Pending
+    }
+
+    /// The next request received and not yet accepted, if any.
+    fn next_accepted(&mut self) -> Option<(Request<RecvStream>, SendResponse<B>)> {
+        let inner = self.connection.next_incoming()?;
+        tracing::trace!("received incoming");
+        let (head, _) = inner.take_request().into_parts();
+        let body = RecvStream::new(FlowControl::new(inner.clone_to_opaque()));
+
+        let request = Request::from_parts(head, body);
+        let respond = SendResponse { inner };
+
+        Some((request, respond))
     }
 
     /// Sets the target window size for the whole connection.
