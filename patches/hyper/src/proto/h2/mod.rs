@@ -208,28 +208,19 @@ where
                         let len = chunk.remaining();
                         trace!("send body chunk: {} bytes, eos={}", len, is_eos);
 
-                        if is_eos {
-                            // The body's last chunk is in hand: nothing more
-                            // will be polled from the body, so there is no
-                            // capacity to claim ahead of it (#4003). h2
-                            // queues what the peer's window does not take
-                            // yet and asks for the capacity itself, and the
-                            // chunk is held either way; handing it over now
-                            // saves a reservation, a second reset check and
-                            // a capacity check, each under h2's lock, for
-                            // every single-chunk response.
-                            let buf = SendBuf::Buf(chunk);
-                            me.body_tx
-                                .send_data(buf, true)
-                                .map_err(crate::Error::new_body_write)?;
-                            return Poll::Ready(Ok(()));
-                        }
-
-                        if len == 0 {
+                        if is_eos || len == 0 {
                             // Zero-length data frames need no capacity; send
                             // them straight through so trailing empty frames
                             // (e.g. an explicit end-of-stream marker) are
-                            // delivered.
+                            // delivered. Nor does the body's last chunk:
+                            // nothing more will be polled from the body, so
+                            // there is no capacity to claim ahead of it
+                            // (#4003), and h2 queues what the peer's window
+                            // does not take yet and asks for the capacity
+                            // itself. Handing it over now saves a
+                            // reservation, a second reset check and a
+                            // capacity check, each under h2's lock, for every
+                            // single-chunk response.
                             let buf = SendBuf::Buf(chunk);
                             me.body_tx
                                 .send_data(buf, is_eos)
