@@ -31,8 +31,11 @@
 # differing only in their clock reads ran from 0.67 to 1.42; one build
 # against itself runs from about 0.86 to 1.08 with 60,000). A_ARGS and
 # B_ARGS add flags to either. The builds swap ports every other round.
-# Prints each round's B/A ratio and their median (below 1: B spends
-# less). Needs h2load and the peers (NSD on 127.0.0.1:5300, the
+# FILL=N first asks each server N unique names of its own (a cache of
+# the default 100,000 answers is full after FILL=110000, and every miss
+# measured then replaces or is refused an entry, as on a resolver that has
+# run for a while). Prints each round's B/A ratio and their median (below
+# 1: B spends less). Needs h2load and the peers (NSD on 127.0.0.1:5300, the
 # certificate in /tmp/doh-peers/tls); only loopback is used.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -86,6 +89,16 @@ for r in $(seq 1 "$ROUNDS"); do
       python3 benches/uris.py "$pb" www.example.test > "$OUT/b$c"
     fi
   done
+  if [ "${FILL:-0}" -gt 0 ]; then
+    jobs=()
+    for c in $(seq 0 $((CLIENTS - 1))); do
+      python3 benches/uris.py "$pa" "f$r-a$c-$RANDOM-" $((FILL / CLIENTS)) > "$OUT/fa$c"
+      python3 benches/uris.py "$pb" "f$r-b$c-$RANDOM-" $((FILL / CLIENTS)) > "$OUT/fb$c"
+      timeout 300 h2load -n $((FILL / CLIENTS)) -c 1 -m 10 -i "$OUT/fa$c" -H "$H" > /dev/null 2>&1 & jobs+=($!)
+      timeout 300 h2load -n $((FILL / CLIENTS)) -c 1 -m 10 -i "$OUT/fb$c" -H "$H" > /dev/null 2>&1 & jobs+=($!)
+    done
+    wait "${jobs[@]}" || true
+  fi
   # One request each first, so that neither is counted starting up.
   h2load -n 1 -c 1 -i "$OUT/a0" -H "$H" >/dev/null; h2load -n 1 -c 1 -i "$OUT/b0" -H "$H" >/dev/null
   a0=$(cpu_ns "$a"); b0=$(cpu_ns "$b")

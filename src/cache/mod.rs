@@ -21,6 +21,9 @@ use crate::clock::Clock;
 
 use crate::dns::{self, AnswerInfo, Key, KeyHasher, RCODE_NOERROR, RCODE_NXDOMAIN};
 
+mod admission;
+use admission::Doorkeeper;
+
 /// TTL of an answer served stale, as RFC 8767 recommends.
 pub const STALE_TTL: u32 = 30;
 
@@ -271,7 +274,20 @@ pub enum Lookup {
     Fresh(Arc<Entry>),
     /// Past its TTL but within `--stale-secs`.
     Stale(Arc<Entry>),
-    Miss,
+    /// Nothing to serve; whether the answer fetched is to be kept.
+    Miss(Admit),
+}
+
+/// Whether the answer to a miss is to be stored: always while the cache
+/// has room, and once it is full only for a name asked before (see
+/// `admission.rs`). Decided by [`Cache::lookup`], obeyed by
+/// [`Cache::store_if`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Admit {
+    Yes,
+    /// The cache is full and this name was not asked recently: its answer
+    /// is served, not kept.
+    No,
 }
 
 struct EntryExpiry;
@@ -315,6 +331,11 @@ pub struct Cache {
     bytes: Arc<AtomicI64>,
     /// What entries age by.
     clock: Clock,
+    /// The least an entry weighs: the cache is full when one more would
+    /// not fit.
+    floor: u32,
+    /// Names that missed while the cache was full; made when it first is.
+    door: std::sync::OnceLock<Doorkeeper>,
 }
 
 /// The most entries the cache's table is sized for at start (about 2 MiB
@@ -340,6 +361,8 @@ impl Cache {
             bounds: (s.max_entries, s.max_bytes),
             bytes: Arc::new(AtomicI64::new(0)),
             clock,
+            floor,
+            door: std::sync::OnceLock::new(),
         }
     }
 
@@ -385,12 +408,37 @@ impl Cache {
     /// once per request).
     pub fn lookup(&self, key: &Key, now: Instant) -> Lookup {
         let Some(e) = self.map.get(key) else {
-            return Lookup::Miss;
+            return Lookup::Miss(self.admit_new(key));
         };
         match e.freshness(now) {
             Some(Freshness::Fresh) => Lookup::Fresh(e),
             Some(Freshness::Stale) if !e.is_error => Lookup::Stale(e),
-            _ => Lookup::Miss,
+            // An entry held but past serving: its answer replaces it.
+            _ => Lookup::Miss(Admit::Yes),
+        }
+    }
+
+    /// Whether the answer for `key`, which the cache does not hold, is to
+    /// be kept: yes while there is room; once full, only if the name was
+    /// asked before (and then noted as asked).
+    fn admit_new(&self, key: &Key) -> Admit {
+        if self.map.weighted_size() + u64::from(self.floor) <= self.bounds.1 {
+            return Admit::Yes;
+        }
+        let door = self.door.get_or_init(|| Doorkeeper::new(self.bounds.0));
+        if door.seen_before(key.digest()) {
+            Admit::Yes
+        } else {
+            Admit::No
+        }
+    }
+
+    /// Stores the answer to a miss as `admit` (from [`Cache::lookup`])
+    /// says; returns the entry to serve either way.
+    pub fn store_if(&self, key: Key, entry: Entry, admit: Admit) -> Arc<Entry> {
+        match admit {
+            Admit::Yes => self.store(key, entry),
+            Admit::No => Arc::new(entry),
         }
     }
 

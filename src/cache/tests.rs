@@ -146,7 +146,7 @@ fn bytes_bound_the_cache_and_large_answers_are_not_kept() {
     let e = Entry::from_answer(a, &info, &p, Instant::now());
     assert!(e.wire_len() > 16 * 1024);
     assert!(!c.store(key.clone(), e).stored());
-    assert!(matches!(c.lookup(&key, Instant::now()), Lookup::Miss));
+    assert!(matches!(c.lookup(&key, Instant::now()), Lookup::Miss(_)));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -204,4 +204,94 @@ fn bytes_count_an_entry_until_it_is_freed() {
     );
     assert!(!failure.stored(), "a failure never replaces a good answer");
     assert_eq!(c.bytes(), two);
+}
+
+/// A cache of `n` entries filled with names `fill0.test`…, housekeeping
+/// run so that it knows it is full.
+fn full_cache(n: u64) -> Cache {
+    let c = Cache::with_entries(n, policy(1800));
+    for i in 0..n {
+        let key = Key::new(&format!("fill{i}.test"), 1, false).unwrap();
+        let (a, info) = answer(&key, 60);
+        c.store(
+            key,
+            Entry::from_answer(a, &info, &policy(1800), Instant::now()),
+        );
+    }
+    c.sync();
+    c
+}
+
+/// What a miss does: look up, then store the answer as the lookup said.
+fn miss(c: &Cache, key: &Key) -> (Admit, bool) {
+    let Lookup::Miss(admit) = c.lookup(key, Instant::now()) else {
+        panic!("{} is held", key.name());
+    };
+    let (a, info) = answer(key, 60);
+    let e = Entry::from_answer(a, &info, &policy(1800), Instant::now());
+    (admit, c.store_if(key.clone(), e, admit).stored())
+}
+
+#[test]
+fn a_cache_with_room_keeps_every_answer() {
+    let c = Cache::with_entries(100, policy(1800));
+    for i in 0..50 {
+        let key = Key::new(&format!("new{i}.test"), 1, false).unwrap();
+        assert_eq!(miss(&c, &key), (Admit::Yes, true), "new{i}.test");
+    }
+}
+
+#[test]
+fn a_full_cache_keeps_a_name_the_second_time_it_is_asked() {
+    let c = full_cache(100);
+    let key = Key::new("twice.test", 1, false).unwrap();
+    assert_eq!(miss(&c, &key), (Admit::No, false), "kept the first time");
+    assert_eq!(
+        miss(&c, &key),
+        (Admit::Yes, true),
+        "not kept the second time"
+    );
+    assert!(matches!(c.lookup(&key, Instant::now()), Lookup::Fresh(_)));
+}
+
+#[test]
+fn a_flood_of_new_names_hardly_touches_a_full_cache() {
+    let c = full_cache(1000);
+    let kept = (0..20_000)
+        .filter(|i| {
+            let key = Key::new(&format!("flood{i}.test"), 1, false).unwrap();
+            miss(&c, &key).1
+        })
+        .count();
+    // The doorkeeper takes about 1 % of new names for names seen
+    // before (moka's policy then still weighs them against its entries).
+    assert!(kept < 20_000 / 50, "{kept} of 20,000 new names kept");
+    c.sync();
+    let held = (0..1000)
+        .filter(|i| {
+            let key = Key::new(&format!("fill{i}.test"), 1, false).unwrap();
+            matches!(c.lookup(&key, Instant::now()), Lookup::Fresh(_))
+        })
+        .count();
+    assert!(
+        held >= 1000 - 20_000 / 50,
+        "only {held} of 1,000 entries left"
+    );
+}
+
+#[test]
+fn an_entry_held_is_always_replaced() {
+    let c = full_cache(100);
+    let key = Key::new("fill7.test", 1, false).unwrap();
+    // A refresh (prefetch, serve-stale) stores whatever the doorkeeper says.
+    let (a, info) = answer(&key, 90);
+    assert!(c
+        .store(
+            key.clone(),
+            Entry::from_answer(a, &info, &policy(0), Instant::now())
+        )
+        .stored());
+    // So does the miss on an entry held but past serving.
+    let later = Instant::now() + Duration::from_secs(200_000);
+    assert!(matches!(c.lookup(&key, later), Lookup::Miss(Admit::Yes)));
 }

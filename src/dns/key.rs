@@ -87,6 +87,11 @@ impl Key {
         &self.question
     }
 
+    /// The keyed hash of the whole key, uniform over its 64 bits.
+    pub fn digest(&self) -> u64 {
+        self.digest
+    }
+
     pub fn flags(&self) -> QueryFlags {
         self.flags
     }

@@ -11,6 +11,7 @@ pub struct CacheMetrics {
     pub misses: Counter,
     pub stale: Counter,
     pub coalesced: Counter,
+    pub declined: Counter,
     pub entries: Gauge,
     pub bytes: Gauge,
     pub max_bytes: Gauge,
@@ -28,6 +29,10 @@ impl CacheMetrics {
             coalesced: reg.counter(
                 "doh_coalesced",
                 "Misses that waited for an identical query already in flight",
+            ),
+            declined: reg.counter(
+                "doh_cache_declined",
+                "Misses whose answer was served but not cached: the cache was full and the name not asked recently",
             ),
             entries: reg.gauge("doh_cache_entries", "Entries in the cache"),
             bytes: reg.add_unit(

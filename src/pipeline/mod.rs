@@ -26,7 +26,7 @@ use tokio::time::Instant;
 
 use arc_swap::ArcSwap;
 
-use crate::cache::{Cache, Entry, Inflight, Lookup, STALE_TTL};
+use crate::cache::{Admit, Cache, Entry, Inflight, Lookup, STALE_TTL};
 use crate::clock::Clock;
 use crate::dns::{self, Key};
 use crate::doh::Limits;
@@ -334,20 +334,23 @@ impl App {
                     let app = self.clone();
                     let key = key.clone();
                     self.tasks
-                        .spawn(async move { app.resolve(&key, Who::New).await });
+                        .spawn(async move { app.resolve(&key, Who::New, Admit::Yes).await });
                 }
                 Ok(e)
             }
             Lookup::Stale(e) => Box::pin(self.answer_stale(key, e, now)).await,
-            Lookup::Miss => {
+            Lookup::Miss(admit) => {
                 self.metrics.cache.misses.inc();
+                if admit == Admit::No {
+                    self.metrics.cache.declined.inc();
+                }
                 // Only a miss asks who the client is: hits never pay for it.
                 let who = if self.guard.is_known(client) {
                     Who::Known
                 } else {
                     Who::New
                 };
-                match Box::pin(self.resolve(key, who)).await {
+                match Box::pin(self.resolve(key, who, admit)).await {
                     Resolution::Answer(e) => Ok(e),
                     Resolution::Budget => {
                         self.metrics
@@ -377,7 +380,7 @@ impl App {
             // draws on the known clients' share.
             let refresh = self
                 .tasks
-                .spawn(async move { app.resolve(&k, Who::New).await });
+                .spawn(async move { app.resolve(&k, Who::New, Admit::Yes).await });
             let timer = CLIENT_TIMER.min(self.upstream.load().timeout());
             if let Ok(Ok(Resolution::Answer(new))) = tokio::time::timeout(timer, refresh).await {
                 if !new.is_error() {
@@ -391,18 +394,19 @@ impl App {
     }
 
     /// Asks the upstream, once for any number of concurrent callers, and
-    /// caches the result (a failure as a short-lived SERVFAIL). The first
-    /// caller's `who` spends the budget; a known client that joined a new
-    /// client's query refused for the budget asks once more as itself.
-    pub async fn resolve(&self, key: &Key, who: Who) -> Resolution {
-        let (res, ran) = self.resolve_once(key, who).await;
+    /// caches the result (a failure as a short-lived SERVFAIL) as `admit`
+    /// says. The first caller's `who` spends the budget, and its `admit`
+    /// decides; a known client that joined a new client's query refused
+    /// for the budget asks once more as itself.
+    pub async fn resolve(&self, key: &Key, who: Who, admit: Admit) -> Resolution {
+        let (res, ran) = self.resolve_once(key, who, admit).await;
         if matches!(res, Resolution::Budget) && !ran && who == Who::Known {
-            return self.resolve_once(key, who).await.0;
+            return self.resolve_once(key, who, admit).await.0;
         }
         res
     }
 
-    async fn resolve_once(&self, key: &Key, who: Who) -> (Resolution, bool) {
+    async fn resolve_once(&self, key: &Key, who: Who, admit: Admit) -> (Resolution, bool) {
         let (res, ran) = self
             .inflight
             .run(key, || async {
@@ -415,7 +419,7 @@ impl App {
                     Err(UpstreamError::Budget) => return Resolution::Budget,
                     Err(UpstreamError::Failed) => Entry::failure(key, &policy, now),
                 };
-                Resolution::Answer(self.cache.store(key.clone(), entry))
+                Resolution::Answer(self.cache.store_if(key.clone(), entry, admit))
             })
             .await;
         if !ran {

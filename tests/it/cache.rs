@@ -220,6 +220,42 @@ async fn cache_size_bounds_the_cache_through_the_proxy() {
     assert!(p.app.cache.len() <= 50, "{}", p.app.cache.len());
 }
 
+/// Once the cache is full, a name asked for the first time is answered
+/// but not kept (a flood of names asked once each would only churn it);
+/// asked again, it is kept like any other.
+#[tokio::test]
+async fn a_full_cache_keeps_a_new_name_from_its_second_query() {
+    let up = MockUpstream::start().await;
+    let p = proxy(&[up.addr], |c| {
+        c.cache_size = 50;
+        c.per_ip_burst = 10_000;
+        c.per_ip_qps = 10_000;
+        c.per_prefix_qps = 10_000;
+    })
+    .await;
+    let mut c = Client::connect(&p, Proto::H2, None).await.unwrap();
+    let mut ask = async |name: &str| {
+        let r = c.send(get(&get_path(&query(name, 1, 1)))).await.unwrap();
+        assert_eq!(r.status, 200);
+        assert_eq!(r.dns().answers.len(), 1);
+    };
+    for i in 0..60 {
+        ask(&format!("fill{i}.example.test")).await;
+    }
+    p.app.cache.sync();
+    assert!(p.app.cache.len() >= 49, "{}", p.app.cache.len());
+    let declined = metric(&p, "doh_cache_declined_total").await;
+    for _ in 0..3 {
+        ask("twice.example.test").await;
+    }
+    assert_eq!(
+        up.count("twice.example.test."),
+        2,
+        "kept from the second query on, not the first"
+    );
+    assert_eq!(metric(&p, "doh_cache_declined_total").await - declined, 1.0);
+}
+
 #[test]
 fn a_million_names_stay_within_cache_size() {
     let policy = TtlPolicy {
