@@ -24,6 +24,12 @@
 #   hit_ab  cache hits over long-lived HTTP/2 (10 conns x 10 streams)
 #   miss_ab unique names, each a miss forwarded to NSD, N/5 per run (ten
 #           h2load of one connection x 10 streams, each with its own names)
+#   miss_full the same with both caches full: each server is first asked
+#           FILL (110000) names of its own, unmeasured, so that every miss
+#           measured meets a full cache (dnsdist's of 100,000 entries then
+#           stores nothing more; doh-proxy's, of the same size, stores a
+#           name from its second query on), as on a resolver that has run
+#           for a while
 #   resume  examples/handshakes: RESUME_CLIENTS (20000) clients connect
 #           once (full handshakes) and come back (resumed or not), against
 #           doh-proxy with tickets, doh-proxy with --tls-ticket-lifetime 0
@@ -37,7 +43,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 . benches/flags.sh
 N=${N:-100000}
-SCEN=${SCEN:-hit_h2 hit_h1 reject miss hit_h2_idle fleet_ab fresh hit_ab miss_ab resume}
+SCEN=${SCEN:-hit_h2 hit_h1 reject miss hit_h2_idle fleet_ab fresh hit_ab miss_ab miss_full resume}
 ROUNDS=${ROUNDS:-5}
 FRESH_REPS=${FRESH_REPS:-5}
 RESUME_CLIENTS=${RESUME_CLIENTS:-20000}
@@ -234,6 +240,26 @@ if want miss_ab; then
     run_miss "miss_ab_$r" dnsdist "$DNSDIST_PID" 8453
   done
 fi
+if want miss_full; then
+  FILL=${FILL:-110000}
+  echo "== miss_full: $FILL names to fill both caches, then $ROUNDS rounds of $((N / 5)) unique names" >&2
+  fill() { # fill <pid> <port>: FILL names, unmeasured
+    local c pids=()
+    for c in $(seq 0 9); do python3 benches/uris.py "$2" "fill-$RANDOM-$c-" $((FILL / 10)) > "$OUT/uris-fill-$c"; done
+    for c in $(seq 0 9); do
+      SSL_CERT_FILE=$CA timeout 300 h2load -n $((FILL / 10)) -c 1 -m 10 -i "$OUT/uris-fill-$c" -H "$H" > /dev/null 2>&1 &
+      pids+=($!)
+    done
+    wait "${pids[@]}" || true
+    rm -f "$OUT"/uris-fill-*
+  }
+  fill "$OURS" 8443
+  fill "$DNSDIST_PID" 8453
+  for r in $(seq 1 "$ROUNDS"); do
+    run_miss "miss_full_$r" doh-proxy "$OURS" 8443
+    run_miss "miss_full_$r" dnsdist "$DNSDIST_PID" 8453
+  done
+fi
 if want resume; then
   echo "== resume: $RESUME_CLIENTS clients, twice" >&2
   for target in "doh-proxy (tickets)|$OURS|8443|$CA" "doh-proxy (session cache only)|$NOTICKETS|8473|$CA" \
@@ -299,7 +325,8 @@ def rounds(prefix):
     return {key: (a[0] / a[3], a[2] / a[1] * 100000 if a[1] else 0.0) for key, a in acc.items()}
 for prefix, what in (("fresh_", "a new TLS connection for every 2 requests (h2load -c 1000 -n 2000)"),
                      ("hit_ab_", "cache hits over long-lived TLS HTTP/2 (10 conns x 10 streams)"),
-                     ("miss_ab_", "unique names (misses) over long-lived TLS HTTP/2 (10 conns x 10 streams)")):
+                     ("miss_ab_", "unique names (misses) over long-lived TLS HTTP/2 (10 conns x 10 streams)"),
+                     ("miss_full_", "unique names (misses) meeting full caches (10 conns x 10 streams)")):
     per = rounds(prefix)
     rnds = sorted({k[0] for k in per if (k[0], "dnsdist") in per and (k[0], "doh-proxy") in per}, key=int)
     if not rnds:
