@@ -6,11 +6,12 @@
 //! against the oldest entry by moka's admission policy (which refuses
 //! most of them: a name seen once is not worth an entry seen before), and
 //! taken out again, each step touching memory long gone cold. On a cache
-//! of 100,000 entries that made a miss about a sixth dearer. So a full cache stores an answer only for a name it
-//! has been asked before, recently: the first time a name misses, the
-//! [`Doorkeeper`] notes it and its answer is served without being kept;
-//! the second time, the answer goes to moka, whose policy still decides
-//! between it and the entry it would replace. Names a crowd asks are
+//! of 100,000 entries that made a miss about a sixth dearer. So a full
+//! cache stores an answer only for a name it has been asked before,
+//! recently: the first time a name misses, the [`Doorkeeper`] notes it
+//! and its answer is served without being kept; the second time, the
+//! answer goes to moka, whose policy still decides between it and the
+//! entry it would replace. Names a crowd asks are
 //! cached from their second resolution on (concurrent queries share the
 //! first, and its fate); a refreshed entry (prefetch, serve-stale) is
 //! always stored. A cache with room stores every answer, as before.
