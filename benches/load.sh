@@ -8,6 +8,7 @@
 #   N=20000 bash benches/load.sh         # quicker
 #   SCEN="hit_h2 hit_h2_idle" bash benches/load.sh   # only some scenarios
 #   BIN=/tmp/old/doh-proxy NOBUILD=1 bash benches/load.sh  # another build as "doh-proxy"
+#   PGO=1 bash benches/load.sh          # the profile-guided build (benches/pgo.sh)
 #
 # Scenarios: hit_h2, hit_h1, reject, miss, hit_h2_idle (cache hits while
 # examples/idle_conns holds 10,000 idle connections open, doh-proxy and
@@ -60,6 +61,10 @@ WITH_DNSCRYPT=0 WITH_PY=0 WITH_DOH_PROXY=1 bash "$PEERS" > "$OUT/peers.log" 2>&1
   { tail -20 "$OUT/peers.log"; exit 1; }
 echo "== building doh-proxy (release)" >&2
 [ -n "${NOBUILD:-}" ] || cargo build --release --quiet --bin doh-proxy --example idle_conns --example handshakes
+if [ -n "${PGO:-}" ]; then # the profile-guided build, as production runs it
+  [ -n "${NOBUILD:-}" ] || bash benches/pgo.sh
+  BIN=${BIN:-target/pgo/doh-proxy}
+fi
 "${BIN:-target/release/doh-proxy}" -l 127.0.0.1:8443 --listen-http 127.0.0.1:8088 -u 127.0.0.1:5300 \
   --tls-cert "$BASE/tls/cert.pem" --tls-key "$BASE/tls/key.pem" --metrics-listen 127.0.0.1:9199 \
   "${OUT_OF_THE_WAY[@]}" --max-conns $((IDLE + 2000)) > "$OUT/ours.log" 2>&1 &
