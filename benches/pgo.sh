@@ -84,12 +84,17 @@ done
 kill -TERM $pid
 wait $pid || true
 trap - EXIT
-"$PROFDATA" merge -o "$OUT/doh-proxy.profdata" "$OUT/profiles"
+"$PROFDATA" merge -o "$OUT/merged.profdata" "$OUT/profiles"
+# Named by its content: cargo rebuilds every crate when the profile
+# changes (it sees the flags change), never mixing two trainings.
+sum=$(sha256sum "$OUT/merged.profdata" | cut -c1-16)
+rm -f "$OUT"/doh-proxy-*.profdata
+mv "$OUT/merged.profdata" "$OUT/doh-proxy-$sum.profdata"
 
 echo "== optimized build" >&2
 # (Functions the training never ran have no counts: the compiler says so
 # for each, into the log.)
-RUSTFLAGS="-Cprofile-use=$OUT/doh-proxy.profdata" cargo build --release --target-dir "$OUT/use" \
+RUSTFLAGS="-Cprofile-use=$OUT/doh-proxy-$sum.profdata" cargo build --release --target-dir "$OUT/use" \
   2> "$OUT/build.log" || { tail -30 "$OUT/build.log" >&2; exit 1; }
 cp "$OUT/use/release/doh-proxy" "$OUT/doh-proxy"
 echo "built: $OUT/doh-proxy" >&2

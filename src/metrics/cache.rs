@@ -32,7 +32,7 @@ impl CacheMetrics {
             ),
             declined: reg.counter(
                 "doh_cache_declined",
-                "Misses whose answer was served but not cached: the cache was full and the name not asked recently",
+                "Misses met by a full cache for a name not asked recently: their answer is served, not stored",
             ),
             entries: reg.gauge("doh_cache_entries", "Entries in the cache"),
             bytes: reg.add_unit(
