@@ -198,16 +198,21 @@ async fn upstream_down_serves_stale_and_servfail_for_the_rest() {
     assert!(tries <= 6.0, "{tries} upstream attempts for 11 requests");
 }
 
-#[tokio::test]
-async fn cache_size_bounds_the_cache_through_the_proxy() {
-    let up = MockUpstream::start().await;
-    let p = proxy(&[up.addr], |c| {
+/// A proxy with a cache of 50 entries, its client budgets out of the way.
+async fn small_cache_proxy(up: &MockUpstream) -> Running {
+    proxy(&[up.addr], |c| {
         c.cache_size = 50;
         c.per_ip_burst = 10_000;
         c.per_ip_qps = 10_000;
         c.per_prefix_qps = 10_000;
     })
-    .await;
+    .await
+}
+
+#[tokio::test]
+async fn cache_size_bounds_the_cache_through_the_proxy() {
+    let up = MockUpstream::start().await;
+    let p = small_cache_proxy(&up).await;
     let mut c = Client::connect(&p, Proto::H2, None).await.unwrap();
     for i in 0..500 {
         let r = c
@@ -226,13 +231,7 @@ async fn cache_size_bounds_the_cache_through_the_proxy() {
 #[tokio::test]
 async fn a_full_cache_keeps_a_new_name_from_its_second_query() {
     let up = MockUpstream::start().await;
-    let p = proxy(&[up.addr], |c| {
-        c.cache_size = 50;
-        c.per_ip_burst = 10_000;
-        c.per_ip_qps = 10_000;
-        c.per_prefix_qps = 10_000;
-    })
-    .await;
+    let p = small_cache_proxy(&up).await;
     let mut c = Client::connect(&p, Proto::H2, None).await.unwrap();
     let mut ask = async |name: &str| {
         let r = c.send(get(&get_path(&query(name, 1, 1)))).await.unwrap();
