@@ -61,10 +61,13 @@ train -n 100000 -c 10 -m 10 "$URL"
 pids=()
 for c in $(seq 0 9); do
   python3 benches/uris.py "$PORT" "pgo-$RANDOM-$c-" 3000 > "$OUT/uris-$c"
-  h2load -n 3000 -c 1 -m 10 -i "$OUT/uris-$c" -H "$H" > /dev/null 2>&1 & pids+=($!)
+  h2load -n 3000 -c 1 -m 10 -i "$OUT/uris-$c" -H "$H" > "$OUT/miss-$c.out" 2>&1 & pids+=($!)
 done
 wait "${pids[@]}"
-rm -f "$OUT"/uris-*
+for c in $(seq 0 9); do
+  grep -q ", 0 failed, 0 errored" "$OUT/miss-$c.out" || { echo "training run failed: misses" >&2; exit 1; }
+done
+rm -f "$OUT"/uris-* "$OUT"/miss-*.out
 for _ in 1 2 3; do train -n 2000 -c 500 "$URL"; done
 train --h1 -n 20000 -c 10 "$URL"
 python3 - "$OUT/query.bin" <<'PY'

@@ -4,8 +4,9 @@
 # where the package puts it (/usr/bin); the socket unit is shipped as an
 # example only (it binds port 443 on every address). Needs cargo-deb (installed if missing)
 # and dpkg-dev (for the computed dependencies). PGO=1 packages the
-# profile-guided build of benches/pgo.sh instead (which needs the peers
-# running; the package goes to target/pgo/use/debian/).
+# profile-guided build of benches/pgo.sh instead (which needs a DNS
+# server on loopback for its training, see there; the package goes to
+# target/pgo/use/debian/).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 command -v cargo-deb >/dev/null || cargo install --locked cargo-deb

@@ -11,10 +11,10 @@
 //! recently: the first time a name misses, the [`Doorkeeper`] notes it
 //! and its answer is served without being kept; the second time, the
 //! answer goes to moka, whose policy still decides between it and the
-//! entry it would replace. Names a crowd asks are
-//! cached from their second resolution on (concurrent queries share the
-//! first, and its fate); a refreshed entry (prefetch, serve-stale) is
-//! always stored. A cache with room stores every answer, as before.
+//! entry it would replace. Names a crowd asks are cached from their
+//! second resolution on (concurrent queries share the first, and its
+//! fate); a refreshed entry (prefetch, serve-stale) is always stored. A
+//! cache with room stores every answer, as before.
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
