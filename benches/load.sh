@@ -7,7 +7,7 @@
 #   bash benches/load.sh                 # N=100000 requests per cache-hit run
 #   N=20000 bash benches/load.sh         # quicker
 #   SCEN="hit_h2 hit_h2_idle" bash benches/load.sh   # only some scenarios
-#   BIN=/tmp/old/doh-proxy NOBUILD=1 bash benches/load.sh  # another build as "doh-proxy"
+#   BIN=/tmp/old/doh-proxy NOBUILD=1 bash benches/load.sh  # another build (every doh-proxy instance)
 #   PGO=1 bash benches/load.sh          # the profile-guided build (benches/pgo.sh)
 #
 # Scenarios: hit_h2, hit_h1, reject, miss, hit_h2_idle (cache hits while
@@ -65,7 +65,10 @@ if [ -n "${PGO:-}" ]; then # the profile-guided build, as production runs it
   [ -n "${NOBUILD:-}" ] || bash benches/pgo.sh
   BIN=${BIN:-target/pgo/doh-proxy}
 fi
-"${BIN:-target/release/doh-proxy}" -l 127.0.0.1:8443 --listen-http 127.0.0.1:8088 -u 127.0.0.1:5300 \
+# Every doh-proxy below (with --redis, without tickets, with RSA) is this
+# build: their ratios compare configurations, never two builds.
+BIN=${BIN:-target/release/doh-proxy}
+"$BIN" -l 127.0.0.1:8443 --listen-http 127.0.0.1:8088 -u 127.0.0.1:5300 \
   --tls-cert "$BASE/tls/cert.pem" --tls-key "$BASE/tls/key.pem" --metrics-listen 127.0.0.1:9199 \
   "${OUT_OF_THE_WAY[@]}" --max-conns $((IDLE + 2000)) > "$OUT/ours.log" 2>&1 &
 OURS=$!
@@ -77,7 +80,7 @@ trap 'kill $OURS $FLEET $REDIS_PID $NOTICKETS $RSA 2>/dev/null; rm -rf "$OUT"' E
 if want resume; then
   # The same proxy without tickets, and one with an RSA-2048 leaf from the
   # peers' CA: what resumption saves when a full handshake signs with RSA.
-  target/release/doh-proxy -l 127.0.0.1:8473 -u 127.0.0.1:5300 --tls-ticket-lifetime 0 \
+  "$BIN" -l 127.0.0.1:8473 -u 127.0.0.1:5300 --tls-ticket-lifetime 0 \
     --tls-cert "$BASE/tls/cert.pem" --tls-key "$BASE/tls/key.pem" --metrics-listen 127.0.0.1:9197 \
     "${OUT_OF_THE_WAY[@]}" > "$OUT/notickets.log" 2>&1 &
   NOTICKETS=$!
@@ -85,7 +88,7 @@ if want resume; then
     -addext subjectAltName=DNS:localhost,IP:127.0.0.1 2>/dev/null
   openssl x509 -req -in "$OUT/rsa.csr" -CA "$BASE/tls/ca.pem" -CAkey "$BASE/tls/ca.key" -days 2 \
     -copy_extensions copy -out "$OUT/rsa.pem" 2>/dev/null
-  target/release/doh-proxy -l 127.0.0.1:8483 -u 127.0.0.1:5300 \
+  "$BIN" -l 127.0.0.1:8483 -u 127.0.0.1:5300 \
     --tls-cert "$OUT/rsa.pem" --tls-key "$OUT/rsa.key" --metrics-listen 127.0.0.1:9196 \
     "${OUT_OF_THE_WAY[@]}" > "$OUT/rsa.log" 2>&1 &
   RSA=$!
@@ -93,7 +96,7 @@ fi
 if command -v redis-server >/dev/null; then
   redis-server --port 6390 --bind 127.0.0.1 --save "" --appendonly no > "$OUT/redis.log" 2>&1 &
   REDIS_PID=$!
-  target/release/doh-proxy -l 127.0.0.1:8463 --listen-http 127.0.0.1:8098 -u 127.0.0.1:5300 \
+  "$BIN" -l 127.0.0.1:8463 --listen-http 127.0.0.1:8098 -u 127.0.0.1:5300 \
     --tls-cert "$BASE/tls/cert.pem" --tls-key "$BASE/tls/key.pem" --metrics-listen 127.0.0.1:9198 \
     "${OUT_OF_THE_WAY[@]}" --redis redis://127.0.0.1:6390/0 > "$OUT/fleet.log" 2>&1 &
   FLEET=$!
